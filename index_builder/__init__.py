@@ -1,0 +1,3 @@
+"""retrogen index_builder package."""
+
+import retrogen  # noqa: F401  (sets OMP_WAIT_POLICY before torch/faiss load)

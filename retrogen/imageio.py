@@ -1,0 +1,111 @@
+"""Defensive image decoding shared by every retrogen package.
+
+User uploads and crawled corpora contain truncated files, decompression bombs, CMYK/16-bit/paletted
+images and things that are not images at all. Everything that turns bytes into pixels goes through
+:func:`decode_image`, which either returns an RGB ``PIL.Image`` or raises :class:`BadImageError` with a
+short reason; it never lets PIL warnings or partial decodes through.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from .errors import InvalidInputError
+
+#: Default ceiling on decoded pixels (about 89 MP, PIL's own warning threshold). Larger is treated as a bomb.
+DEFAULT_MAX_PIXELS = 89_478_485
+#: Default ceiling on encoded bytes per image.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class BadImageError(InvalidInputError):
+    """The bytes are not a decodable, safe-sized image. ``reason`` is a short machine-friendly tag."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    format: str | None
+
+
+def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read only the header: size and format, without decoding pixels. Raises BadImageError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                fmt = im.format
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError("too_many_pixels", str(e)) from None
+    except Exception as e:  # PIL raises many types for garbage input
+        raise BadImageError("not_an_image", f"{type(e).__name__}: {e}") from None
+    if w * h > max_pixels:
+        raise BadImageError("too_many_pixels", f"{w}x{h} exceeds {max_pixels} pixels")
+    if w < 1 or h < 1:
+        raise BadImageError("empty_image", f"{w}x{h}")
+    return ImageInfo(w, h, fmt)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Image.Image:
+    """Decode ``data`` fully into an RGB image, applying EXIF orientation.
+
+    Raises:
+        BadImageError: empty, oversized, bomb, truncated or undecodable input.
+    """
+    if not data:
+        raise BadImageError("empty_file")
+    if len(data) > max_bytes:
+        raise BadImageError("file_too_large", f"{len(data)} bytes exceeds {max_bytes}")
+    probe_image(data, max_pixels=max_pixels)  # header check before any pixel is allocated
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a truncated-file warning is an error here
+            im = Image.open(io.BytesIO(data))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except BadImageError:
+        raise
+    except Exception as e:
+        raise BadImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited on white (as CLIP preprocessing expects)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping to white.
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max() if a.size and a.max() > 0 else 1.0
+        return Image.fromarray((a / hi * 255.0).astype("uint8"), "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def is_image_path(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
