@@ -14,7 +14,10 @@ import typer
 
 from .errors import RetrogenError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False,
+    help="Augment a labelled image dataset by retrieval (CLIP + FAISS) or generation (Stable Diffusion), with provenance.",
+)
 augment_app = typer.Typer(no_args_is_help=True, help="Augment a labelled ImageFolder dataset.")
 app.add_typer(augment_app, name="augment")
 
@@ -22,6 +25,7 @@ app.add_typer(augment_app, name="augment")
 _COMMANDS: list[tuple[str, str, str, str]] = [
     ("index_builder.cli", "app", "root-group", "index"),
     ("retrieval.cli", "retrieve", "augment", "retrieve"),
+    ("retrieval.cli", "text_filter", "augment", "filter"),
     ("generation.cli", "generate", "augment", "generate"),
     ("evaluation.cli", "evaluate", "root", "evaluate"),
     ("service.cli", "serve", "root", "serve"),

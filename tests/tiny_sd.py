@@ -112,7 +112,8 @@ def build_tiny_components(seed: int = 0) -> dict:
     )
     feature_extractor = CLIPImageProcessor(crop_size=32, size=32)
     scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1,
     )
     return {
         "unet": unet,

@@ -1,0 +1,88 @@
+"""Personalisation artefacts (learned embeddings, LoRA weights, fine-tuned UNets), stored once and reused.
+
+An artefact lives in ``<root>/<kind>/<key>/`` where ``key`` hashes (base model weights, the class images'
+sha256, the trainer's hyper-parameters). It is built in a temporary sibling folder and moved into place
+with ``os.replace``, so a folder with ``artifact.json`` is always complete, and a crash or a concurrent
+builder never leaves half an artefact where readers look.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from retrogen.provenance import atomic_write_json, now_iso
+
+log = logging.getLogger(__name__)
+
+META_FILE = "artifact.json"
+
+
+def artifact_key(*, kind: str, base_weights_hash: str, image_sha256s: list[str], hyperparameters: dict[str, Any]) -> str:
+    """A content hash: same base model + same images (in any order) + same settings -> same key."""
+    payload = {
+        "kind": kind,
+        "base": base_weights_hash,
+        "images": sorted(image_sha256s),
+        "hyperparameters": hyperparameters,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dir_hash(path: Path) -> str:
+    """sha256 over the artefact's files except its metadata (what a provenance record calls adapter_hash)."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and q.name != META_FILE):
+        h.update(p.relative_to(path).as_posix().encode() + b"\x00" + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+class ArtifactStore:
+    """A folder of artefacts keyed by :func:`artifact_key`."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        """The artefact's metadata (with ``path``) when it is complete, else None."""
+        p = self.path(kind, key)
+        meta = p / META_FILE
+        if not meta.is_file():
+            return None
+        return json.loads(meta.read_text()) | {"path": str(p)}
+
+    def get_or_build(
+        self, kind: str, key: str, build: Callable[[Path], dict[str, Any]], *, description: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        """Return ``(metadata, reused)``; ``build(tmp_dir)`` writes the files and returns extra metadata."""
+        found = self.get(kind, key)
+        if found is not None:
+            log.info("reusing %s artefact %s", kind, key[:12])
+            return found, True
+        final = self.path(kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}.", suffix=".tmp"))
+        try:
+            extra = build(tmp)
+            meta = {"kind": kind, "key": key, "created": now_iso(), **description, **extra, "hash": dir_hash(tmp)}
+            atomic_write_json(tmp / META_FILE, meta)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another builder finished first: theirs is as good as ours
+                if self.get(kind, key) is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.get(kind, key) or meta, False

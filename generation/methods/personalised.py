@@ -1,0 +1,165 @@
+"""Personalisation methods: a per-class artefact is trained (or reused), loaded, then prompted.
+
+``textual-inversion`` learns new token embeddings per class (optionally generating from a class image,
+DA-Fusion style); ``dreambooth`` learns a per-class LoRA (or a full UNet) bound to ``instance_token``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from retrogen.imagefolder import sha256_bytes
+
+from ..artifacts import artifact_key
+from ..prompts import class_prompts, class_subject, derive_seed
+from . import register_method
+from .base import ClassContext, ClassPlan, GenerationMethod, artifact_path, train_size
+
+log = logging.getLogger(__name__)
+
+
+def _image_shas(ctx: ClassContext) -> list[str]:
+    return [sha256_bytes(it.path.read_bytes()) for it in ctx.images]
+
+
+def _train_or_reuse(runtime: Any, ctx: ClassContext, kind: str, hparams: dict[str, Any], build) -> tuple[dict, dict]:
+    """Get the class's artefact from the store, training it when missing. Returns (metadata, summary entry)."""
+    key = artifact_key(kind=kind, base_weights_hash=runtime.weights_hash, image_sha256s=_image_shas(ctx),
+                       hyperparameters=hparams)
+    description = {"label": ctx.label, "base_model": runtime.ref.id, "base_weights_hash": runtime.weights_hash,
+                   "images": [it.image_id for it in ctx.images], "hyperparameters": hparams}
+    t0 = time.perf_counter()
+    meta, reused = ctx.store.get_or_build(kind, key, lambda tmp: build(key, tmp), description=description)
+    entry = {"kind": kind, "key": key, "path": meta["path"], "hash": meta["hash"], "reused": reused,
+             "train_s": round(time.perf_counter() - t0, 3), "num_train_steps": meta.get("num_train_steps"),
+             "loss_first": meta.get("loss_first"), "loss_last": meta.get("loss_last")}
+    return meta, entry
+
+
+@register_method("textual-inversion")
+class TextualInversionMethod(GenerationMethod):
+    needs_images = True
+    trains = True
+    families = ("sd",)
+
+    def _train_config(self, runtime: Any, label: str, token: str):
+        from ..training.textual_inversion import TextualInversionConfig
+
+        c = self.config
+        return TextualInversionConfig(
+            placeholder_token=token, initializer=class_subject(label, c), num_vectors=c.num_vectors,
+            num_train_steps=c.num_train_steps, learning_rate=c.learning_rate or 5e-3,
+            train_batch_size=c.train_batch_size, resolution=train_size(runtime, c), seed=c.seed,
+        )
+
+    def prepare_class(self, runtime: Any, ctx: ClassContext) -> ClassPlan:
+        from ..training.textual_inversion import WEIGHT_NAME, token_names, train_textual_inversion
+
+        hparams = self._train_config(runtime, ctx.label, "").hyperparameters()
+
+        def build(key: str, tmp):
+            cfg = self._train_config(runtime, ctx.label, f"<rg-{key[:10]}>")
+            images = [ctx.load_image(it) for it in ctx.images]
+            return train_textual_inversion(runtime.text2img, images, cfg, tmp, label=ctx.label,
+                                           progress=ctx.progress, should_cancel=ctx.should_cancel)
+
+        meta, entry = _train_or_reuse(runtime, ctx, "textual-inversion", hparams, build)
+        token = f"<rg-{meta['key'][:10]}>"
+        pipe = runtime.text2img
+        pipe.load_textual_inversion(str(artifact_path(meta) / WEIGHT_NAME), token=token)
+        tokens = token_names(token, self.config.num_vectors)
+        plan_kw: dict[str, Any] = {}
+        if self.config.enable_img2img:
+            plan_kw = {"pipeline": "img2img", "init_images": ctx.images, "image_kwarg": "image",
+                       "call_kwargs": {"strength": self.config.strength}}
+        return ClassPlan(
+            prompts=class_prompts(ctx.label, self.config, subject=token),
+            fields={"adapter": f"textual-inversion:{meta['key']}", "adapter_hash": meta["hash"], "token": token},
+            artifact=entry,
+            release=lambda: pipe.unload_textual_inversion(tokens),
+            **({"pipeline": "text2img"} | plan_kw),
+        )
+
+    def parameters(self) -> dict[str, Any]:
+        c = self.config
+        return {"num_train_steps": c.num_train_steps, "learning_rate": c.learning_rate or 5e-3,
+                "num_vectors": c.num_vectors, "enable_img2img": c.enable_img2img,
+                "strength": c.strength if c.enable_img2img else None}
+
+
+@register_method("dreambooth")
+class DreamBoothMethod(GenerationMethod):
+    needs_images = True
+    trains = True
+    families = ("sd",)
+
+    def _train_config(self, runtime: Any, label: str):
+        from ..training.dreambooth import DreamBoothConfig
+
+        c = self.config
+        name = class_subject(label, c)
+        return DreamBoothConfig(
+            instance_prompt=f"a photo of {c.instance_token} {name}", class_prompt=f"a photo of {name}",
+            rank=c.lora_rank, num_train_steps=c.num_train_steps,
+            learning_rate=c.learning_rate or (5e-6 if c.enable_full_finetune else 1e-4),
+            train_batch_size=c.train_batch_size, resolution=train_size(runtime, c), seed=c.seed,
+            train_text_encoder=c.enable_text_encoder_training, prior_preservation=c.enable_prior_preservation,
+            num_class_images=c.num_class_images, prior_loss_weight=c.prior_loss_weight,
+            full_finetune=c.enable_full_finetune,
+        )
+
+    def _class_images(self, runtime: Any, cfg, label: str) -> list:
+        """Prior-preservation images from the base model, seeded like generated images."""
+        import torch
+
+        c = self.config
+        out = []
+        for start in range(0, cfg.num_class_images, c.batch_size):
+            n = min(c.batch_size, cfg.num_class_images - start)
+            gens = [torch.Generator().manual_seed(derive_seed(c.seed, f"{label}#prior", start + i)) for i in range(n)]
+            out += runtime.text2img([cfg.class_prompt] * n, num_inference_steps=c.num_inference_steps,
+                                    guidance_scale=c.guidance_scale, height=cfg.resolution, width=cfg.resolution,
+                                    generator=gens).images
+        return out
+
+    def prepare_class(self, runtime: Any, ctx: ClassContext) -> ClassPlan:
+        from ..training.dreambooth import LORA_WEIGHT_NAME, train_dreambooth
+
+        cfg = self._train_config(runtime, ctx.label)
+
+        def build(key: str, tmp):
+            images = [ctx.load_image(it) for it in ctx.images]
+            class_images = self._class_images(runtime, cfg, ctx.label) if cfg.prior_preservation else None
+            return train_dreambooth(runtime.text2img, images, cfg, tmp, class_images=class_images, label=ctx.label,
+                                    progress=ctx.progress, should_cancel=ctx.should_cancel)
+
+        hparams = cfg.hyperparameters() | {"num_inference_steps": self.config.num_inference_steps}
+        meta, entry = _train_or_reuse(runtime, ctx, "dreambooth", hparams, build)
+        pipe, path = runtime.text2img, artifact_path(meta)
+        if meta.get("format") == "unet":
+            from diffusers import UNet2DConditionModel
+
+            base_unet = pipe.unet
+            pipe.unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=runtime.dtype).to(runtime.device)
+
+            def release() -> None:
+                pipe.unet = base_unet
+        else:
+            pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHT_NAME, adapter_name=f"rg_{meta['key'][:10]}")
+            release = pipe.unload_lora_weights
+        subject = f"{self.config.instance_token} {class_subject(ctx.label, self.config)}"
+        return ClassPlan(
+            "text2img", class_prompts(ctx.label, self.config, subject=subject),
+            fields={"adapter": f"dreambooth-{meta.get('format', 'lora')}:{meta['key']}", "adapter_hash": meta["hash"]},
+            artifact=entry, release=release,
+        )
+
+    def parameters(self) -> dict[str, Any]:
+        c = self.config
+        return {"num_train_steps": c.num_train_steps, "lora_rank": c.lora_rank,
+                "learning_rate": c.learning_rate or (5e-6 if c.enable_full_finetune else 1e-4),
+                "enable_text_encoder_training": c.enable_text_encoder_training,
+                "enable_prior_preservation": c.enable_prior_preservation, "num_class_images": c.num_class_images,
+                "enable_full_finetune": c.enable_full_finetune, "instance_token": c.instance_token}

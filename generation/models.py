@@ -1,0 +1,126 @@
+"""Base models by hub id or local directory: resolution, kind checks, and a cached weights hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelKindError, UnknownModelError
+
+log = logging.getLogger(__name__)
+
+#: model_index.json ``_class_name`` -> family. Any of these loads through the Auto pipelines.
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LFS_BLOB = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved base model: what the user named, where its files are, and which revision they are."""
+
+    id: str  # as given: hub id or local directory
+    path: Path  # local folder holding model_index.json
+    revision: str | None  # hub commit sha; None for a local directory
+    pipeline_class: str  # model_index.json _class_name
+    family: str  # "sd" or "sdxl"
+
+
+def _check_model_dir(path: Path, model: str) -> tuple[str, str]:
+    index = path / "model_index.json"
+    if not index.is_file():
+        hint = " (it looks like a single checkpoint file's folder)" if any(path.glob("*.ckpt")) else ""
+        raise ModelKindError(
+            f"{model!r} is not a diffusers model directory: no model_index.json{hint}; "
+            "expected a Stable Diffusion folder as save_pretrained writes it"
+        )
+    try:
+        cls = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError) as e:
+        raise ModelKindError(f"{model!r}: unreadable model_index.json ({e})") from None
+    if cls not in SUPPORTED_PIPELINES:
+        raise ModelKindError(
+            f"{model!r} holds a {cls}; supported: {', '.join(sorted(SUPPORTED_PIPELINES))}"
+        )
+    return cls, SUPPORTED_PIPELINES[cls]
+
+
+def resolve_model(model: str, *, revision: str | None = None, local_files_only: bool = False) -> ModelRef:
+    """A local directory, else a hub id fetched (or found) in the hub cache at ``revision``.
+
+    Raises:
+        UnknownModelError: no such directory, malformed id, or not on the hub / not cached.
+        ModelKindError: the folder is not a supported diffusers Stable Diffusion model.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        cls, family = _check_model_dir(path, model)
+        return ModelRef(model, path.resolve(), None, cls, family)
+    if path.exists():
+        raise ModelKindError(f"{model!r} is a file; give a diffusers model directory or a hub id")
+    if not _HUB_ID.match(model):
+        raise UnknownModelError(f"model {model!r} is neither an existing directory nor a hub id (org/name)")
+    from diffusers import DiffusionPipeline
+
+    try:
+        local = Path(DiffusionPipeline.download(model, revision=revision, local_files_only=local_files_only))
+    except Exception as e:  # hub errors come in many types (404, offline, gated, ...)
+        raise UnknownModelError(f"model {model!r} not found on the hub or in its cache: {type(e).__name__}: {e}") from None
+    cls, family = _check_model_dir(local, model)
+    # The hub cache lays snapshots out as .../snapshots/<commit sha>/: that sha is the resolved revision.
+    return ModelRef(model, local, local.name, cls, family)
+
+
+_hash_lock = threading.Lock()
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    real = Path(os.path.realpath(path))
+    if _LFS_BLOB.match(real.name) and real.parent.name == "blobs":
+        return real.name  # hub cache: an LFS blob's file name is its sha256
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    with _hash_lock:
+        if key in _file_hashes:
+            return _file_hashes[key]
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    with _hash_lock:
+        _file_hashes[key] = h.hexdigest()
+    return _file_hashes[key]
+
+
+def weights_hash(path: str | os.PathLike) -> str:
+    """sha256 over (relative path, sha256) of every weight file under ``path``.
+
+    Per-file digests are cached by (file, size, mtime) for the process's lifetime, and hub-cache blobs use
+    their content-addressed names, so repeated calls on the same model cost a directory walk.
+    """
+    root = Path(path)
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.suffix in WEIGHT_SUFFIXES and p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root).as_posix()}\x00{_file_digest(p)}\n".encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return _file_digest(Path(path))

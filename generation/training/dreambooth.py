@@ -1,0 +1,137 @@
+"""DreamBooth (Ruiz et al. 2023) per class: LoRA on the UNet (and optionally the text encoder) or full UNet.
+
+Follows diffusers' ``examples/dreambooth/train_dreambooth_lora.py``: peft LoRA on the attention projections,
+optional prior preservation with class images the base model generated, and the result saved with
+``save_lora_weights`` (``pytorch_lora_weights.safetensors``), the file ``pipe.load_lora_weights`` reads.
+Full fine-tuning saves a ``unet/`` folder instead. Trainers work on copies; the pipeline is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from retrogen.progress import CancelFn, ProgressFn
+
+from . import register_trainer
+from .common import autocast, denoising_loss, encode_latents, run_steps
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig:
+    instance_prompt: str  # "a photo of sks dog"
+    class_prompt: str  # "a photo of dog" (prior preservation)
+    rank: int = 4
+    num_train_steps: int = 400
+    learning_rate: float = 1e-4
+    train_batch_size: int = 1
+    resolution: int = 512
+    seed: int = 0
+    train_text_encoder: bool = False
+    prior_preservation: bool = False
+    num_class_images: int = 8
+    prior_loss_weight: float = 1.0
+    full_finetune: bool = False
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"trainer_version": 1}
+
+
+def _encode_prompt(tokenizer: Any, text_encoder: Any, prompt: str, n: int) -> Any:
+    ids = tokenizer([prompt] * n, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+@register_trainer("dreambooth")
+def train_dreambooth(
+    pipe: Any,
+    images: list[Image.Image],
+    cfg: DreamBoothConfig,
+    out_dir: Path,
+    *,
+    class_images: list[Image.Image] | None = None,
+    label: str | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> dict[str, Any]:
+    """Train on ``images`` (+ ``class_images`` for prior preservation); save LoRA or UNet to ``out_dir``."""
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.training_utils import cast_training_params
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    # 1. Trainable copies.
+    device, base_dtype = pipe.unet.device, pipe.unet.dtype
+    unet = copy.deepcopy(pipe.unet)
+    if cfg.full_finetune:
+        unet.to(torch.float32).requires_grad_(True)
+    else:
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                    target_modules=UNET_TARGETS))
+        cast_training_params(unet, dtype=torch.float32)
+    unet.train()
+    text_encoder = pipe.text_encoder
+    if cfg.train_text_encoder:
+        text_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
+        text_encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                            target_modules=TEXT_TARGETS))
+        cast_training_params(text_encoder, dtype=torch.float32)
+    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2 if cfg.full_finetune else 0.0)
+
+    # 2. Data: latents once; prompts once unless the text encoder trains.
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    latents = encode_latents(pipe.vae, images, cfg.resolution, generator)
+    prior = encode_latents(pipe.vae, class_images, cfg.resolution, generator) if cfg.prior_preservation and class_images else None
+    bs = cfg.train_batch_size
+
+    def prompts() -> tuple[Any, Any]:
+        inst = _encode_prompt(pipe.tokenizer, text_encoder, cfg.instance_prompt, bs)
+        cls = _encode_prompt(pipe.tokenizer, text_encoder, cfg.class_prompt, bs) if prior is not None else None
+        return inst, cls
+
+    if not cfg.train_text_encoder:
+        with torch.no_grad():
+            fixed = prompts()
+
+    def step(i: int) -> float:
+        with autocast(device, base_dtype):
+            inst_h, cls_h = prompts() if cfg.train_text_encoder else fixed
+            idx = torch.randint(0, len(latents), (bs,), generator=generator).to(device)
+            loss = denoising_loss(unet, noise_scheduler, latents[idx], inst_h, generator).mean()
+            if prior is not None:
+                pidx = torch.randint(0, len(prior), (bs,), generator=generator).to(device)
+                loss = loss + cfg.prior_loss_weight * denoising_loss(unet, noise_scheduler, prior[pidx], cls_h, generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return float(loss.detach())
+
+    losses = run_steps(step, cfg.num_train_steps, label=label, progress=progress, should_cancel=should_cancel)
+
+    # 3. Save only what trained, in the layouts diffusers' loaders read.
+    meta: dict[str, Any] = {"num_train_steps": cfg.num_train_steps, "loss_first": losses[0], "loss_last": losses[-1],
+                            "losses": losses, "instance_prompt": cfg.instance_prompt}
+    if cfg.full_finetune:
+        unet.to(base_dtype).save_pretrained(out_dir / "unet", safe_serialization=True)
+        return meta | {"format": "unet"}
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if cfg.train_text_encoder else None
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
+                                              weight_name=LORA_WEIGHT_NAME)
+    return meta | {"format": "lora", "weight_name": LORA_WEIGHT_NAME}

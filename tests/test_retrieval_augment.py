@@ -1,0 +1,202 @@
+"""augment_by_retrieval end to end: real index build, real embedders (tiny open_clip, EfficientNet-Lite0)."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from retrieval.augment import RetrievalConfig, augment_by_retrieval
+from retrieval.embedders import create_embedder
+from retrogen.cli import app
+from retrogen.errors import InvalidInputError
+from retrogen.imagefolder import sha256_bytes
+from retrogen.provenance import read_provenance
+from tests.conftest import colour_image
+
+# Three colour families; each corpus item is a noisy shade of one, so its class is known.
+FAMILIES = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
+PER_FAMILY = 12
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _shade(rgb, i):
+    return tuple(int(np.clip(c + (i % 5 - 2) * 9, 0, 255)) for c in rgb)
+
+
+@pytest.fixture(scope="module")
+def corpus_tar(tmp_path_factory):
+    """An img2dataset-style webdataset shard whose true class is in the key (hidden from retrieval)."""
+    path = tmp_path_factory.mktemp("corpus") / "00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for fam, rgb in FAMILIES.items():
+            for i in range(PER_FAMILY):
+                key = f"{fam}-{i:03d}"
+                files = {f"{key}.png": _png(colour_image(_shade(rgb, i), noise_seed=hash(key) % 1000)),
+                         f"{key}.txt": f"a {fam} thing".encode(),
+                         f"{key}.json": json.dumps({"url": f"http://example.com/{key}.png", "license": "cc0"}).encode()}
+                for name, data in files.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dataset")
+    for fam, rgb in FAMILIES.items():
+        (root / fam).mkdir()
+        for i in range(2):
+            colour_image(_shade(rgb, i + 1), noise_seed=500 + i).save(root / fam / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def clip_index(tmp_path_factory, corpus_tar, tiny_open_clip_dir):
+    from index_builder.build import build_index
+
+    out = tmp_path_factory.mktemp("idx_clip") / "index"
+    build_index([str(corpus_tar)], out, embedder=create_embedder(f"open_clip:local-dir:{tiny_open_clip_dir}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def effnet_index(tmp_path_factory, corpus_tar):
+    from index_builder.build import build_index
+
+    out = tmp_path_factory.mktemp("idx_eff") / "index"
+    build_index([str(corpus_tar)], out, embedder=create_embedder("efficientnet-lite0"))
+    return out
+
+
+def true_family(record):
+    return record["sample_key"].split("-")[0]
+
+
+def test_image_mode_returns_right_class_with_complete_provenance(effnet_index, dataset, tmp_path):
+    events = []
+    result = augment_by_retrieval(dataset, tmp_path / "out", index=effnet_index, per_class=5, mode="image",
+                                  progress=events.append)
+    records = read_provenance(tmp_path / "out")
+    assert result.counts == {"blue": 5, "green": 5, "red": 5}
+    # the real EfficientNet features put colour families together
+    purity = np.mean([true_family(r) == r["label"] for r in records])
+    assert purity >= 0.9, purity
+    ids = [r["sample_id"] for r in records]
+    assert len(ids) == len(set(ids)), "no corpus item is returned twice"
+    for r in records:
+        data = (tmp_path / "out" / r["file"]).read_bytes()
+        assert r["sha256"] == sha256_bytes(data) == r["corpus_sha256"], "bytes exactly as stored in the corpus"
+        for key in ("index_id", "index_version", "sample_id", "source_uri", "caption", "query", "similarity",
+                    "rank", "filters_passed", "label", "method", "created", "retrogen_version"):
+            assert key in r, key
+        assert r["query"]["type"] == "image" and r["query"]["id"].startswith(r["label"] + "/")
+        assert r["caption"] == f"a {true_family(r)} thing"
+    # round-robin: both training images of every class contribute queries
+    for fam in FAMILIES:
+        assert {r["query"]["id"] for r in records if r["label"] == fam} == {f"{fam}/0.png", f"{fam}/1.png"}
+    assert {e.stage for e in events} >= {"embed_dataset", "search", "write"}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["per_class"]["red"] == {"requested": 5, "returned": 5, "reason": None}
+
+
+def test_fewer_than_n_with_a_reason_when_the_corpus_runs_out(effnet_index, dataset, tmp_path):
+    result = augment_by_retrieval(dataset, tmp_path / "out", index=effnet_index, per_class=30, mode="image",
+                                  config=RetrievalConfig(dedup_threshold=None, leakage_threshold=None))
+    total = sum(result.counts.values())
+    assert total == 3 * PER_FAMILY, "every corpus item is used once, none twice"
+    short = [c for c in result.summary["per_class"].values() if c["returned"] < 30]
+    assert short and all(c["reason"] for c in short)
+
+
+def test_leakage_filter_removes_user_images_planted_in_the_corpus(tmp_path, corpus_tar):
+    from index_builder.build import build_index
+
+    # the user's training images are themselves in the corpus: retrieval must never hand them back
+    root = tmp_path / "ds"
+    with tarfile.open(corpus_tar) as tar:
+        for fam in FAMILIES:
+            (root / fam).mkdir(parents=True)
+            (root / fam / "0.png").write_bytes(tar.extractfile(f"{fam}-000.png").read())
+    index = tmp_path / "index"
+    build_index([str(corpus_tar)], index, embedder=create_embedder("efficientnet-lite0"))
+    result = augment_by_retrieval(root, tmp_path / "out", index=index, per_class=3,
+                                  config=RetrievalConfig(leakage_threshold=0.999))
+    keys = {r["sample_key"] for r in result.records}
+    assert not keys & {f"{fam}-000" for fam in FAMILIES}
+    assert result.summary["removed"]["leakage"] >= 3
+    off = augment_by_retrieval(root, tmp_path / "out2", index=index, per_class=3,
+                               config=RetrievalConfig(leakage_threshold=None))
+    assert {f"{fam}-000" for fam in FAMILIES} <= {r["sample_key"] for r in off.records}
+
+
+def test_text_mode_and_label_check_with_tiny_clip(clip_index, dataset, tmp_path):
+    result = augment_by_retrieval(dataset, tmp_path / "t", index=clip_index, per_class=4, mode="text")
+    assert all(r["query"]["type"] == "text" and r["label"] in r["query"]["prompt"] for r in result.records)
+    assert sum(result.counts.values()) == 12
+    mixed = augment_by_retrieval(dataset, tmp_path / "m", index=clip_index, per_class=4, mode="mixed")
+    assert {r["query"]["type"] for r in mixed.records} == {"image", "text"}
+    checked = augment_by_retrieval(dataset, tmp_path / "c", index=clip_index, per_class=4, mode="image",
+                                   config=RetrievalConfig(label_check=True))
+    # with random weights, zero-shot predictions disagree with some labels: the check must have removed them,
+    # and every survivor must be predicted as its own class
+    assert checked.summary["removed"]["label_check"] > 0
+    from retrieval.index import CorpusIndex
+    from retrieval.prompts import class_prompts, class_text_embeddings
+
+    embedder = create_embedder(CorpusIndex.open(clip_index).manifest.embedder["name"])
+    classes = sorted(FAMILIES)
+    text = class_text_embeddings(embedder, class_prompts(classes))
+    vecs = CorpusIndex.open(clip_index).embeddings([r["sample_id"] for r in checked.records]).astype(np.float32)
+    predicted = [classes[i] for i in (vecs @ text.T).argmax(axis=1)]
+    assert predicted == [r["label"] for r in checked.records]
+
+
+def test_embedder_mismatch_and_bad_input_are_refused(effnet_index, clip_index, dataset, tmp_path, tiny_open_clip_dir):
+    from retrieval.errors import EmbedderMismatchError
+
+    with pytest.raises(EmbedderMismatchError, match="efficientnet-lite0"):
+        augment_by_retrieval(dataset, tmp_path / "x", index=effnet_index, per_class=2,
+                             embedder=create_embedder(f"open_clip:local-dir:{tiny_open_clip_dir}"))
+    with pytest.raises(InvalidInputError, match="image-text embedder"):
+        augment_by_retrieval(dataset, tmp_path / "x", index=effnet_index, per_class=2, mode="text")
+    with pytest.raises(InvalidInputError, match="mode"):
+        augment_by_retrieval(dataset, tmp_path / "x", index=effnet_index, per_class=2, mode="sideways")
+    with pytest.raises(InvalidInputError, match="class folders"):
+        augment_by_retrieval(tmp_path, tmp_path / "x", index=effnet_index, per_class=2)
+
+
+def test_cli_retrieve_and_errors(effnet_index, dataset, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli-out"
+    res = runner.invoke(app, ["augment", "retrieve", "--index", str(effnet_index), "--dataset", str(dataset),
+                              "--per-class", "3", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "red: 3/3" in res.output and (out / "provenance.jsonl").exists()
+    # a second run into the same folder is refused (nothing overwritten) unless --overwrite
+    before = (out / "provenance.jsonl").read_bytes()
+    again = runner.invoke(app, ["augment", "retrieve", "--index", str(effnet_index), "--dataset", str(dataset),
+                                "--per-class", "3", "--out", str(out), "--quiet"])
+    assert again.exit_code != 0 and (out / "provenance.jsonl").read_bytes() == before
+
+
+def test_cli_one_readable_line_and_exit_code_on_bad_input(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "retrogen"
+    proc = subprocess.run([str(exe), "augment", "retrieve", "--index", str(tmp_path / "nope"), "--dataset",
+                           str(tmp_path), "--per-class", "3", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
