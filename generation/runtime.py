@@ -94,6 +94,8 @@ def load_runtime(ref: ModelRef, config: GenerationConfig) -> Runtime:
     kwargs: dict[str, Any] = {"dtype": dtype}
     if ref.family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    import torch
+
     pipe = AutoPipelineForText2Image.from_pretrained(str(ref.path), **kwargs)
     pipe.scheduler = create_scheduler(config.scheduler, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -101,10 +103,15 @@ def load_runtime(ref: ModelRef, config: GenerationConfig) -> Runtime:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         pipe.unet.set_attn_processor(AttnProcessor2_0())  # SDPA (flash / memory-efficient kernels)
-    if config.enable_cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    try:
+        if config.enable_cpu_offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        hint = "pass --enable-cpu-offload" if not config.enable_cpu_offload else "use a GPU with more memory"
+        raise GpuOutOfMemoryError(f"moving {ref.id} to {device}", hint + " (dtype float16 halves the weights)") from None
     if config.enable_compile:
         pipe.unet.compile()  # in place: the module keeps its type, so adapters can still be loaded
     size = config.size or int(pipe.unet.config.sample_size * pipe.vae_scale_factor)

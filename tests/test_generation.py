@@ -230,3 +230,17 @@ def test_config_from_dict_rejects_unknown_keys():
         GenerationConfig.from_dict({"steps": 3})
     with pytest.raises(InvalidConfigError, match="exactly once"):
         GenerationConfig(prompt_templates=("no placeholder",))
+
+
+def test_ip_adapter_spec_resolution(tmp_path, tiny_sd_dir):
+    from generation import GenerationError
+    from generation.methods.variation import resolve_ip_adapter
+
+    assert resolve_ip_adapter(None, tiny_sd_dir, "sd") == (str(tiny_sd_dir), "ip_adapter", "ip-adapter.safetensors")
+    assert resolve_ip_adapter(None, tmp_path, "sd") == ("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors")
+    assert resolve_ip_adapter("h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors", tmp_path, "sdxl") == (
+        "h94/IP-Adapter", "sdxl_models", "ip-adapter_sdxl.safetensors")
+    f = tiny_sd_dir / "ip_adapter" / "ip-adapter.safetensors"
+    assert resolve_ip_adapter(str(f), tmp_path, "sd") == (str(f.parent), "", f.name)
+    with pytest.raises(GenerationError, match="expected a local .safetensors"):
+        resolve_ip_adapter("h94/IP-Adapter", tmp_path, "sd")

@@ -64,6 +64,10 @@ class GenerationMethod:
     def check_model(self, family: str) -> None:
         if family not in self.families:
             raise InvalidConfigError(f"method {self.name!r} supports {', '.join(self.families)} models, not {family}")
+        if self.trains and self.config.enable_cpu_offload:
+            # Trainers run the UNet/VAE directly; offload hooks would leave them on the CPU.
+            raise InvalidConfigError(f"method {self.name!r} trains on the GPU; drop enable_cpu_offload "
+                                     "(lower train_batch_size or train_size to save memory)")
 
     def setup(self, runtime: Any) -> None:
         """Once per call, after the model loads (e.g. load an IP-Adapter)."""
