@@ -34,25 +34,25 @@ import retrogen  # noqa: E402,F401  (OMP_WAIT_POLICY before torch)
 
 log = logging.getLogger("train_tiny_sd")
 
-SIZE = 32  # Fashion-MNIST's 28 px padded to 32 (the VAE halves it: 16x16x4 latents)
+SIZE = 32  # Fashion-MNIST's 28 px resized to 32 (the VAE halves it: 16x16x4 latents)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    vae_steps: int = 600
-    unet_steps: int = 3000
-    batch_size: int = 64
+    vae_steps: int = 300
+    unet_steps: int = 1500
+    batch_size: int = 32
     vae_lr: float = 1e-3
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1
-    vae_channels: tuple[int, ...] = (32, 64)
+    vae_channels: tuple[int, ...] = (16, 32)
     unet_channels: tuple[int, ...] = (32, 64, 64)
     text_width: int = 64
     num_images: int = 60000  # images of the train split used (all by default)
-    max_unet_s: float | None = None  # stop UNet training after this many seconds (the curve records where)
+    max_unet_s: float | None = 660.0  # stop UNet training after this many seconds (the curve records where)
     seed: int = 0
     device: str = "auto"
-    version: int = 1
+    version: int = 2
 
 
 def class_names() -> list[str]:
@@ -80,7 +80,7 @@ def build_components(cfg: TrainConfig, tokenizer_dir: Path):
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=list(cfg.vae_channels),
         down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-        layers_per_block=1, norm_num_groups=16, sample_size=SIZE,
+        layers_per_block=1, norm_num_groups=8, sample_size=SIZE, mid_block_add_attention=False,
     )
     m = len(cfg.unet_channels)
     unet = UNet2DConditionModel(
@@ -110,8 +110,11 @@ def load_pixels(num_images: int, seed: int):
 
     x, y = load_fashion_mnist("train")
     idx = np.random.default_rng(seed).permutation(len(x))[:num_images]
-    x = np.pad(x[idx], ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 127.5 - 1.0
-    t = torch.from_numpy(x)[:, None].expand(-1, 3, -1, -1).contiguous()
+    # Resized (not padded) to 32 px: generated images then frame the object as the 28 px originals do, and as
+    # img2img/personalisation see the user's shots (generation resizes them to the model's size too).
+    t = torch.from_numpy(x[idx]).float()[:, None] / 127.5 - 1.0
+    t = torch.nn.functional.interpolate(t, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
+    t = t.clamp(-1, 1).expand(-1, 3, -1, -1).contiguous()
     return t, torch.from_numpy(y[idx])
 
 
@@ -130,7 +133,7 @@ def train_vae(vae, x, cfg: TrainConfig, device, losses: list[float]) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 100 == 0:
             log.info("vae step %d loss %.4f", step, losses[-1])
     vae.eval()
@@ -181,7 +184,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, x, y, cfg: TrainCo
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        curve.losses.append(float(loss))
+        curve.losses.append(float(loss.detach()))
         curve.steps_done = step + 1
         curve.seconds = time.perf_counter() - t0
         if step % 100 == 0:

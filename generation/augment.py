@@ -165,7 +165,7 @@ def augment_by_generation(
     # 1. Check inputs (no model loaded, nothing written yet).
     gen_method = create_method(method, config)
     by_class = _check_inputs(dataset_dir, out_dir, per_class, gen_method, config)
-    ref = resolve_model(model)
+    ref = resolve_model(model, revision=config.revision, local_files_only=config.local_files_only)
     gen_method.check_model(ref.family)
 
     # 2. Load the model and the method's shared parts.

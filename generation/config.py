@@ -29,6 +29,9 @@ class GenerationConfig:
     class_names: Mapping[str, str] | None = None  # label -> name used in prompts (default: the label)
     class_prompts: Mapping[str, tuple[str, ...]] | None = None  # label -> own prompts (replace templates)
     negative_prompt: str | None = None
+    # Model source (hub ids only; a local folder is used as it is)
+    revision: str | None = None  # hub branch, tag or commit; the resolved commit is recorded either way
+    local_files_only: bool = False  # use the hub cache only, never the network
     # Runtime
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: float16 on cuda, float32 on cpu

@@ -12,6 +12,12 @@ _EXPORTS = {
     "list_embedders": "retrieval.embedders",
     "Embedder": "retrieval.embedders",
     "CorpusIndex": "retrieval.index",
+    "Manifest": "retrieval.index_format",
+    "read_manifest": "retrieval.index_format",
+    "RetrievalError": "retrieval.errors",
+    "IndexFormatError": "retrieval.errors",
+    "IndexNotFoundError": "retrieval.errors",
+    "EmbedderMismatchError": "retrieval.errors",
     "augment_by_retrieval": "retrieval.augment",
     "RetrievalConfig": "retrieval.augment",
 }

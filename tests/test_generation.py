@@ -135,6 +135,8 @@ def test_errors_are_named_and_write_nothing(dataset, tmp_path, tiny_sd_dir):
         run(dataset, out, "not a model!", "prompt")
     with pytest.raises(UnknownModelError):
         run(dataset, out, tmp_path / "missing" / "dir", "prompt")
+    with pytest.raises(UnknownModelError, match="not found on the hub or in its cache"):
+        run(dataset, out, "retrogen-tests/no-such-model", "prompt", local_files_only=True, revision="main")
     not_model = tmp_path / "notmodel"
     not_model.mkdir()
     with pytest.raises(ModelKindError, match="model_index.json"):
@@ -244,3 +246,21 @@ def test_ip_adapter_spec_resolution(tmp_path, tiny_sd_dir):
     assert resolve_ip_adapter(str(f), tmp_path, "sd") == (str(f.parent), "", f.name)
     with pytest.raises(GenerationError, match="expected a local .safetensors"):
         resolve_ip_adapter("h94/IP-Adapter", tmp_path, "sd")
+
+
+def test_sdxl_runs_inference_methods_and_refuses_personalisation(dataset, tmp_path, tiny_sdxl_dir):
+    from generation import InvalidConfigError
+
+    pipelines = {}
+    for method in ("prompt", "img2img", "variation"):
+        out = tmp_path / method
+        result = run(dataset, out, tiny_sdxl_dir, method, per_class=1)
+        for r in result.records:
+            assert sha256_bytes((out / r["file"]).read_bytes()) == r["sha256"]
+            assert Image.open(out / r["file"]).size == (64, 64)
+        pipelines[method] = {r["pipeline"] for r in result.records}
+    assert pipelines == {"prompt": {"StableDiffusionXLPipeline"}, "img2img": {"StableDiffusionXLImg2ImgPipeline"},
+                         "variation": {"StableDiffusionXLPipeline"}}
+    with pytest.raises(InvalidConfigError, match="supports sd models, not sdxl"):
+        run(dataset, tmp_path / "db", tiny_sdxl_dir, "dreambooth", per_class=1)
+    assert not (tmp_path / "db").exists()

@@ -174,6 +174,74 @@ def build_tiny_sd(path: str | Path, *, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_sdxl(path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random SDXL model directory (two text encoders, ``text_time`` conditioning) + its IP-Adapter.
+
+    Sizes follow diffusers' SDXL ``get_dummy_components``: cross-attention width 64 = the two 32-wide text
+    encoders' hidden states concatenated; 80 = 6 time ids x 8 + the 32-wide pooled text embedding.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    base = build_tiny_components(seed)
+    tokenizer = base["tokenizer"]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=TINY_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=2 * _DIM,
+        norm_num_groups=2,
+    )
+    text_cfg = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=_DIM,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=_DIM,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_cfg)
+    text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    vae: AutoencoderKL = base["vae"]
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=build_tiny_tokenizer(), unet=unet, scheduler=scheduler,
+        image_encoder=base["image_encoder"], feature_extractor=base["feature_extractor"],
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / "ip_adapter").mkdir(exist_ok=True)
+    sd = tiny_ip_adapter_state_dict(unet, seed=seed)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "ip_adapter" / "ip-adapter.safetensors"))
+    return path
+
+
 if __name__ == "__main__":  # pragma: no cover - manual helper
     import sys
 

@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI routers and dependencies (no torch/faiss imports here)."""

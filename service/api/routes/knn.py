@@ -1,0 +1,207 @@
+"""clip-retrieval's back-end API (``/knn-service``, ``/indices-list``, ``/metadata``) with its JSON shapes.
+
+clip-retrieval's ``ClipClient`` and front-end work against retrogen unchanged (shapes from clip-retrieval 2.45.0
+``clip_back.py``/``clip_client.py``). The client posts a JSON string with no content type, so bodies are parsed
+as JSON whatever the header says (Flask's ``get_json(force=True)``). Differences, each on purpose:
+
+- ``image_url`` is refused (403): fetching arbitrary URLs from the server is an SSRF hole. Send ``image``.
+- ``modality: "text"`` (search caption embeddings) is refused: retrogen indexes hold image embeddings only.
+- The safety/violence/aesthetic models are not loaded; like clip-retrieval without them, the flags are
+  accepted and have no effect, and the response header ``X-Retrogen-Ignored`` names them.
+- ``url`` falls back to this server's image URL when the corpus row has none; ``image_url`` is always there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
+from service.api.routes.retrieve import LimitsDep, item_image_url, source_uri
+from service.indexes import IndexRegistryDep, LoadedIndex, decode_base64_image
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["clip-retrieval compatible"])
+
+#: clip-retrieval's dedup threshold (``get_non_uniques``): cosine >= 0.94 means the same image
+DEDUP_THRESHOLD = 0.94
+MAX_METADATA_IDS = 1000
+
+
+class ImageUrlRefusedError(RetrogenError):
+    http_status = 403
+    exit_code = 2
+
+
+class KnnQuery(BaseModel):
+    """``ClipClient`` sends every key, most as null; unknown keys are ignored as clip-retrieval does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | None = None
+    image: str | None = Field(None, description="base64-encoded image file")
+    image_url: str | None = Field(None, description="refused: server-side fetching is disabled (SSRF)")
+    embedding_input: list[float] | None = None
+    modality: Literal["image", "text"] = "image"
+    num_images: int = Field(40, ge=1)
+    num_result_ids: int | None = Field(None, ge=1)
+    indice_name: str | None = None
+    use_mclip: bool = False
+    deduplicate: bool = False
+    use_safety_model: bool = False
+    use_violence_detector: bool = False
+    aesthetic_score: int | str | None = None
+    aesthetic_weight: float | str | None = None
+
+
+class MetadataQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[int] = Field(default_factory=list, max_length=MAX_METADATA_IDS)
+    indice_name: str | None = None
+
+
+async def _json_body(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        return model.model_validate(json.loads(raw or b"{}"))
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"request body is not JSON: {e}") from None
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()[:5])
+        raise InvalidInputError(f"invalid request: {errs}") from None
+
+
+def _schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+@router.get("/indices-list", summary="Configured index names (clip-retrieval)", response_model=list[str])
+def indices_list(registry: IndexRegistryDep) -> list[str]:
+    return registry.names()
+
+
+@router.post("/knn-service", summary="k nearest corpus images (clip-retrieval)", openapi_extra=_schema(KnnQuery),
+             response_model=list[dict[str, Any]])
+async def knn_service(request: Request, response: Response, registry: IndexRegistryDep,
+                      limits: LimitsDep) -> list[dict[str, Any]]:
+    from starlette.concurrency import run_in_threadpool
+
+    q: KnnQuery = await _json_body(request, KnnQuery)
+    ignored = [name for name in ("use_safety_model", "use_violence_detector") if getattr(q, name)]
+    if q.aesthetic_score not in (None, "") and q.aesthetic_weight not in (None, "", 0, 0.0):
+        ignored.append("aesthetic_score")
+    if ignored:
+        response.headers["X-Retrogen-Ignored"] = ",".join(ignored)
+    return await run_in_threadpool(_knn, q, request, registry, limits)
+
+
+def _knn(q: KnnQuery, request: Request, registry, limits) -> list[dict[str, Any]]:
+    import numpy as np
+
+    # 1. Check inputs (clip-retrieval's precedence: text, then image / image_url, then embedding_input).
+    num_result_ids = max(q.num_result_ids or q.num_images, q.num_images)
+    if num_result_ids > limits.max_k:
+        raise InvalidInputError(f"num_images and num_result_ids must be <= {limits.max_k}, got {num_result_ids}")
+    if q.use_mclip:
+        raise InvalidInputError("use_mclip is not supported: no multilingual CLIP is loaded on this server")
+    if q.modality == "text":
+        raise InvalidInputError("modality 'text' searches caption embeddings, which retrogen indexes do not hold; "
+                                "use modality 'image' (text queries are matched against image embeddings)")
+    loaded: LoadedIndex = registry.get(q.indice_name)
+    # 2. Compute the query vector.
+    if q.text:
+        vec = loaded.embed_texts([q.text])
+    elif q.image is not None:
+        vec = loaded.embed_images([decode_base64_image(q.image, what="image", limits=limits)[0]])
+    elif q.image_url is not None:
+        raise ImageUrlRefusedError("image_url is refused: this server does not fetch URLs on a client's behalf "
+                                   "(SSRF risk); send the image itself, base64-encoded, in 'image'")
+    elif q.embedding_input is not None:
+        vec = np.asarray(q.embedding_input, np.float32)[None, :]
+        if vec.shape[1] != loaded.dim:
+            raise InvalidInputError(f"embedding_input has {vec.shape[1]} values; index {loaded.name!r} has "
+                                    f"dimension {loaded.dim}")
+        norm = float(np.linalg.norm(vec))
+        if not np.isfinite(norm) or norm == 0:
+            raise InvalidInputError("embedding_input must be a finite, non-zero vector")
+        vec = vec / norm
+    else:
+        raise InvalidInputError("must fill one of text, image, image_url and embedding_input")
+    # 3. Search, then drop near-duplicates as clip-retrieval does.
+    hits = loaded.neighbours(vec, num_result_ids)[0]
+    if q.deduplicate and len(hits) > 1:
+        keep = dedup_keep(loaded.index.embeddings([h.id for h in hits]))
+        hits = [h for h, k in zip(hits, keep, strict=True) if k]
+    out = []
+    for h in hits[: q.num_images]:
+        served = item_image_url(request, loaded.name, h.id)
+        row = _public_meta(h.meta, served)
+        row["id"] = h.id
+        row["similarity"] = h.similarity
+        out.append(row)
+    return out
+
+
+def dedup_keep(embeddings) -> list[bool]:
+    """clip-retrieval's connected-components dedup: of each group linked by cosine >= 0.94, keep the best ranked."""
+    import numpy as np
+
+    e = np.asarray(embeddings, np.float32)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    n = len(e)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(e @ e.T >= DEDUP_THRESHOLD, k=1)), strict=True):
+        a, b = find(int(i)), find(int(j))
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the root is always the smallest (best-ranked) member
+    return [find(i) == i for i in range(n)]
+
+
+def _public_meta(meta: dict[str, Any], served_url: str) -> dict[str, Any]:
+    """The metadata columns a client may see (no server paths beyond the source URI)."""
+    return {
+        "url": meta.get("url") or served_url,
+        "caption": meta.get("caption"),
+        "image_url": served_url,
+        "key": meta.get("key"),
+        "source_uri": source_uri(meta),
+        "licence": meta.get("licence"),
+        "width": meta.get("width"),
+        "height": meta.get("height"),
+        "sha256": meta.get("sha256"),
+    }
+
+
+@router.post("/metadata", summary="Metadata rows by id (clip-retrieval)", openapi_extra=_schema(MetadataQuery),
+             response_model=list[dict[str, Any]])
+async def metadata(request: Request, registry: IndexRegistryDep) -> list[dict[str, Any]]:
+    from starlette.concurrency import run_in_threadpool
+
+    q: MetadataQuery = await _json_body(request, MetadataQuery)
+    if not q.ids:
+        return []
+    return await run_in_threadpool(_metadata, q, request, registry)
+
+
+def _metadata(q: MetadataQuery, request: Request, registry) -> list[dict[str, Any]]:
+    loaded: LoadedIndex = registry.get(q.indice_name)
+    bad = [i for i in q.ids if not 0 <= i < loaded.ntotal]
+    if bad:
+        raise NotFoundError(f"index {loaded.name!r} has ids 0..{loaded.ntotal - 1}; unknown: {bad[:10]}")
+    metas = {int(m["id"]): m for m in loaded.index.metadata(sorted(set(q.ids)))}
+    return [{"id": i, "metadata": _public_meta(metas.get(i, {}), item_image_url(request, loaded.name, i))}
+            for i in q.ids]

@@ -1,0 +1,194 @@
+"""Synchronous retrieval for interactive use: ``POST /v1/retrieve`` and the stored corpus images.
+
+Queries are base64 images and/or texts; each gets its ``k`` nearest corpus items with the same provenance
+fields an augmentation job records, plus a URL that serves the item's bytes exactly as stored.
+Handlers are plain ``def``: embedding is CPU/GPU work, so FastAPI runs them in its thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from retrogen.errors import InvalidInputError, NotFoundError
+from retrogen.imagefolder import sha256_bytes
+from service.indexes import (
+    Hit,
+    IndexRegistryDep,
+    LoadedIndex,
+    QueryLimits,
+    decode_base64_image,
+    get_query_limits,
+    sniff_media_type,
+)
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["retrieval"])
+
+LimitsDep = Annotated[QueryLimits, Depends(get_query_limits)]
+
+
+class RetrieveRequest(BaseModel):
+    """Images (base64 or ``data:`` URLs) and/or texts; results come back images first, then texts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str | None = Field(None, description="configured index name; default: the first configured")
+    images: list[str] = Field(default_factory=list, description="base64-encoded image files (PNG, JPEG, ...)")
+    texts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(default_factory=list)
+    k: int = Field(10, ge=1, description="neighbours per query")
+    nprobe: int | None = Field(None, ge=1, le=1_000_000, description="IVF cells to visit (IVF indexes)")
+    ef_search: int | None = Field(None, ge=1, le=1_000_000, description="HNSW search depth (HNSW indexes)")
+
+
+class Neighbour(BaseModel):
+    rank: int
+    sample_id: int
+    similarity: float
+    caption: str | None = None
+    url: str | None = None
+    source_uri: str | None = None
+    image_url: str
+    provenance: dict[str, Any]
+
+
+class QueryResult(BaseModel):
+    query: dict[str, Any]
+    neighbours: list[Neighbour]
+
+
+class RetrieveResponse(BaseModel):
+    index: str
+    index_id: str
+    embedder: str
+    k: int
+    duration_ms: float
+    results: list[QueryResult]
+
+
+class IndexInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    loaded: bool
+    embedder: str | None = None
+
+
+class IndexesPublic(BaseModel):
+    data: list[IndexInfo]
+    count: int
+
+
+@router.get("/v1/indexes", response_model=IndexesPublic, summary="Configured corpus indexes")
+def list_indexes(registry: IndexRegistryDep) -> IndexesPublic:
+    """Every configured index; facts from the manifest for those already loaded (listing loads nothing)."""
+    data = [IndexInfo(**d) for d in registry.describe()]
+    return IndexesPublic(data=data, count=len(data))
+
+
+@router.post("/v1/retrieve", response_model=RetrieveResponse, summary="k nearest corpus images per query")
+def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep,
+             limits: LimitsDep) -> RetrieveResponse:
+    t0 = time.perf_counter()
+    # 1. Check inputs before any model work.
+    n = len(body.images) + len(body.texts)
+    if n == 0:
+        raise InvalidInputError("give at least one query in 'images' (base64) or 'texts'")
+    if n > limits.max_queries:
+        raise InvalidInputError(f"at most {limits.max_queries} queries per request, got {n}")
+    if body.k > limits.max_k:
+        raise InvalidInputError(f"k must be <= {limits.max_k}, got {body.k}")
+    loaded = registry.get(body.index)
+    if body.texts and not loaded.embedder.supports_text:
+        raise InvalidInputError(f"index {loaded.name!r} uses the image-only embedder {loaded.embedder.name!r}; "
+                                "it cannot answer text queries")
+    images, queries = [], []
+    for i, b64 in enumerate(body.images):
+        image, raw = decode_base64_image(b64, what=f"images[{i}]", limits=limits)
+        images.append(image)
+        queries.append({"type": "image", "index": i, "sha256": sha256_bytes(raw)})
+    queries += [{"type": "text", "index": i, "text": t} for i, t in enumerate(body.texts)]
+
+    # 2. Embed and search.
+    import numpy as np
+
+    parts = []
+    if images:
+        parts.append(loaded.embed_images(images))
+    if body.texts:
+        parts.append(loaded.embed_texts(body.texts))
+    hits = loaded.neighbours(np.concatenate(parts), body.k, nprobe=body.nprobe, ef_search=body.ef_search)
+
+    # 3. Attach provenance and image URLs.
+    results = [
+        QueryResult(query=q, neighbours=[_neighbour(request, loaded, h, q) for h in row])
+        for q, row in zip(queries, hits, strict=True)
+    ]
+    return RetrieveResponse(index=loaded.name, index_id=loaded.index_id, embedder=loaded.embedder.name,
+                            k=body.k, duration_ms=round((time.perf_counter() - t0) * 1000, 3), results=results)
+
+
+def item_image_url(request: Request, index_name: str, item_id: int) -> str:
+    return str(request.url_for("get_index_item_image", name=index_name, item_id=item_id))
+
+
+def source_uri(meta: dict[str, Any]) -> str | None:
+    source = meta.get("source")
+    return f"{source}#{meta['member']}" if meta.get("member") else source
+
+
+def _neighbour(request: Request, loaded: LoadedIndex, hit: Hit, query: dict[str, Any]) -> Neighbour:
+    meta = hit.meta
+    prov = {
+        "index": loaded.name,
+        "index_id": loaded.index_id,
+        "index_version": loaded.index_version,
+        "sample_id": hit.id,
+        "sample_key": meta.get("key"),
+        "source_uri": source_uri(meta),
+        "caption": meta.get("caption"),
+        "url": meta.get("url"),
+        "licence": meta.get("licence"),
+        "corpus_sha256": meta.get("sha256"),
+        "width": meta.get("width"),
+        "height": meta.get("height"),
+        "query": query,
+        "similarity": round(hit.similarity, 6),
+        "rank": hit.rank,
+        "embedder": loaded.embedder.name,
+        "method": f"retrieval:{query['type']}",
+    }
+    return Neighbour(rank=hit.rank, sample_id=hit.id, similarity=prov["similarity"], caption=prov["caption"],
+                     url=prov["url"], source_uri=prov["source_uri"],
+                     image_url=item_image_url(request, loaded.name, hit.id), provenance=prov)
+
+
+@router.get("/v1/indexes/{name}/items/{item_id}/image", name="get_index_item_image",
+            summary="A corpus item's image, bytes exactly as stored",
+            responses={200: {"content": {"image/*": {}}}, 404: {"description": "unknown index or item"}})
+def get_item_image(name: str, item_id: Annotated[int, Path(ge=0, le=2**62)], registry: IndexRegistryDep,
+                   request: Request) -> Response:
+    loaded = registry.get(registry.resolve(name))
+    if item_id >= loaded.ntotal:
+        raise NotFoundError(f"index {name!r} has items 0..{loaded.ntotal - 1}; no item {item_id}")
+    metas = loaded.index.metadata([item_id])
+    meta = metas[0] if metas else {}
+    etag = f'"{meta["sha256"]}"' if meta.get("sha256") else None
+    headers = {
+        "Cache-Control": "public, max-age=86400",  # an index directory is immutable once built
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",  # crawled bytes never run in our origin
+    }
+    if etag:
+        headers["ETag"] = etag
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+    data = loaded.index.read_bytes(item_id)
+    return Response(content=data, media_type=sniff_media_type(data, meta.get("member") or meta.get("source")),
+                    headers=headers)
+

@@ -1,0 +1,144 @@
+"""The job gallery page in a real headless Chromium (Debian ``chromium`` driven by Playwright, no browser download).
+
+The page is served by the gallery router on a real uvicorn; the jobs API it reads is a stand-in route with the
+same path and manifest shape ({url, label, provenance}), serving real PNG bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+from fastapi import APIRouter, HTTPException, Response
+from fastapi.testclient import TestClient
+
+from service.api.routes.gallery import router as gallery_router
+from tests.conftest import ThreadedUvicorn, colour_image, make_router_app
+
+CHROMIUM = "/usr/bin/chromium"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync"]
+XSS_LABEL = '<img src=x onerror="window.__pwned=1">'
+
+
+def _png(rgb) -> bytes:
+    buf = io.BytesIO()
+    colour_image(rgb, size=(24, 24)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _manifest():
+    items = []
+    for label, method, n in (("cat", "retrieval:image", 3), ("cat", "generation:text", 2),
+                             ("dog", "retrieval:image", 2), (XSS_LABEL, "generation:text", 1)):
+        for i in range(n):
+            name = f"{len(items)}.png"
+            prov = {"label": label, "method": method, "sha256": f"{len(items):064x}", "file": f"{label}/{name}"}
+            prov |= {"sample_id": 100 + i, "similarity": 0.9 - i / 10} if method.startswith("retrieval") else \
+                {"seed": 1000 + i, "prompt": f"a photo of a {label}"}
+            items.append({"url": f"/v1/jobs/job-1/images/{name}", "label": label, "provenance": prov})
+    return {"job_id": "job-1", "items": items, "count": len(items)}
+
+
+def _jobs_standin() -> APIRouter:
+    router = APIRouter()
+    manifest = _manifest()
+
+    @router.get("/v1/jobs/{job_id}/results")
+    def results(job_id: str):
+        if job_id != "job-1":
+            raise HTTPException(404, f"no job {job_id!r}")
+        return manifest
+
+    @router.get("/v1/jobs/{job_id}/images/{name}")
+    def image(job_id: str, name: str):
+        return Response(_png((200, 30 * int(name.split(".")[0]) % 255, 40)), media_type="image/png")
+
+    return router
+
+
+@pytest.fixture(scope="module")
+def live_gallery():
+    with ThreadedUvicorn(make_router_app(gallery_router, _jobs_standin())) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def page(live_gallery):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium) to run the "
+                    "gallery browser test")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            pg = browser.new_page()
+            errors: list[str] = []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.errors = errors
+            yield pg
+        finally:
+            browser.close()
+
+
+def _open(page, url):
+    page.goto(url)
+    # function form (not a bare expression): the page's CSP forbids eval, and must keep forbidding it
+    page.wait_for_function("() => document.querySelectorAll('figure.item').length > 0 || "
+                           "document.getElementById('status').classList.contains('error')", timeout=15_000)
+
+
+def test_gallery_groups_by_class_filters_and_shows_provenance(page, live_gallery):
+    _open(page, f"{live_gallery.url}/gallery/job-1")
+    assert page.errors == []
+    groups = page.eval_on_selector_all("section.class-group", "els => els.map(e => [e.dataset.label, "
+                                       "e.querySelectorAll('figure.item').length])")
+    assert sorted(groups) == sorted([["cat", 5], ["dog", 2], [XSS_LABEL, 1]])
+    # images really loaded (decoded by the browser), not just <img> tags
+    page.wait_for_function("() => [...document.images].filter(i => i.closest('figure')).every(i => i.complete && "
+                           "i.naturalWidth === 24)", timeout=15_000)
+    assert page.text_content("#count") == "8 of 8 images"
+
+    page.select_option("#method-filter", "generation:text")
+    methods = page.eval_on_selector_all("figure.item", "els => els.map(e => e.dataset.method)")
+    assert methods == ["generation:text"] * 3
+    page.select_option("#class-filter", "cat")
+    assert page.eval_on_selector_all("section.class-group", "els => els.map(e => e.dataset.label)") == ["cat"]
+    assert page.text_content("#count") == "2 of 8 images"
+
+    page.select_option("#method-filter", "")
+    page.click("section.class-group[data-label='cat'] figure.item >> nth=0")
+    assert page.is_visible("#details")
+    shown = page.text_content("#details-json")
+    assert '"sample_id": 100' in shown and '"method": "retrieval:image"' in shown
+    assert "similarity" in page.text_content("#details-summary")
+    page.click("#close-details")
+    assert not page.is_visible("#details")
+
+
+def test_labels_are_rendered_as_text_never_as_html(page, live_gallery):
+    _open(page, f"{live_gallery.url}/gallery/job-1")
+    assert page.evaluate("() => window.__pwned") is None
+    headings = page.eval_on_selector_all("section.class-group h2", "els => els.map(e => e.textContent)")
+    assert f"{XSS_LABEL} (1)" in headings
+    assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
+
+
+def test_unknown_job_shows_the_servers_message(page, live_gallery):
+    _open(page, f"{live_gallery.url}/gallery/no-such-job")
+    status = page.text_content("#status")
+    assert "HTTP 404" in status and "no job 'no-such-job'" in status
+    assert page.eval_on_selector_all("figure.item", "els => els.length") == 0
+
+
+def test_page_and_assets_are_served_with_a_strict_policy():
+    client = TestClient(make_router_app(gallery_router))
+    r = client.get("/gallery/job-1")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert client.get("/gallery/assets/gallery.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/gallery/assets/gallery.css").status_code == 200
+    assert client.get("/gallery/assets/..%2Fgallery.py").status_code == 404
+    assert client.get("/gallery/assets/gallery.html").status_code == 404
+    assert client.get("/gallery/bad%20id%3Cscript%3E").status_code == 422
