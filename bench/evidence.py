@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--train-steps", type=int, default=200, help="Textual inversion / DreamBooth steps per class.")
     p.add_argument("--probe-steps", type=int, default=300, help="Linear-probe optimiser steps.")
-    p.add_argument("--leakage-threshold", type=float, default=0.95, help="Cosine for evaluate's leakage check.")
+    p.add_argument("--leakage-threshold", type=float, default=0.95,
+                   help="Cosine for the leakage check (evaluate's, and retrieval's hold-out filter).")
+    p.add_argument("--dedup-threshold", type=float, default=0.97, help="Retrieval's near-duplicate filter.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--toy", action="store_true", help="Tiny sizes everywhere: a smoke run.")
     a = p.parse_args(argv)
@@ -149,7 +151,8 @@ def make_arm(arm: str, k: int, a, data: dict, emb, model: str, index) -> Path:
     t0 = time.perf_counter()
     if arm == "retrieval":
         augment_by_retrieval(shots, out, index=index, per_class=a.per_class, mode="image",
-                             holdout_dir=data["test"], config=RetrievalConfig(), embedder=emb)
+                             holdout_dir=data["test"], config=RetrievalConfig(dedup_threshold=a.dedup_threshold, leakage_threshold=a.leakage_threshold),
+                             embedder=emb)
     else:
         names = {c: c.replace("_", " ") for c in data["names"]}
         cfg = GenerationConfig(num_inference_steps=a.gen_steps, guidance_scale=a.guidance_scale, batch_size=10,

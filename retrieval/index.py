@@ -229,6 +229,8 @@ class CorpusIndex:
         """The item's bytes exactly as stored in the corpus: a file, or a tar member read at its data offset."""
         (row,) = self.metadata([int(id)], ["source", "member", "offset", "size"])
         source = row["source"]
+        if source is None:
+            raise IndexFormatError(f"row {id} has no stored source (its metadata names no file)")
         try:
             if row["member"] is not None:
                 if row["offset"] is None or row["size"] is None:

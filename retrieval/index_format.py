@@ -25,8 +25,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from retrogen.provenance import atomic_write_json
-
 from .errors import IndexFormatError, IndexNotFoundError
 
 FORMAT_VERSION = 1
@@ -36,6 +34,8 @@ EMB_DIR = "img_emb"
 META_DIR = "metadata"
 DTYPES = ("float16", "float32")
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _EMB_RE = re.compile(r"^img_emb_(\d+)\.npy$")
 _META_RE = re.compile(r"^metadata_(\d+)\.parquet$")
 
@@ -111,6 +111,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; an index is read by other users (the service)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -130,7 +131,13 @@ def remove_temp_files(directory: str | os.PathLike) -> int:
 
 def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> None:
     """Write ``manifest.json`` atomically; call it last, after every shard and the FAISS index are in place."""
-    atomic_write_json(Path(directory) / MANIFEST_FILE, manifest.model_dump(mode="json"))
+    write_json(Path(directory) / MANIFEST_FILE, manifest.model_dump(mode="json"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:

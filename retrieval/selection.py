@@ -4,8 +4,8 @@ Pure numpy over ids, scores and embeddings, so every filter is testable on synth
 checks for each candidate, walked in round-robin priority order per class:
 
 1. ``duplicate``: the same corpus id already seen for this class (another query also found it);
-2. ``conflict``: the id is wanted by several classes; it goes to the class it is most similar to (or is
-   dropped everywhere with ``conflict="drop"``);
+2. ``conflict``: the id would be returned for several classes; it goes to the class whose queries found it
+   most similar (or is dropped everywhere with ``conflict="drop"``);
 3. ``min_similarity``: similarity to its query below the threshold;
 4. ``leakage``: a near-duplicate (cosine >= ``leakage_threshold``) of a training or held-out image;
 5. ``label_check``: its zero-shot prediction over the dataset's class names is another class;
@@ -56,16 +56,6 @@ def round_robin(lists: list[list[Candidate]]) -> list[Candidate]:
     return out
 
 
-def best_class(candidates: dict[str, list[Candidate]]) -> dict[int, str]:
-    """For each id, the class whose query found it with the highest similarity."""
-    best: dict[int, tuple[float, str]] = {}
-    for label, cands in candidates.items():
-        for c in cands:
-            if c.id not in best or c.similarity > best[c.id][0]:
-                best[c.id] = (c.similarity, label)
-    return {i: label for i, (_, label) in best.items()}
-
-
 def select(
     candidates: dict[str, list[Candidate]],
     per_class: int,
@@ -77,21 +67,45 @@ def select(
 ) -> Selection:
     """Choose up to ``per_class`` items per class from priority-ordered ``candidates``.
 
+    Conflicts are settled on what would actually be returned: select per class, find items chosen by several
+    classes, give each to the class that found it most similar (or drop it), let the losing classes continue
+    down their lists, and repeat until no item is chosen twice.
+
     Args:
         candidates: per class, candidates in priority order (see :func:`round_robin`).
         embeddings: normalised embedding of every candidate id.
         protected: (m, dim) normalised embeddings of the user's training + held-out images (leakage filter).
         predicted_label: zero-shot predicted class per id (label check); None disables the check.
     """
-    owners = best_class(candidates)
-    wanted_by = Counter(i for cands in candidates.values() for i in {c.id for c in cands})
-    sel = Selection(chosen={label: [] for label in candidates})
-    taken = np.zeros((0, next(iter(embeddings.values())).shape[0] if embeddings else 0), np.float32)
     leak_sims = _max_sims(embeddings, protected) if policy.leakage_threshold is not None else {}
-    classes = sorted(candidates)
+    best = {label: {} for label in candidates}  # class -> id -> best similarity any of its queries gave
+    for label, cands in candidates.items():
+        for c in cands:
+            best[label][c.id] = max(c.similarity, best[label].get(c.id, -np.inf))
+    lost: dict[str, set[int]] = {label: set() for label in candidates}
+    while True:
+        sel = _select_once(candidates, per_class, embeddings, policy, leak_sims, predicted_label, lost)
+        owners: dict[int, list[str]] = {}
+        for label, chosen in sel.chosen.items():
+            for c in chosen:
+                owners.setdefault(c.id, []).append(label)
+        conflicts = {i: labels for i, labels in owners.items() if len(labels) > 1}
+        if not conflicts:
+            return sel
+        for i, labels in conflicts.items():
+            winner = None if policy.conflict == "drop" else max(labels, key=lambda lb: (best[lb][i], lb))
+            for label in labels:
+                if label != winner:
+                    lost[label].add(i)
+
+
+def _select_once(candidates, per_class, embeddings, policy, leak_sims, predicted_label, lost) -> Selection:
+    sel = Selection(chosen={label: [] for label in candidates})
+    dim = next(iter(embeddings.values())).shape[0] if embeddings else 0
+    taken = np.zeros((0, dim), np.float32)
     # Fill classes in turn, one pass over each class's priority list; near-duplicate checks see every
     # item already taken for any class.
-    for label in classes:
+    for label in sorted(candidates):
         seen: set[int] = set()
         chosen = sel.chosen[label]
         for c in candidates[label]:
@@ -100,7 +114,7 @@ def select(
             reason = None
             if c.id in seen:
                 reason = "duplicate"
-            elif wanted_by[c.id] > 1 and (policy.conflict == "drop" or owners[c.id] != label):
+            elif c.id in lost[label]:
                 reason = "conflict"
             elif policy.min_similarity is not None and c.similarity < policy.min_similarity:
                 reason = "min_similarity"

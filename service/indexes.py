@@ -58,6 +58,9 @@ class LoadedIndex:
     path: Path
     index: Any  # retrieval.index.CorpusIndex
     embedder: Any  # retrieval.embedders.Embedder
+    # Bounds concurrent model calls on the embedder (shared by the indexes that share it): 32 request threads
+    # each running a multi-threaded torch op oversubscribe the cores, and tail latency explodes.
+    gate: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2), repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -73,7 +76,8 @@ class LoadedIndex:
         return build.get("created") if isinstance(build, dict) else None
 
     def embed_images(self, images: list) -> np.ndarray:
-        return self.embedder.embed_images(images)
+        with self.gate:
+            return self.embedder.embed_images(images)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         if not self.embedder.supports_text:
@@ -81,7 +85,8 @@ class LoadedIndex:
                 f"index {self.name!r} uses the image-only embedder {self.embedder.name!r}; text queries need an "
                 "image-text (CLIP) embedder"
             )
-        return self.embedder.embed_texts(texts)
+        with self.gate:
+            return self.embedder.embed_texts(texts)
 
     def search(self, vectors: np.ndarray, k: int, *, nprobe: int | None = None,
                ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -124,8 +129,9 @@ class IndexRegistry:
 
     configs: Mapping[str, IndexConfig]
     device: str = "cpu"
+    max_concurrent_embeds: int = 2  # model calls at once per embedder; more requests queue (see LoadedIndex.gate)
     _loaded: dict[str, LoadedIndex] = field(default_factory=dict, repr=False)
-    _embedders: dict[str, Any] = field(default_factory=dict, repr=False)
+    _embedders: dict[str, tuple[Any, threading.BoundedSemaphore]] = field(default_factory=dict, repr=False)
     _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -174,18 +180,20 @@ class IndexRegistry:
         index = CorpusIndex.open(cfg.path)
         embedder_name = cfg.embedder or index.manifest.embedder["name"]
         with self._guard:
-            embedder = self._embedders.get(embedder_name)
-        if embedder is None:
-            embedder = create_embedder(embedder_name, device=self.device)
+            entry = self._embedders.get(embedder_name)
+        if entry is None:
+            created = create_embedder(embedder_name, device=self.device)
             with self._guard:
-                embedder = self._embedders.setdefault(embedder_name, embedder)
+                entry = self._embedders.setdefault(
+                    embedder_name, (created, threading.BoundedSemaphore(max(1, self.max_concurrent_embeds))))
+        embedder, gate = entry
         if cfg.embedder is None:
             index.check_embedder(embedder.name)
         elif embedder.dim != index.manifest.dim:  # an override may rename the model, never change its space
             raise InvalidInputError(f"index {name!r}: embedder override {embedder.name!r} has dim {embedder.dim}, "
                                     f"the index has dim {index.manifest.dim}")
         log.info("loaded index %r from %s (%d items, embedder %s)", name, cfg.path, index.ntotal, embedder.name)
-        return LoadedIndex(name, Path(cfg.path), index, embedder)
+        return LoadedIndex(name, Path(cfg.path), index, embedder, gate)
 
     def describe(self) -> list[dict[str, Any]]:
         """Every configured index; loaded ones with their manifest facts. Never loads anything."""
@@ -198,8 +206,9 @@ class IndexRegistry:
 
     @classmethod
     def from_settings(cls, settings: Any) -> IndexRegistry:
-        """From the service ``Settings`` (``indexes: dict[str, IndexConfig]``; optional ``device``)."""
-        return cls(dict(getattr(settings, "indexes", None) or {}), device=getattr(settings, "device", None) or "cpu")
+        """From the service ``Settings`` (``indexes``; optional ``device``, ``max_concurrent_embeds``)."""
+        return cls(dict(getattr(settings, "indexes", None) or {}), device=getattr(settings, "device", None) or "cpu",
+                   max_concurrent_embeds=getattr(settings, "max_concurrent_embeds", None) or 2)
 
 
 def _as_config(cfg: Any) -> IndexConfig:

@@ -156,59 +156,51 @@ def write_service_corpus_tar(path):
 @pytest.fixture(scope="session")
 def service_index_dir(tmp_path_factory, tiny_open_clip_dir):
     """A flat index (tiny open_clip, 18 items in 3 colour families) built by ``index_builder.build``."""
-    try:
-        from index_builder.build import build_index
-    except ImportError:  # the index builder has not landed yet: write the same contract directly
-        build_index = _contract_build_index
+    from index_builder.build import build_index
     from retrieval.embedders import create_embedder
 
     root = tmp_path_factory.mktemp("service_index")
     tar = write_service_corpus_tar(root / "00000.tar")
-    build_index([str(tar)], root / "index", embedder=create_embedder(f"open_clip:local-dir:{tiny_open_clip_dir}"))
+    build_index([str(tar)], root / "index", embedder=create_embedder(f"open_clip:local-dir:{tiny_open_clip_dir}"),
+                index="flat", num_workers=1)
     return root / "index"
 
 
-def _contract_build_index(sources, out, *, embedder):
-    """Minimal writer of the index-directory contract (one tar shard, flat IP index); a stand-in only."""
-    import hashlib
-    import tarfile
-    from pathlib import Path
 
-    import faiss
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
+class MeanColourEmbedder:
+    """A deterministic fake embedder for index tests: per-quadrant mean colours (12-d) + 4 constants, L2-normalised.
 
-    from retrieval.index_format import INDEX_FILE, Manifest, emb_path, meta_path, metadata_schema, write_manifest
+    Registered as ``meancolour`` through the real embedder registry, so builds and queries take the same path
+    as real models; cheap enough for dozens of images per test.
+    """
 
-    rows, images = [], []
-    for source in sources:
-        with tarfile.open(source) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name, m in members.items():
-                if not name.endswith(".png"):
-                    continue
-                key = name[:-4]
-                data = tar.extractfile(m).read()
-                meta = __import__("json").loads(tar.extractfile(members[key + ".json"]).read())
-                img = Image.open(__import__("io").BytesIO(data)).convert("RGB")
-                images.append(img)
-                rows.append({"id": len(rows), "key": key, "source": str(source), "member": name,
-                             "offset": m.offset_data, "size": m.size,
-                             "caption": tar.extractfile(members[key + ".txt"]).read().decode(),
-                             "url": meta["url"], "licence": None, "width": img.width, "height": img.height,
-                             "sha256": hashlib.sha256(data).hexdigest()})
-    out = Path(out)
-    emb = embedder.embed_images(images).astype(np.float32)
-    emb_path(out, 0).parent.mkdir(parents=True, exist_ok=True)
-    meta_path(out, 0).parent.mkdir(parents=True, exist_ok=True)
-    np.save(emb_path(out, 0), emb)
-    pq.write_table(pa.Table.from_pylist(rows, schema=metadata_schema()), meta_path(out, 0))
-    index = faiss.IndexFlatIP(emb.shape[1])
-    index.add(emb)
-    faiss.write_index(index, str(out / INDEX_FILE))
-    write_manifest(out, Manifest(
-        index_id="test-corpus", embedder=embedder.manifest_entry(), dtype="float32", count=len(rows),
-        dim=emb.shape[1], faiss={"factory": "Flat", "kind": "flat", "search_defaults": {}, "rerank_k_factor": 1},
-        shards=[{"emb": "img_emb/img_emb_0000.npy", "meta": "metadata/metadata_0000.parquet", "rows": len(rows)}],
-        build={"created": "2026-01-01T00:00:00+00:00"}))
+    supports_text = False
+    dim = 16
+
+    def __init__(self, spec: str = "", *, device: str = "cpu"):
+        self.name = f"meancolour:{spec}" if spec else "meancolour"
+        self.scale = float(spec) if spec else 1.0
+
+    def preprocess(self, image):
+        return np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+    def embed_preprocessed(self, batch):
+        b = np.asarray(batch, dtype=np.float32)
+        quads = [b[:, :, :4, :4], b[:, :, :4, 4:], b[:, :, 4:, :4], b[:, :, 4:, 4:]]
+        feats = np.concatenate([q.mean(axis=(2, 3)) for q in quads] + [np.full((len(b), 4), 0.05 * self.scale)], 1)
+        return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+
+    def embed_images(self, images, batch_size=32):
+        return self.embed_preprocessed(np.stack([self.preprocess(im) for im in images]))
+
+    def manifest_entry(self):
+        return {"name": self.name, "dim": self.dim, "normalized": True, "modalities": ["image"]}
+
+
+@pytest.fixture(scope="session")
+def mean_colour_embedder():
+    """The ``meancolour`` fake embedder (index tests), registered in ``retrieval.embedders``, created by name."""
+    from retrieval.embedders import create_embedder, register_embedder
+
+    register_embedder("meancolour")(MeanColourEmbedder)
+    return create_embedder("meancolour")

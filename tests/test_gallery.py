@@ -29,6 +29,9 @@ def _png(rgb) -> bytes:
 
 
 def _manifest():
+    """Built with the jobs API's own response model, so the page is tested against the real shape."""
+    from service.schemas import ResultItem, ResultsPublic
+
     items = []
     for label, method, n in (("cat", "retrieval:image", 3), ("cat", "generation:text", 2),
                              ("dog", "retrieval:image", 2), (XSS_LABEL, "generation:text", 1)):
@@ -37,8 +40,9 @@ def _manifest():
             prov = {"label": label, "method": method, "sha256": f"{len(items):064x}", "file": f"{label}/{name}"}
             prov |= {"sample_id": 100 + i, "similarity": 0.9 - i / 10} if method.startswith("retrieval") else \
                 {"seed": 1000 + i, "prompt": f"a photo of a {label}"}
-            items.append({"url": f"/v1/jobs/job-1/images/{name}", "label": label, "provenance": prov})
-    return {"job_id": "job-1", "items": items, "count": len(items)}
+            items.append(ResultItem(url=f"/v1/jobs/job-1/images/{name}", label=label, file=prov["file"],
+                                    provenance=prov))
+    return ResultsPublic(job_id="job-1", count=len(items), summary={"method": "mixed"}, items=items).model_dump()
 
 
 def _jobs_standin() -> APIRouter:

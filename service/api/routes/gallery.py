@@ -29,7 +29,7 @@ HEADERS = {
 
 
 @router.get("/gallery/{job_id}")
-def gallery_page(job_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]) -> FileResponse:
+def gallery_page(job_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,40}$")]) -> FileResponse:
     return FileResponse(WEB_DIR / "gallery.html", media_type="text/html; charset=utf-8", headers=HEADERS)
 
 

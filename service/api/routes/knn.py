@@ -8,6 +8,7 @@ as JSON whatever the header says (Flask's ``get_json(force=True)``). Differences
 - ``modality: "text"`` (search caption embeddings) is refused: retrogen indexes hold image embeddings only.
 - The safety/violence/aesthetic models are not loaded; like clip-retrieval without them, the flags are
   accepted and have no effect, and the response header ``X-Retrogen-Ignored`` names them.
+- With API keys on, the key may also come as ``?api_key=`` in the URL, since ClipClient sends no headers.
 - ``url`` falls back to this server's image URL when the corpus row has none; ``image_url`` is always there.
 """
 
@@ -15,18 +16,30 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
+from service.api.deps import SettingsDep, _api_key_header, _bearer, current_key
 from service.api.routes.retrieve import LimitsDep, item_image_url, source_uri
 from service.indexes import IndexRegistryDep, LoadedIndex, decode_base64_image
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["clip-retrieval compatible"])
+
+
+def knn_key(settings: SettingsDep, api_key: Annotated[str | None, Query(include_in_schema=False)] = None,
+            header_key: Annotated[str | None, Depends(_api_key_header)] = None,
+            bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
+    """The service's key check, also accepting ``?api_key=``: ClipClient sends no headers, but its URL may carry
+    a query string (``ClipClient("http://host/knn-service?api_key=...")``). Prefer a header where possible."""
+    return current_key(settings, header_key or api_key, bearer)
+
+
+router = APIRouter(tags=["clip-retrieval compatible"], dependencies=[Depends(knn_key)])
 
 #: clip-retrieval's dedup threshold (``get_non_uniques``): cosine >= 0.94 means the same image
 DEDUP_THRESHOLD = 0.94
@@ -43,10 +56,10 @@ class KnnQuery(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    text: str | None = None
+    text: str | None = Field(None, max_length=10_000)
     image: str | None = Field(None, description="base64-encoded image file")
     image_url: str | None = Field(None, description="refused: server-side fetching is disabled (SSRF)")
-    embedding_input: list[float] | None = None
+    embedding_input: list[float] | None = Field(None, max_length=16_384)
     modality: Literal["image", "text"] = "image"
     num_images: int = Field(40, ge=1)
     num_result_ids: int | None = Field(None, ge=1)
@@ -69,9 +82,11 @@ class MetadataQuery(BaseModel):
 async def _json_body(request: Request, model: type[BaseModel]) -> Any:
     raw = await request.body()
     try:
-        return model.model_validate(json.loads(raw or b"{}"))
-    except json.JSONDecodeError as e:
+        data = json.loads(raw or b"{}")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
         raise InvalidInputError(f"request body is not JSON: {e}") from None
+    try:
+        return model.model_validate(data)
     except ValidationError as e:
         errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()[:5])
         raise InvalidInputError(f"invalid request: {errs}") from None

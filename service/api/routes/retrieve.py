@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retrogen.errors import InvalidInputError, NotFoundError
 from retrogen.imagefolder import sha256_bytes
+from service.api.deps import current_key
 from service.indexes import (
     Hit,
     IndexRegistryDep,
@@ -28,7 +29,8 @@ from service.indexes import (
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["retrieval"])
+# Every route needs the caller's API key when keys are on (current_key answers 401 otherwise).
+router = APIRouter(tags=["retrieval"], dependencies=[Depends(current_key)])
 
 LimitsDep = Annotated[QueryLimits, Depends(get_query_limits)]
 

@@ -1,0 +1,108 @@
+"""``retrogen index build | info | import``: the batch CLI of the index builder (registered by retrogen/cli.py).
+
+Only typer is imported at the top so ``retrogen --help`` stays fast; the work loads on demand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Build, import and inspect corpus indexes (embeddings + metadata + FAISS).")
+
+INDEX_HELP = "auto | flat | hnsw | ivfpq | a FAISS factory string (e.g. 'IVF1024,PQ64np')."
+BUDGET_HELP = "RAM the FAISS index may use, e.g. 4G or 512M; checked before any work."
+
+
+@app.command("build")
+def build(
+    source: list[str] = typer.Option(..., "--source", help="Image folder, .tar shard(s), or .parquet/.csv listing; "
+                                     "repeatable; globs and {00000..00009} braces expand."),
+    out: Path = typer.Option(..., "--out", help="Index directory to write (an interrupted build resumes here)."),
+    embedder: str = typer.Option(..., "--embedder", help="e.g. open_clip:ViT-B-32:laion2b_s34b_b79k, efficientnet-lite0."),
+    index: str = typer.Option("auto", "--index", help=INDEX_HELP),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="Input images per embedding shard (unit of resume)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored embedding dtype: float16 or float32."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
+    num_workers: int = typer.Option(2, "--num-workers", help="Threads reading and decoding images."),
+    device: str = typer.Option("cpu", "--device", help="Embedder device (cpu, cuda)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a build made with other arguments."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Embed a corpus and build its index (resumable)."""
+    from retrieval.embedders import create_embedder
+    from retrogen.console import TqdmProgress
+
+    from .build import build_index
+
+    emb = create_embedder(embedder, device=device)
+    with TqdmProgress(disable=True if quiet else None) as bars:
+        manifest = build_index(source, out, embedder=emb, index=index, memory_budget=memory_budget,
+                               shard_size=shard_size, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
+                               overwrite=overwrite, progress=bars)
+    typer.echo(_summary_line(out, manifest))
+
+
+@app.command("import")
+def import_(
+    from_dir: Path = typer.Option(..., "--from", help="clip-retrieval output: img_emb/*.npy + metadata/*.parquet."),
+    out: Path = typer.Option(..., "--out", help="Index directory to write."),
+    embedder: str | None = typer.Option(None, "--embedder", help="Name of the model that made the embeddings "
+                                        "(recorded; queries must match it), e.g. open_clip:ViT-B-32:openai."),
+    index: str = typer.Option("auto", "--index", help=INDEX_HELP),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
+    dtype: str | None = typer.Option(None, "--dtype", help="Stored dtype (default: the input's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index in --out."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Build an index from precomputed clip-retrieval embeddings, without re-embedding."""
+    from retrogen.console import TqdmProgress
+
+    from .importer import import_clip_retrieval
+
+    with TqdmProgress(disable=True if quiet else None) as bars:
+        manifest = import_clip_retrieval(from_dir, out, embedder=embedder, index=index, memory_budget=memory_budget,
+                                         dtype=dtype, overwrite=overwrite, progress=bars)
+    typer.echo(_summary_line(out, manifest))
+
+
+@app.command("info")
+def info(
+    directory: Path = typer.Argument(..., help="Index directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+) -> None:
+    """Print what an index's manifest holds."""
+    from retrieval.index_format import read_manifest
+
+    m = read_manifest(directory)
+    if as_json:
+        typer.echo(json.dumps(m.model_dump(mode="json"), indent=2))
+        return
+    recall = m.recall or {}
+    build = m.build or {}
+    reasons = ", ".join(f"{r} {n}" for r, n in (m.skipped.get("by_reason") or {}).items())
+    lines = [
+        f"index       {directory} ({m.index_id}, format {m.format_version})",
+        f"embedder    {m.embedder.get('name')} (dim {m.dim}, {', '.join(m.embedder.get('modalities', []))})",
+        f"vectors     {m.count} in {len(m.shards)} shard(s), {m.dtype}",
+        f"faiss       {m.faiss.get('factory')} ({m.faiss.get('kind')}), defaults {m.faiss.get('search_defaults') or {}}"
+        + (f", re-rank x{m.faiss['rerank_k_factor']}" if (m.faiss.get("rerank_k_factor") or 1) > 1 else ""),
+        "recall@10   " + (f"{recall['recall_at_10']:.3f} on {recall['num_queries']} queries" if recall
+                          else "exact (flat index)"),
+        "sources     " + "; ".join(f"{s.get('path')} ({s.get('kind')}, {s.get('records')})" for s in m.sources),
+        f"skipped     {m.skipped.get('count', 0)}" + (f" ({reasons})" if reasons else ""),
+        f"built       {build.get('created')} in {build.get('duration_s')} s"
+        + (f", {build['images_per_s']} images/s" if build.get("images_per_s") else ""),
+    ]
+    typer.echo("\n".join(lines))
+
+
+def _summary_line(out: Path, m) -> str:
+    recall = f", recall@10 {m.recall['recall_at_10']:.3f}" if m.recall else ", exact"
+    rate = f", {m.build['images_per_s']} images/s" if m.build.get("images_per_s") else ""
+    return (f"index {out}: {m.count} vectors (dim {m.dim}), {m.faiss['factory']}{recall}, "
+            f"{m.skipped.get('count', 0)} skipped{rate}")

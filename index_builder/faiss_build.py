@@ -1,0 +1,211 @@
+"""Choose, train and fill the FAISS index, and measure its recall against exact search.
+
+``--index auto`` picks by corpus size and memory budget, checked before any work (as autofaiss does):
+exact ``Flat`` inner product up to ``FLAT_MAX`` vectors; ``HNSW32,Flat`` up to ``HNSW_MAX`` when it fits;
+otherwise IVF-PQ. PQ factories always carry the ``np`` suffix: a plain ``PQ64`` triggers polysemous
+training (measured here: 100 s vs 2.9 s on 20k vectors). PQ alone is coarse (recall@10 ~0.25 on clustered
+1M x 512 data), so IVF-PQ indexes record ``rerank_k_factor`` and search re-ranks ``k * factor`` candidates
+exactly from the stored shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from retrogen.progress import ProgressEvent, ProgressFn, emit
+
+from .errors import IndexBuildError, MemoryBudgetError
+
+log = logging.getLogger(__name__)
+
+FLAT_MAX = 100_000
+HNSW_MAX = 2_000_000
+HNSW_M = 32
+HNSW_EF_SEARCH = 64
+IVFPQ_RERANK = 10
+KINDS = ("auto", "flat", "hnsw", "ivfpq")
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    factory: str
+    kind: str  # flat | hnsw | ivfpq | custom
+    search_defaults: dict = field(default_factory=dict)
+    rerank_k_factor: int = 1
+    memory_bytes: int | None = None  # estimated RAM of the FAISS index (None: unknown, custom factory)
+    train_size: int = 0  # vectors sampled to train it (0: no training)
+
+    def manifest_entry(self) -> dict:
+        d = asdict(self)
+        d.pop("train_size")
+        return d
+
+
+def parse_memory(text: str | int | None) -> int | None:
+    """``"4G"``, ``"512M"``, ``"1.5GB"``, ``"1000000"`` -> bytes (powers of 1024)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)I?B?\s*", str(text).upper())
+    if not m:
+        raise IndexBuildError(f"memory budget {text!r} is not a size like 4G, 512M or 1.5G")
+    value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
+    if value <= 0:
+        raise IndexBuildError(f"memory budget must be positive, got {text!r}")
+    return int(value)
+
+
+def _fmt(nbytes: int) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if nbytes < 1024 or unit == "T":
+            return f"{nbytes:.1f}{unit}" if unit != "B" else f"{nbytes}B"
+        nbytes /= 1024
+    return str(nbytes)
+
+
+def _flat(count: int, dim: int) -> IndexPlan:
+    return IndexPlan("Flat", "flat", {}, 1, count * dim * 4, 0)
+
+
+def _hnsw(count: int, dim: int) -> IndexPlan:
+    # vectors + ~2*M neighbour ids per node on level 0 (int32) + upper levels (~1/M of nodes)
+    mem = int(count * (dim * 4 + HNSW_M * 2 * 4 * 1.1))
+    return IndexPlan(f"HNSW{HNSW_M},Flat", "hnsw", {"efSearch": HNSW_EF_SEARCH}, 1, mem, 0)
+
+
+def _ivfpq(count: int, dim: int, budget: int | None) -> IndexPlan:
+    if count < 64:
+        raise IndexBuildError(f"ivfpq needs at least 64 vectors to train, the corpus has {count}; use --index flat")
+    nbits = 8 if count >= 256 * 39 else 4
+    nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(count)))))
+    nlist = max(1, min(nlist, count // 39))
+    train = min(count, max(nlist * 39, 2 ** nbits * 39, 10_000), 200_000)
+    candidates = [m for m in (64, 48, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim]
+    for m in candidates:
+        code = math.ceil(m * nbits / 8)
+        mem = count * (code + 8) + nlist * dim * 4 + m * 2 ** nbits * (dim // m) * 4
+        if budget is None or mem <= budget:
+            suffix = "np" if nbits == 8 else f"x{nbits}np"
+            nprobe = min(nlist, max(4, nlist // 16))
+            return IndexPlan(f"IVF{nlist},PQ{m}{suffix}", "ivfpq", {"nprobe": nprobe}, IVFPQ_RERANK, mem, train)
+    smallest = count * 9 + nlist * dim * 4
+    raise MemoryBudgetError(f"no IVF-PQ index of {count} vectors (dim {dim}) fits the memory budget "
+                            f"{_fmt(budget)}; the smallest needs about {_fmt(smallest)}")
+
+
+def plan_index(count: int, dim: int, *, index: str = "auto", memory_budget: str | int | None = None) -> IndexPlan:
+    """Choose the index for ``count`` vectors of ``dim`` within ``memory_budget`` (bytes or ``"4G"``).
+
+    Raises:
+        MemoryBudgetError: the requested (or every automatic) choice exceeds the budget.
+        IndexBuildError: an unknown kind or an invalid FAISS factory string.
+    """
+    budget = parse_memory(memory_budget)
+    if count < 1:
+        raise IndexBuildError("the corpus has no vectors to index")
+    kind = (index or "auto").strip()
+    if kind == "auto":
+        for make, limit in ((_flat, FLAT_MAX), (_hnsw, HNSW_MAX)):
+            plan = make(count, dim)
+            if count <= limit and (budget is None or plan.memory_bytes <= budget):
+                return plan
+        return _ivfpq(count, dim, budget)
+    if kind in ("flat", "hnsw"):
+        plan = (_flat if kind == "flat" else _hnsw)(count, dim)
+        if budget is not None and plan.memory_bytes > budget:
+            raise MemoryBudgetError(f"a {kind} index of {count} vectors (dim {dim}) needs about "
+                                    f"{_fmt(plan.memory_bytes)}, over the budget {_fmt(budget)}; use --index "
+                                    "ivfpq or auto, or raise --memory-budget")
+        return plan
+    if kind == "ivfpq":
+        return _ivfpq(count, dim, budget)
+    return _custom(kind, count, dim, budget)
+
+
+def _custom(factory: str, count: int, dim: int, budget: int | None) -> IndexPlan:
+    import faiss
+
+    if re.search(r"PQ\d+(x\d+)?(,|$)", factory):
+        log.warning("factory %r: PQ without the 'np' suffix trains polysemous codes (slow); consider PQ..np", factory)
+    try:
+        probe = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise IndexBuildError(f"--index {factory!r} is neither {'|'.join(KINDS)} nor a valid FAISS factory string "
+                              f"(e.g. 'IVF256,PQ32np' or 'HNSW32,Flat'): {str(e).splitlines()[-1][:160]}") from None
+    defaults: dict = {}
+    inner = probe.index if isinstance(probe, faiss.IndexPreTransform) else probe
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        defaults["nprobe"] = min(ivf.nlist, max(4, ivf.nlist // 16))
+    elif isinstance(faiss.downcast_index(inner), faiss.IndexHNSW):
+        defaults["efSearch"] = HNSW_EF_SEARCH
+    lossy = re.search(r"(PQ|SQ|LSH|RQ|LSQ)", factory.upper()) is not None
+    train = min(count, max(10_000, 39 * (ivf.nlist if ivf is not None else 256)), 200_000) \
+        if not probe.is_trained else 0
+    if budget is not None:
+        log.warning("memory budget is not checked for custom factory %r", factory)
+    return IndexPlan(factory, "custom", defaults, IVFPQ_RERANK if lossy else 1, None, train)
+
+
+def sample_ids(count: int, size: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """``size`` sorted row ids drawn without replacement, avoiding ``exclude`` when enough rows remain."""
+    rng = np.random.default_rng(seed)
+    pool = np.arange(count)
+    if exclude is not None and count - len(exclude) >= size:
+        pool = np.setdiff1d(pool, exclude, assume_unique=True)
+    return np.sort(rng.choice(pool, size=min(size, len(pool)), replace=False))
+
+
+def build_faiss(plan: IndexPlan, dim: int, count: int, chunks: Callable[[], Iterable[np.ndarray]], *,
+                train_vectors: np.ndarray | None = None, progress: ProgressFn | None = None):
+    """Create the index from ``plan``, train it on ``train_vectors`` if needed, add all ``chunks`` in row order."""
+    import faiss
+
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        if train_vectors is None or len(train_vectors) == 0:
+            raise IndexBuildError(f"index {plan.factory!r} needs training vectors")
+        emit(progress, ProgressEvent("faiss_train", 0, 1, message=plan.factory))
+        index.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
+        emit(progress, ProgressEvent("faiss_train", 1, 1, message=plan.factory))
+    added = 0
+    for chunk in chunks():
+        index.add(chunk)
+        added += len(chunk)
+        emit(progress, ProgressEvent("faiss_add", added, count, message=plan.factory))
+    if index.ntotal != count:
+        raise IndexBuildError(f"added {index.ntotal} vectors to the index, expected {count}")
+    return index
+
+
+def measure_recall(corpus, chunks: Callable[[], Iterable[np.ndarray]], *, num_queries: int = 1000, k: int = 10,
+                   seed: int = 0, exclude: np.ndarray | None = None) -> dict:
+    """recall@k of ``corpus.search`` (defaults + re-rank, as users get it) against exact inner product.
+
+    Queries are stored vectors not used to train the index; each query's own row is dropped from both
+    result lists, so recall is not inflated by trivially finding the query itself.
+    """
+    import faiss
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    qids = sample_ids(corpus.ntotal, num_queries, seed + 1, exclude)
+    queries = corpus.embeddings(qids).astype(np.float32)
+    kk = min(corpus.ntotal, k + 1)
+    _, exact = knn_ground_truth(queries, chunks(), kk, metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
+    _, approx = corpus.search(queries, kk)
+    hits = []
+    for qid, e_row, a_row in zip(qids, exact, approx, strict=True):
+        truth = [i for i in e_row if i != qid][:k]
+        got = set([i for i in a_row if i != qid and i >= 0][:k])
+        if truth:
+            hits.append(len(got & set(truth)) / len(truth))
+    recall = float(np.mean(hits)) if hits else 1.0
+    return {"recall_at_10" if k == 10 else f"recall_at_{k}": round(recall, 4), "num_queries": len(qids),
+            "method": "stored vectors held out of training as queries; exact inner-product ground truth; "
+                      "search with the manifest's defaults and re-rank; query's own row excluded",
+            "seed": seed}

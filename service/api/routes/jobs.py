@@ -1,0 +1,121 @@
+"""``/v1/jobs``: submit augmentation jobs, follow them, cancel them, and fetch their results."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, Response
+from fastapi.responses import StreamingResponse
+
+from retrogen.errors import InvalidInputError, NotFoundError
+from service import datasets as dataset_crud
+from service import export
+from service import jobs as crud
+from service.api.deps import CurrentKey, DbDep, JobDep, MethodsDep, SettingsDep, StoreDep
+from service.errors import ConflictError
+from service.indexes import sniff_media_type
+from service.models import Job
+from service.schemas import JobCreate, JobEventPublic, JobPublic, JobsPublic, ResultsPublic
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobPublic, summary="Submit an augmentation job")
+def create_job(body: JobCreate, response: Response, owner: CurrentKey, settings: SettingsDep, db: DbDep,
+               methods: MethodsDep) -> JobPublic:
+    # 1. Check everything a worker would trip over later, so a queued job is a runnable job.
+    dataset = dataset_crud.get_dataset(db, owner, body.dataset)
+    spec = methods.get(body.method)
+    if body.per_class > settings.max_per_class:
+        raise InvalidInputError(f"per_class={body.per_class} exceeds this server's maximum of {settings.max_per_class}")
+    index = model = None
+    if spec.needs_index:
+        if not settings.indexes:
+            raise NotFoundError("no index is configured on this server (set RETROGEN_INDEXES)")
+        index = body.index or next(iter(settings.indexes))
+        if index not in settings.indexes:
+            raise NotFoundError(f"unknown index {index!r}; configured: {', '.join(settings.indexes)}")
+    if spec.needs_model:
+        if not settings.models:
+            raise NotFoundError("no generation model is configured on this server (set RETROGEN_MODELS)")
+        model = body.model or next(iter(settings.models))
+        if model not in settings.models:
+            raise NotFoundError(f"unknown model {model!r}; configured: {', '.join(settings.models)}")
+    if spec.validate is not None:
+        spec.validate(body.params)
+    # 2. Queue it.
+    job = crud.submit(db, owner=owner, dataset=dataset, kind=spec.kind, method=spec.name, per_class=body.per_class,
+                      index=index, model=model, params=body.params)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobsPublic, summary="Your jobs, newest first")
+def list_jobs(owner: CurrentKey, db: DbDep,
+              state: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+              dataset: Annotated[str | None, Query(max_length=40)] = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+              offset: Annotated[int, Query(ge=0)] = 0) -> JobsPublic:
+    rows, count = crud.list_jobs(db, owner, state=state, dataset_id=dataset, limit=limit, offset=offset)
+    return JobsPublic(data=[JobPublic.of(j) for j in rows], count=count)
+
+
+@router.get("/{job_id}", response_model=JobPublic, summary="Status and progress (stage, per class, ETA)")
+def get_job(job: JobDep) -> JobPublic:
+    return JobPublic.of(job)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, summary="Cancel a queued or running job")
+def cancel_job(job: JobDep, owner: CurrentKey, db: DbDep) -> JobPublic:
+    return JobPublic.of(crud.request_cancel(db, owner, job.id))
+
+
+@router.get("/{job_id}/events", response_model=list[JobEventPublic], summary="The job's history")
+def job_events(job: JobDep, owner: CurrentKey, db: DbDep, after: Annotated[int, Query(ge=0)] = 0,
+               limit: Annotated[int, Query(ge=1, le=5000)] = 500) -> list[JobEventPublic]:
+    return [JobEventPublic(id=e.id, time=e.time, kind=e.kind, stage=e.stage, done=e.done, total=e.total,
+                           label=e.label, message=e.message)
+            for e in crud.list_events(db, owner, job.id, after=after, limit=limit)]
+
+
+def _result_key(job: Job) -> str:
+    if job.state != "succeeded" or not job.result_key:
+        raise ConflictError(f"job {job.id} is {job.state}; results exist once it has succeeded")
+    return job.result_key
+
+
+@router.get("/{job_id}/results", response_model=ResultsPublic,
+            summary="Manifest of the result: image URL, label, provenance (format=jsonl streams one item a line)")
+def job_results(job: JobDep, store: StoreDep, format: Annotated[Literal["json", "jsonl"], Query()] = "json"):
+    key = _result_key(job)
+    items = export.manifest_items(store, key, job.id)
+    if format == "jsonl":
+        return StreamingResponse(export.jsonl_stream(items), media_type="application/x-ndjson")
+    return ResultsPublic(job_id=job.id, count=len(items), summary=export.read_summary(store, key), items=items)
+
+
+@router.get("/{job_id}/images/{file:path}", summary="One result image (stable URL, immutable bytes)",
+            response_class=Response, responses={200: {"content": {"image/*": {}}}})
+def job_image(job: JobDep, store: StoreDep, file: Annotated[str, Path(max_length=500)]) -> Response:
+    key = _result_key(job)
+    if file.count("/") != 1 or file.endswith((".jsonl", ".json")):
+        raise NotFoundError(f"no image {file!r} in job {job.id}")
+    data = store.read_bytes(key, file)
+    return Response(data, media_type=sniff_media_type(data, file), headers={
+        "Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff",
+        "ETag": f'"{key.rsplit("/", 1)[-1][:16]}-{file}"'})
+
+
+@router.get("/{job_id}/export", summary="The result as a tar stream: ImageFolder + provenance.jsonl, or webdataset",
+            response_class=StreamingResponse, responses={200: {"content": {"application/x-tar": {}}}})
+def job_export(job: JobDep, store: StoreDep,
+               format: Annotated[Literal["imagefolder", "webdataset"], Query()] = "imagefolder",
+               shard: Annotated[int | None, Query(ge=0, le=1_000_000)] = None,
+               shard_size: Annotated[int, Query(ge=1, le=1_000_000)] = 10_000) -> StreamingResponse:
+    key = _result_key(job)
+    stream = export.tar_stream(store, key, fmt=format, shard=shard, shard_size=shard_size)
+    name = f"{job.id}-{format}" + (f"-{shard:05d}" if shard is not None else "") + ".tar"
+    count = job.num_images or 0
+    return StreamingResponse(stream, media_type="application/x-tar", headers={
+        "Content-Disposition": f'attachment; filename="{name}"',
+        "X-Retrogen-Shards": str(export.num_shards(count, shard_size))})

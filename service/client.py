@@ -1,0 +1,203 @@
+"""A typed Python client for the retrogen HTTP API (httpx).
+
+    from service.client import RetrogenClient
+    with RetrogenClient("http://127.0.0.1:8000") as rc:
+        ds = rc.upload_folder("my_dataset/")
+        job = rc.wait(rc.submit(ds["id"], "retrieval", per_class=50, params={"mode": "image"})["id"])
+        rc.download(job["id"], "augmented/")            # ImageFolder + provenance.jsonl + summary.json
+        train_set = rc.as_torch_dataset("augmented/")   # torch.utils.data.Dataset of (image, class index)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+
+from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
+from retrogen.imageio import is_image_path
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class RetrogenAPIError(RetrogenError):
+    """The server answered with an error; ``status`` is the HTTP status, the message is the server's detail."""
+
+    def __init__(self, status: int, detail: str):
+        self.status, self.detail = status, detail
+        self.http_status = status
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+class JobFailedError(RetrogenError):
+    """``wait`` saw the job end failed or cancelled."""
+
+
+class RetrogenClient:
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 60.0,
+                 transport: httpx.BaseTransport | None = None):
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s,
+                                 transport=transport)
+
+    def __enter__(self) -> RetrogenClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail")
+            except Exception:
+                detail = r.text[:500]
+            raise RetrogenAPIError(r.status_code, str(detail))
+        return r
+
+    # -- datasets ---------------------------------------------------------------------------------------------
+    def upload_folder(self, folder: str | os.PathLike, *, name: str | None = None) -> dict[str, Any]:
+        """Zip ``folder`` (``class_name/image`` files) and upload it; returns the dataset."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise NotFoundError(f"no folder {folder}")
+        with tempfile.TemporaryFile() as tmp:
+            n = 0
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+                for cls in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                    for f in sorted(cls.iterdir()):
+                        if f.is_file() and not f.name.startswith(".") and is_image_path(f.name):
+                            zf.write(f, f"{cls.name}/{f.name}")
+                            n += 1
+            if not n:
+                raise InvalidInputError(f"{folder} holds no class_name/image files")
+            tmp.seek(0)
+            r = self.http.post("/v1/datasets", files={"file": ("dataset.zip", tmp, "application/zip")},
+                               data={"name": name or folder.name})
+        return self._check(r).json()
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._check(self.http.get("/v1/datasets")).json()["data"]
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._check(self.http.delete(f"/v1/datasets/{dataset_id}"))
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+    def submit(self, dataset_id: str, method: str, *, per_class: int, index: str | None = None,
+               model: str | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = {"dataset": dataset_id, "method": method, "per_class": per_class, "index": index, "model": model,
+                "params": params or {}}
+        return self._check(self.http.post("/v1/jobs", json=body)).json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()
+
+    def wait(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 0.5,
+             progress: bool = True) -> dict[str, Any]:
+        """Poll until the job ends; a tqdm bar shows done/total of the current stage. Raises JobFailedError."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=0, desc=job_id, unit="img", leave=False)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while True:
+                job = self.job(job_id)
+                p = job.get("progress") or {}
+                if bar is not None:
+                    bar.total = p.get("total") or 0
+                    bar.n = p.get("done") or 0
+                    bar.set_postfix_str(f"{job['state']} {p.get('stage') or ''}".strip())
+                    bar.refresh()
+                if job["state"] in TERMINAL:
+                    if job["state"] != "succeeded":
+                        raise JobFailedError(f"job {job_id} {job['state']}: {job.get('error') or ''}".strip())
+                    return job
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s}s")
+                time.sleep(poll_s)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def results(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}/results")).json()
+
+    def download(self, job_id: str, dest: str | os.PathLike) -> Path:
+        """Stream the ImageFolder export into ``dest`` (created; must be empty or absent)."""
+        dest = Path(dest)
+        if dest.exists() and any(dest.iterdir()):
+            raise InvalidInputError(f"{dest} is not empty")
+        dest.mkdir(parents=True, exist_ok=True)
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/export", params={"format": "imagefolder"}) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._check(r)
+            with tempfile.TemporaryFile() as tmp:
+                for chunk in r.iter_bytes():
+                    tmp.write(chunk)
+                tmp.seek(0)
+                with tarfile.open(fileobj=tmp, mode="r:") as tar:
+                    for m in tar.getmembers():
+                        parts = PurePosixPath(m.name).parts
+                        if not m.isfile() or m.name.startswith("/") or ".." in parts:
+                            raise InvalidInputError(f"refusing archive member {m.name!r}")
+                        target = dest.joinpath(*parts)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(tar.extractfile(m).read())
+        return dest
+
+    @staticmethod
+    def as_torch_dataset(folder: str | os.PathLike, transform=None):
+        """A ``torch.utils.data.Dataset`` of ``(image, class index)`` over a downloaded result.
+
+        Images are RGB PIL images unless ``transform`` maps them; ``.classes`` and ``.provenance`` (one
+        record per item, same order) come with it.
+        """
+        return _ImageFolderDataset(Path(folder), transform)
+
+
+def _ImageFolderDataset(folder: Path, transform):  # noqa: N802 - a factory: torch is imported on use only
+    import json
+
+    from torch.utils.data import Dataset
+
+    from retrogen.imageio import decode_image
+
+    class ResultDataset(Dataset):
+        def __init__(self) -> None:
+            prov = folder / "provenance.jsonl"
+            if not prov.is_file():
+                raise NotFoundError(f"{folder} has no provenance.jsonl (not a downloaded retrogen result)")
+            self.provenance = [json.loads(line) for line in prov.read_text().splitlines() if line.strip()]
+            self.classes = sorted({r["label"] for r in self.provenance})
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+        def __len__(self) -> int:
+            return len(self.provenance)
+
+        def __getitem__(self, i: int):
+            rec = self.provenance[i]
+            image = decode_image((folder / rec["file"]).read_bytes())
+            return (transform(image) if transform else image), self.class_to_idx[rec["label"]]
+
+    return ResultDataset()
+
+
+__all__ = ["RetrogenClient", "RetrogenAPIError", "JobFailedError"]

@@ -1,0 +1,87 @@
+"""The service's one ``Settings``: environment (``RETROGEN_`` prefix) > settings file > defaults.
+
+The settings file is JSON, named by ``RETROGEN_SETTINGS_FILE``; nested values (``indexes``, ``models``,
+``api_keys``) are JSON in the environment too, e.g. ``RETROGEN_INDEXES='{"laion": {"path": "/idx"}}'``.
+Libraries never read the environment; only this module does.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from service.indexes import IndexConfig
+
+SETTINGS_FILE_ENV = "RETROGEN_SETTINGS_FILE"
+
+
+class Settings(BaseSettings):
+    """Every service setting. Defaults run locally with no setup: SQLite + a local folder, no API keys."""
+
+    model_config = SettingsConfigDict(env_prefix="RETROGEN_", extra="forbid", validate_default=True)
+
+    # Storage
+    data_dir: Path = Path("retrogen-data")  # SQLite file, work folders and (by default) the object store
+    database_url: str | None = None  # default: sqlite:///{data_dir}/retrogen.db; Postgres: postgresql+psycopg://...
+    storage_url: str | None = None  # fsspec URL for datasets/results (s3://bucket/prefix); default {data_dir}/store
+    # Security: keys are off when the list is empty (the local default)
+    api_keys: list[str] = Field(default_factory=list)
+    server_root: Path | None = None  # JSON manifests may name server-side files only under this folder
+    # What jobs may use
+    indexes: dict[str, IndexConfig] = Field(default_factory=dict)
+    models: dict[str, str] = Field(default_factory=dict)  # name -> hub id or local diffusers dir
+    device: str = "cpu"  # embedders of the index registry; generation jobs use GenerationConfig.device
+    # Limits
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_dataset_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1)  # decompressed total of one dataset
+    max_image_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_dataset: int = Field(10_000, ge=1)
+    max_per_class: int = Field(1000, ge=1)
+    max_queries: int = Field(32, ge=1)  # synchronous /v1/retrieve
+    max_k: int = Field(1000, ge=1)
+    # Jobs and workers
+    enable_worker: bool = True  # `retrogen serve` runs an in-process worker
+    num_retrieval_threads: int = Field(1, ge=1)
+    num_generation_threads: int = Field(1, ge=0)  # per device: one GPU-bound generation at a time
+    job_lease_s: float = Field(30.0, gt=0)  # a running job whose worker misses heartbeats this long is re-claimed
+    job_max_attempts: int = Field(3, ge=1)  # claims before a job that keeps killing its worker is failed
+    poll_interval_s: float = Field(0.5, gt=0)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_placeholder(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if len(k) < 8 or k in ("changethis", "changeme"):
+                raise ValueError("API keys must be at least 8 characters and not a placeholder")
+        return keys
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{Path(self.data_dir).resolve() / 'retrogen.db'}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or str(Path(self.data_dir).resolve() / "store")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        sources = [init_settings, env_settings]
+        path = os.environ.get(SETTINGS_FILE_ENV)
+        if path:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{SETTINGS_FILE_ENV}={path}: no such settings file")
+            sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+        return tuple(sources)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings (a FastAPI dependency; tests override it or pass ``create_app(settings)``)."""
+    return Settings()

@@ -1,0 +1,208 @@
+"""The job store (HTTP-free): submit, atomic claim with a lease, heartbeat, progress, cancel, finish.
+
+Crash safety rests on leases: a running job belongs to the worker whose lease is live; a worker that dies
+(``kill -9``) stops renewing it, and once it expires the next claim re-runs the job from scratch (results
+are written to a fresh work folder and stored content-addressed, so a half-finished attempt leaves nothing
+that is read). A job that has used up ``max_attempts`` claims is marked failed with the reason, never dropped.
+Claims are compare-and-set UPDATEs, safe between processes on SQLite and Postgres.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import aliased
+
+from retrogen.errors import InvalidInputError, NotFoundError
+from service.db import Database
+from service.errors import ConflictError
+from service.models import Dataset, Job, JobEvent
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+STATES = ACTIVE + TERMINAL
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def _event(s, job_id: str, kind: str, message: str | None = None, **fields: Any) -> None:
+    s.add(JobEvent(job_id=job_id, time=time.time(), kind=kind, message=message, **fields))
+
+
+def submit(db: Database, *, owner: str, dataset: Dataset, kind: str, method: str, per_class: int,
+           index: str | None, model: str | None, params: dict[str, Any]) -> Job:
+    now = time.time()
+    job = Job(id=new_id("job"), owner=owner, dataset_id=dataset.id, dataset_key=dataset.content_key, kind=kind,
+              method=method, per_class=per_class, index=index, model=model, params=params, state="queued",
+              cancel_requested=False, attempts=0, progress={}, created=now)
+    with db.session() as s:
+        s.add(job)
+        s.flush()
+        _event(s, job.id, "state", "queued")
+    log.info("job %s queued: %s x%d on %s", job.id, method, per_class, dataset.id)
+    return job
+
+
+def get_job(db: Database, owner: str, job_id: str) -> Job:
+    """The job if ``owner`` owns it; another key's job is reported as missing (no existence leak)."""
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.owner != owner:
+            raise NotFoundError(f"no job {job_id!r}")
+        return job
+
+
+def list_jobs(db: Database, owner: str, *, state: str | None = None, dataset_id: str | None = None,
+              limit: int = 100, offset: int = 0) -> tuple[list[Job], int]:
+    where = [Job.owner == owner]
+    if state:
+        if state not in STATES:
+            raise InvalidInputError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+        where.append(Job.state == state)
+    if dataset_id:
+        where.append(Job.dataset_id == dataset_id)
+    with db.session() as s:
+        count = s.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+        rows = s.scalars(select(Job).where(*where).order_by(Job.created.desc()).limit(limit).offset(offset)).all()
+        return list(rows), int(count)
+
+
+def list_events(db: Database, owner: str, job_id: str, *, after: int = 0, limit: int = 500) -> list[JobEvent]:
+    get_job(db, owner, job_id)
+    with db.session() as s:
+        return list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                              .order_by(JobEvent.id).limit(limit)).all())
+
+
+def request_cancel(db: Database, owner: str, job_id: str) -> Job:
+    """Queued: cancelled now. Running: flagged; the runner stops at its next cancel check. Finished: 409."""
+    job = get_job(db, owner, job_id)
+    now = time.time()
+    with db.session() as s:
+        if job.state == "queued":
+            n = s.execute(update(Job).where(Job.id == job_id, Job.state == "queued")
+                          .values(state="cancelled", cancel_requested=True, finished=now)).rowcount
+            if n:
+                _event(s, job_id, "state", "cancelled before it started")
+        if job.state == "running" or (job.state == "queued" and not n):
+            s.execute(update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE)).values(cancel_requested=True))
+            _event(s, job_id, "state", "cancel requested")
+    job = get_job(db, owner, job_id)
+    if job.state in ("succeeded", "failed"):
+        raise ConflictError(f"job {job_id} already {job.state}; nothing to cancel")
+    return job
+
+
+def reap(db: Database, max_attempts: int) -> int:
+    """Settle expired leases that must not run again: cancel-requested ones, and ones out of attempts."""
+    now = time.time()
+    expired = and_(Job.state == "running", Job.lease_expires < now)
+    with db.session() as s:
+        ids = s.scalars(select(Job.id).where(expired, Job.cancel_requested.is_(True))).all()
+        for jid in ids:
+            if s.execute(update(Job).where(Job.id == jid, expired).values(
+                    state="cancelled", finished=now, worker=None)).rowcount:
+                _event(s, jid, "state", "cancelled (its worker stopped before acknowledging)")
+        lost = s.scalars(select(Job.id).where(expired, Job.attempts >= max_attempts)).all()
+        for jid in lost:
+            reason = (f"its worker stopped responding (lease expired) on each of {max_attempts} attempts; "
+                      "the job may crash its worker")
+            if s.execute(update(Job).where(Job.id == jid, expired).values(
+                    state="failed", error=reason, finished=now, worker=None)).rowcount:
+                _event(s, jid, "state", f"failed: {reason}")
+        return len(ids) + len(lost)
+
+
+def claim(db: Database, kind: str, worker: str, *, device: str, lease_s: float, max_attempts: int) -> Job | None:
+    """Atomically take the oldest queued (or lease-expired) job of ``kind``; None if there is none.
+
+    Generation jobs are claimed only while no other generation holds a live lease on ``device``.
+    """
+    reap(db, max_attempts)
+    now = time.time()
+    claimable = and_(Job.kind == kind, or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires < now)))
+    conds = [claimable]
+    if kind == "generation":
+        other = aliased(Job)
+        conds.append(~exists().where(other.kind == "generation", other.state == "running", other.device == device,
+                                     other.lease_expires >= now))
+    with db.session() as s:
+        for _ in range(5):  # lose a race -> try the next candidate
+            cand = s.execute(select(Job.id, Job.state, Job.attempts).where(*conds).order_by(Job.created)
+                             .limit(1)).first()
+            if cand is None:
+                return None
+            n = s.execute(update(Job).where(Job.id == cand.id, *conds).values(
+                state="running", worker=worker, device=device, lease_expires=now + lease_s,
+                attempts=Job.attempts + 1, started=func.coalesce(Job.started, now))).rowcount
+            if n == 1:
+                msg = (f"claimed by {worker}" if cand.state == "queued" else
+                       f"re-claimed by {worker} after its previous worker stopped (attempt {cand.attempts + 1})")
+                _event(s, cand.id, "state", msg)
+                s.commit()
+                return s.get(Job, cand.id)
+            s.rollback()
+    return None
+
+
+def heartbeat(db: Database, job_id: str, worker: str, lease_s: float) -> bool:
+    """Renew the lease; False if this worker no longer holds the job (it must stop)."""
+    with db.session() as s:
+        return s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == "running")
+                         .values(lease_expires=time.time() + lease_s)).rowcount == 1
+
+
+def cancel_requested(db: Database, job_id: str) -> bool:
+    with db.session() as s:
+        return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def record_progress(db: Database, job_id: str, worker: str, progress: dict[str, Any],
+                    event: dict[str, Any] | None = None) -> None:
+    with db.session() as s:
+        n = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == "running")
+                      .values(progress=progress)).rowcount
+        if n and event:
+            _event(s, job_id, "progress", **event)
+
+
+def finish(db: Database, job_id: str, worker: str, *, state: str, error: str | None = None,
+           result_key: str | None = None, summary: dict[str, Any] | None = None,
+           num_images: int | None = None, progress: dict[str, Any] | None = None) -> bool:
+    """Settle a running job this worker holds. False if the lease was lost (another worker owns it now)."""
+    assert state in TERMINAL
+    values: dict[str, Any] = dict(state=state, error=error, result_key=result_key, summary=summary,
+                                  num_images=num_images, finished=time.time(), lease_expires=None)
+    if progress is not None:
+        values["progress"] = progress
+    with db.session() as s:
+        n = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == "running")
+                      .values(**values)).rowcount
+        if n:
+            _event(s, job_id, "state", state if not error else f"{state}: {error}")
+        return n == 1
+
+
+def queue_depth(db: Database) -> dict[tuple[str, str], int]:
+    with db.session() as s:
+        rows = s.execute(select(Job.kind, Job.state, func.count()).where(Job.state.in_(ACTIVE))
+                         .group_by(Job.kind, Job.state)).all()
+        return {(k, st): int(c) for k, st, c in rows}
+
+
+def finished_stats(db: Database) -> list[tuple[str, str, str, int, float, int]]:
+    """(kind, method, state, count, total duration s, images) of finished jobs, for /metrics."""
+    with db.session() as s:
+        rows = s.execute(select(Job.kind, Job.method, Job.state, func.count(),
+                                func.sum(Job.finished - Job.started), func.sum(Job.num_images))
+                         .where(Job.state.in_(TERMINAL), Job.started.is_not(None))
+                         .group_by(Job.kind, Job.method, Job.state)).all()
+        return [(k, m, st, int(c), float(d or 0), int(n or 0)) for k, m, st, c, d, n in rows]

@@ -1,0 +1,144 @@
+"""API shapes: ``*Create`` in, ``*Public`` out, ``*sPublic(data, count)`` for lists."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.models import Dataset, Job
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    name: str
+    num_images: int
+    num_bytes: int
+    classes: dict[str, int] = Field(description="label -> number of images")
+    created: float
+
+    @classmethod
+    def of(cls, ds: Dataset) -> DatasetPublic:
+        return cls(id=ds.id, name=ds.name, num_images=ds.num_images, num_bytes=ds.num_bytes,
+                   classes=dict(ds.classes), created=ds.created)
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int
+
+
+class ManifestImage(BaseModel):
+    """One image of a JSON-manifest upload: base64 ``data``, or a server-side ``path`` under the server root."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(min_length=1, max_length=200)
+    data: str | None = Field(None, description="base64-encoded image file")
+    path: str | None = Field(None, max_length=4096, description="file on the server, under its server_root")
+    filename: str | None = Field(None, min_length=1, max_length=200)
+
+    def model_post_init(self, _ctx: Any) -> None:
+        if (self.data is None) == (self.path is None):
+            raise ValueError("give exactly one of data or path")
+
+
+class DatasetManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("dataset", min_length=1, max_length=200)
+    images: list[ManifestImage] = Field(min_length=1)
+
+
+class JobCreate(BaseModel):
+    """An augmentation request. ``method``: ``retrieval`` (``params.mode``: image | text | mixed) or a
+    generation method (``prompt``, ``img2img``, ...); ``params`` are the method's settings
+    (``RetrievalConfig`` / ``GenerationConfig`` fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1, max_length=40)
+    method: str = Field(min_length=1, max_length=50)
+    per_class: int = Field(ge=1)
+    index: str | None = Field(None, max_length=200, description="configured index name (retrieval)")
+    model: str | None = Field(None, max_length=200, description="configured model name (generation)")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobProgress(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    stage: str | None = None
+    done: int = 0
+    total: int = 0
+    per_class: dict[str, dict[str, int]] = Field(default_factory=dict)
+    eta_s: float | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    dataset: str
+    method: str
+    kind: str
+    per_class: int
+    index: str | None
+    model: str | None
+    params: dict[str, Any]
+    state: JobState
+    cancel_requested: bool
+    attempts: int
+    progress: JobProgress
+    error: str | None
+    num_images: int | None
+    summary: dict[str, Any] | None
+    created: float
+    started: float | None
+    finished: float | None
+    results_url: str | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> JobPublic:
+        return cls(id=job.id, dataset=job.dataset_id, method=job.method, kind=job.kind, per_class=job.per_class,
+                   index=job.index, model=job.model, params=dict(job.params or {}), state=job.state,
+                   cancel_requested=bool(job.cancel_requested), attempts=job.attempts,
+                   progress=JobProgress(**(job.progress or {})), error=job.error, num_images=job.num_images,
+                   summary=job.summary, created=job.created, started=job.started, finished=job.finished,
+                   results_url=f"/v1/jobs/{job.id}/results" if job.state == "succeeded" else None)
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class JobEventPublic(BaseModel):
+    id: int
+    time: float
+    kind: str
+    stage: str | None = None
+    done: int | None = None
+    total: int | None = None
+    label: str | None = None
+    message: str | None = None
+
+
+class ResultItem(BaseModel):
+    url: str
+    label: str
+    file: str
+    provenance: dict[str, Any]
+
+
+class ResultsPublic(BaseModel):
+    job_id: str
+    count: int
+    summary: dict[str, Any] | None
+    items: list[ResultItem]
+
+
+class ModelsPublic(BaseModel):
+    models: dict[str, str] = Field(description="configured generation model name -> hub id or local dir")
+    methods: dict[str, str] = Field(description="method name -> kind (retrieval | generation)")
+    indexes: list[str]

@@ -1,0 +1,219 @@
+"""The job worker: lanes of threads that claim jobs by kind, run them, and store their results.
+
+Retrieval and generation have separate lanes (threads), so a retrieval job never waits behind a long
+generation; the generation lane has one thread per device by default, and the claim itself refuses a second
+generation on a device that already runs one (across processes). ``retrogen worker`` runs this out of the
+web process; ``retrogen serve`` starts one in-process. A worker that stops on purpose hands its running jobs
+back to the queue; one that is killed loses its leases, and the jobs are re-claimed once they expire.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from retrogen.errors import RetrogenError
+from retrogen.progress import CancelledError, ProgressEvent
+from retrogen.provenance import PROVENANCE_FILE, SUMMARY_FILE
+from service import jobs
+from service.db import Database
+from service.methods import MethodRegistry, RunContext
+from service.models import Job
+from service.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+class _Interrupted(RetrogenError):
+    """The worker is shutting down or lost the job's lease: the job is handed back, not failed."""
+
+
+class ProgressTracker:
+    """Turns library ProgressEvents into the job's progress (stage, done/total per class, ETA), throttled."""
+
+    def __init__(self, db: Database, job_id: str, worker: str, min_interval_s: float = 0.25):
+        self.db, self.job_id, self.worker = db, job_id, worker
+        self.min_interval_s = min_interval_s
+        self.state: dict[str, Any] = {"stage": "starting", "done": 0, "total": 0, "per_class": {}, "eta_s": None}
+        self._stage_start = time.monotonic()
+        self._last_write = 0.0
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        st = self.state
+        if ev.stage != st["stage"]:
+            self._stage_start = time.monotonic()
+        st.update(stage=ev.stage, done=ev.done, total=ev.total, message=ev.message)
+        if ev.label is not None:
+            st["per_class"][ev.label] = {"done": ev.done, "total": ev.total}
+        overall_done = ev.extra.get("overall_done", ev.done)
+        overall_total = ev.extra.get("overall_total", ev.total)
+        elapsed = time.monotonic() - self._stage_start
+        st["eta_s"] = (round(elapsed / overall_done * (overall_total - overall_done), 1)
+                       if overall_done and overall_total >= overall_done else None)
+        now = time.monotonic()
+        final = ev.total and ev.done >= ev.total
+        if final or now - self._last_write >= self.min_interval_s:
+            self._last_write = now
+            jobs.record_progress(self.db, self.job_id, self.worker, json.loads(json.dumps(st, default=str)),
+                                 {"stage": ev.stage, "done": ev.done, "total": ev.total, "label": ev.label,
+                                  "message": ev.message})
+
+
+class Worker:
+    """Claims and runs jobs. ``start()`` runs lanes in threads; ``run_once(kind)`` runs one job inline (tests)."""
+
+    def __init__(self, settings: Any, db: Database, store: Store, methods: MethodRegistry, index_registry: Any,
+                 *, name: str | None = None, device: str | None = None):
+        self.settings, self.db, self.store, self.methods = settings, db, store, methods
+        self.index_registry = index_registry
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.device = device or getattr(settings, "device", "cpu")
+        self.work_root = Path(settings.data_dir) / "work"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lanes -----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.store.clean_staging()
+        lanes = [("retrieval", self.settings.num_retrieval_threads),
+                 ("generation", self.settings.num_generation_threads)]
+        for kind, n in lanes:
+            for i in range(n):
+                t = threading.Thread(target=self._loop, args=(kind,), name=f"retrogen-{kind}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        log.info("worker %s started (%s)", self.name, ", ".join(f"{k} x{n}" for k, n in lanes))
+
+    def request_stop(self) -> None:
+        """Ask the lanes to stop (signal-handler safe); ``run_forever`` then returns after handing jobs back."""
+        self._stop.set()
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """Stop claiming; running jobs see a cancel check fail and are handed back to the queue."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=timeout_s)
+        self._threads.clear()
+        self._stop.clear()  # stopped lanes are gone; run_once / start work again
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def _loop(self, kind: str) -> None:
+        while not self._stop.is_set():
+            try:
+                ran = self.run_once(kind)
+            except Exception:  # the database may be briefly unavailable: log, wait, retry
+                log.exception("worker loop (%s) error", kind)
+                ran = False
+            if not ran:
+                self._stop.wait(self.settings.poll_interval_s)
+
+    # -- one job ---------------------------------------------------------------------------------------------
+    def run_once(self, kind: str) -> str | None:
+        """Claim one job of ``kind`` and run it to a final state; returns its id, or None if the queue is empty."""
+        job = jobs.claim(self.db, kind, self.name, device=self.device, lease_s=self.settings.job_lease_s,
+                         max_attempts=self.settings.job_max_attempts)
+        if job is None:
+            return None
+        self._execute(job)
+        return job.id
+
+    def _execute(self, job: Job) -> None:
+        lost = threading.Event()
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, lost, done), daemon=True)
+        beat.start()
+        work = self.work_root / job.id
+        shutil.rmtree(work, ignore_errors=True)  # a previous attempt's leftovers are never reused
+        tracker = ProgressTracker(self.db, job.id, self.name)
+        last_check = [0.0]
+
+        def should_cancel() -> bool:
+            if lost.is_set() or self._stop.is_set():
+                raise _Interrupted("worker stopping or lease lost")
+            now = time.monotonic()
+            if now - last_check[0] >= 0.2:
+                last_check[0] = now
+                return jobs.cancel_requested(self.db, job.id)
+            return False
+
+        t0 = time.monotonic()
+        try:
+            spec = self.methods.get(job.method)
+            ctx = RunContext(job_id=job.id, dataset_dir=self.store.local_dir(job.dataset_key), out_dir=work / "out",
+                             per_class=job.per_class, params=dict(job.params or {}), index=job.index, model=job.model,
+                             settings=self.settings, index_registry=self.index_registry, progress=tracker,
+                             should_cancel=should_cancel,
+                             artifacts_dir=Path(self.settings.data_dir) / "artifacts")
+            if should_cancel():
+                raise CancelledError("cancelled")
+            spec.runner(ctx)
+            out = work / "out"
+            if not (out / SUMMARY_FILE).is_file():
+                raise RuntimeError(f"method {job.method!r} finished without writing {SUMMARY_FILE}")
+            summary = json.loads((out / SUMMARY_FILE).read_text())
+            with open(out / PROVENANCE_FILE, encoding="utf-8") as f:
+                num_images = sum(1 for line in f if line.strip())
+            if should_cancel():  # cancelled at the last moment: do not publish
+                raise CancelledError("cancelled")
+            key = self.store.put_tree("results", out)
+            tracker.state.update(stage="done", eta_s=0)
+            ok = jobs.finish(self.db, job.id, self.name, state="succeeded", result_key=key, summary=summary,
+                             num_images=num_images, progress=tracker.state)
+            log.info("job %s succeeded: %d images in %.1fs%s", job.id, num_images, time.monotonic() - t0,
+                     "" if ok else " (but its lease was lost; result discarded)")
+        except _Interrupted:
+            self._hand_back(job)
+        except CancelledError:
+            jobs.finish(self.db, job.id, self.name, state="cancelled", error=None)
+            log.info("job %s cancelled", job.id)
+        except RetrogenError as e:
+            jobs.finish(self.db, job.id, self.name, state="failed", error=str(e))
+            log.info("job %s failed: %s", job.id, e)
+        except Exception as e:  # a bug or an environment problem: the job records it, the worker lives on
+            log.exception("job %s crashed", job.id)
+            jobs.finish(self.db, job.id, self.name, state="failed", error=f"internal error: {type(e).__name__}: {e}")
+        finally:
+            done.set()
+            beat.join(timeout=5)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _heartbeat(self, job_id: str, lost: threading.Event, done: threading.Event) -> None:
+        interval = max(0.05, self.settings.job_lease_s / 3)
+        while not done.wait(interval):
+            try:
+                if not jobs.heartbeat(self.db, job_id, self.name, self.settings.job_lease_s):
+                    log.warning("job %s: lease lost; stopping it here", job_id)
+                    lost.set()
+                    return
+            except Exception:
+                log.exception("job %s: heartbeat failed", job_id)
+
+    def _hand_back(self, job: Job) -> None:
+        """Return a job this worker is abandoning on purpose to the queue (its attempt is not counted)."""
+        from sqlalchemy import update
+
+        from service.models import Job as JobRow
+
+        with self.db.session() as s:
+            n = s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.worker == self.name,
+                                               JobRow.state == "running")
+                          .values(state="queued", worker=None, lease_expires=None,
+                                  attempts=JobRow.attempts - 1)).rowcount
+            if n:
+                jobs._event(s, job.id, "state", f"handed back to the queue by {self.name} (shutting down)")
+        log.info("job %s handed back to the queue", job.id)

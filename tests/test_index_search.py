@@ -1,0 +1,168 @@
+"""CorpusIndex over small random corpora: exact results, approximate recall, per-call parameters, format errors."""
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from index_builder.build import finish_index
+from index_builder.writer import write_shard
+from retrieval.errors import EmbedderMismatchError, IndexFormatError, IndexNotFoundError
+from retrieval.index import CorpusIndex
+from retrieval.index_format import list_shard_files, read_manifest
+from retrogen.errors import InvalidInputError
+
+DIM = 16
+
+
+def clustered(n, dim=DIM, clusters=6, seed=0):
+    """A Gaussian mixture, L2-normalised: neighbours are meaningful, as in real embedding spaces."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)) * 3
+    x = centres[rng.integers(0, clusters, n)] + rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_index(out, vectors, *, index="flat", shard_rows=128, dtype="float32", name="vec"):
+    """Write shards + FAISS index + manifest through the same functions build and import use."""
+    shards = []
+    for n, lo in enumerate(range(0, len(vectors), shard_rows)):
+        hi = min(len(vectors), lo + shard_rows)
+        rows = [{"key": f"k{i}", "source": f"/nowhere/{i}.jpg", "caption": f"item {i}"} for i in range(lo, hi)]
+        shards.append(write_shard(out, n, vectors[lo:hi], rows, first_id=lo, dtype=dtype, start=lo, end=hi))
+    entry = {"name": name, "dim": vectors.shape[1], "normalized": True, "modalities": ["image"]}
+    finish_index(out, shards, embedder_entry=entry, dtype=dtype, index=index, memory_budget=None, sources=[],
+                 params={"test": True}, num_recall_queries=100)
+    return CorpusIndex.open(out)
+
+
+def brute_force(corpus_vectors, queries, k):
+    sims = queries @ corpus_vectors.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), order
+
+
+def recall_at_10(index, vectors, qids):
+    _, exact = brute_force(vectors, vectors[qids], 11)
+    _, got = index.search(vectors[qids], 11)
+    hits = [len({i for i in g if i != q}.intersection([i for i in e if i != q][:10])) / 10
+            for q, e, g in zip(qids, exact, got, strict=True)]
+    return float(np.mean(hits))
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    return clustered(300)
+
+
+@pytest.fixture(scope="module")
+def flat(tmp_path_factory, vectors):
+    return make_index(tmp_path_factory.mktemp("flat"), vectors)
+
+
+def test_flat_results_equal_brute_force_cosine_ranking(flat, vectors):
+    queries = clustered(20, seed=7)
+    scores, ids = flat.search(queries, 10)
+    ref_scores, ref_ids = brute_force(vectors, queries, 10)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    m = flat.manifest
+    assert m.faiss["kind"] == "flat" and m.recall is None and m.count == 300 and len(m.shards) == 3
+    np.testing.assert_array_equal(flat.embeddings([299, 0, 128]), vectors[[299, 0, 128]])
+    assert [r["id"] for r in flat.metadata([5, 250, 5])] == [5, 250, 5]
+    assert flat.metadata([250])[0]["caption"] == "item 250"
+
+
+def test_k_beyond_corpus_pads_and_bad_queries_are_refused(flat):
+    scores, ids = flat.search(clustered(2, seed=3), 305)
+    assert ids.shape == (2, 305) and (ids[:, 300:] == -1).all() and np.isneginf(scores[:, 300:]).all()
+    assert sorted(ids[0, :300]) == list(range(300))
+    with pytest.raises(InvalidInputError, match=r"shape \(n, 16\)"):
+        flat.search(np.zeros((2, 8), np.float32), 3)
+    with pytest.raises(InvalidInputError, match="k must be"):
+        flat.search(clustered(1), 0)
+    with pytest.raises(InvalidInputError, match="outside the index"):
+        flat.embeddings([300])
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+def test_approximate_recall_is_what_the_manifest_says(tmp_path, vectors, kind):
+    index = make_index(tmp_path / kind, vectors, index=kind, dtype="float16")
+    m = index.manifest
+    assert m.faiss["kind"] == kind and m.recall["num_queries"] == 100
+    qids = np.random.default_rng(42).choice(300, 100, replace=False)  # not the builder's sample
+    measured = recall_at_10(index, vectors, qids)
+    assert abs(measured - m.recall["recall_at_10"]) <= 0.1, (measured, m.recall)
+    if kind == "ivfpq":
+        assert "np" in m.faiss["factory"] and m.faiss["rerank_k_factor"] > 1
+        # re-ranked scores are exact inner products with the stored vectors
+        scores, ids = index.search(vectors[:5], 10)
+        exact = np.einsum("qkd,qd->qk", index.embeddings(ids.ravel()).astype(np.float32).reshape(5, 10, DIM),
+                          vectors[:5])
+        np.testing.assert_allclose(scores, exact, atol=1e-5)
+        assert (np.diff(scores, axis=1) <= 1e-6).all()
+        # without re-rank, PQ alone is no better: re-rank is what the recall rests on
+        raw = CorpusIndex(index.directory, m.model_copy(update={"faiss": {**m.faiss, "rerank_k_factor": 1}}),
+                          index.index)
+        assert recall_at_10(raw, vectors, qids) <= measured
+
+
+def test_per_call_parameters_never_touch_the_shared_index(tmp_path, vectors):
+    import faiss
+
+    index = make_index(tmp_path / "ivf", vectors, index="IVF8,Flat")
+    ivf = faiss.extract_index_ivf(index.index)
+    before = ivf.nprobe
+    queries = clustered(40, seed=9)
+    expected = {p: index.search(queries, 10, nprobe=p)[1] for p in (1, 8)}
+    assert not np.array_equal(expected[1], expected[8]), "nprobe must change results on this data"
+    np.testing.assert_array_equal(expected[8], brute_force(vectors, queries, 10)[1])  # all lists = exact
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda p: (p, index.search(queries, 10, nprobe=p)[1]), [1, 8] * 10))
+    for p, ids in runs:
+        np.testing.assert_array_equal(ids, expected[p])
+    assert ivf.nprobe == before
+
+
+def test_embedder_check_names_both(flat):
+    flat.check_embedder("vec")
+    with pytest.raises(EmbedderMismatchError, match="'other'.*'vec'"):
+        flat.check_embedder("other")
+
+
+def test_manifest_errors_are_clear(tmp_path, flat):
+    with pytest.raises(IndexNotFoundError, match="does not exist"):
+        CorpusIndex.open(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IndexNotFoundError, match="no manifest.json.*resume"):
+        CorpusIndex.open(tmp_path / "empty")
+    for name, mutate, message in [
+        ("version", lambda d: {**d, "format_version": 99}, "format_version 99"),
+        ("count", lambda d: {**d, "count": 5}, "do not add up"),
+        ("field", lambda d: {k: v for k, v in d.items() if k != "dim"}, "'dim'"),
+        ("json", None, "not readable JSON"),
+    ]:
+        bad = tmp_path / name
+        shutil.copytree(flat.directory, bad)
+        manifest = json.loads((bad / "manifest.json").read_text())
+        (bad / "manifest.json").write_text("{ not json" if mutate is None else json.dumps(mutate(manifest)))
+        with pytest.raises(IndexFormatError, match=message):
+            read_manifest(bad)
+    broken = tmp_path / "broken-index"
+    shutil.copytree(flat.directory, broken)
+    (broken / "image.index").write_bytes(b"garbage")
+    with pytest.raises(IndexFormatError, match="not a readable FAISS index"):
+        CorpusIndex.open(broken)
+
+
+def test_shard_files_are_found_whatever_the_padding(tmp_path, flat):
+    d = tmp_path / "pad"
+    shutil.copytree(flat.directory, d)
+    (d / "img_emb" / "img_emb_0001.npy").rename(d / "img_emb" / "img_emb_1.npy")
+    (d / "metadata" / "metadata_0002.parquet").rename(d / "metadata" / "metadata_00002.parquet")
+    found = list_shard_files(d)
+    assert [n for n, _, _ in found] == [0, 1, 2]
+    assert all(e is not None and m is not None for _, e, m in found)
+    assert found[1][1].name == "img_emb_1.npy" and found[2][2].name == "metadata_00002.parquet"

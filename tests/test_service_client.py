@@ -1,0 +1,50 @@
+"""The typed client over real HTTP (uvicorn on loopback, in-process worker): upload a folder, submit, wait,
+download, and train-loop access through ``as_torch_dataset``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from retrogen.imagefolder import sha256_bytes
+from tests.conftest import ThreadedUvicorn
+from tests.service_fakes import dataset_files, fake_registry, make_settings
+
+
+def test_client_round_trip(tmp_path):
+    from service.api.main import create_app
+    from service.client import JobFailedError, RetrogenAPIError, RetrogenClient
+
+    folder = tmp_path / "pets"
+    for name, data in dataset_files(per_class=2, classes=("cat", "dog", "fox")).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    app = create_app(make_settings(tmp_path / "data", api_keys=["secret-key-1"]), methods=fake_registry(),
+                     start_worker=True)
+    with ThreadedUvicorn(app) as server:
+        app.state.worker.start()  # ThreadedUvicorn runs without lifespan
+        try:
+            with RetrogenClient(server.url, api_key="secret-key-1") as rc:
+                ds = rc.upload_folder(folder)
+                assert ds["classes"] == {"cat": 2, "dog": 2, "fox": 2} and ds["name"] == "pets"
+                job = rc.wait(rc.submit(ds["id"], "fake-retrieval", per_class=4)["id"], timeout_s=30, poll_s=0.1)
+                assert job["num_images"] == 12
+                out = rc.download(job["id"], tmp_path / "out")
+                prov = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
+                assert len(prov) == 12 and json.loads((out / "summary.json").read_text())["method"] == "fake-retrieval"
+                assert all(sha256_bytes((out / r["file"]).read_bytes()) == r["sha256"] for r in prov)
+                train = rc.as_torch_dataset(out)
+                assert len(train) == 12 and train.classes == ["cat", "dog", "fox"]
+                image, target = train[5]
+                assert image.size == (16, 16) and train.classes[target] == prov[5]["label"]
+                with pytest.raises(RetrogenAPIError) as err:
+                    rc.submit(ds["id"], "nope", per_class=1)
+                assert err.value.status == 422 and "fake-retrieval" in err.value.detail
+                with pytest.raises(JobFailedError, match="crashed"):
+                    rc.wait(rc.submit(ds["id"], "boom", per_class=1)["id"], timeout_s=30, poll_s=0.1, progress=False)
+            with RetrogenClient(server.url) as anonymous, pytest.raises(RetrogenAPIError) as err:
+                anonymous.datasets()
+            assert err.value.status == 401
+        finally:
+            app.state.worker.stop()

@@ -1,0 +1,130 @@
+"""The job store and worker: atomic claims, leases, separate lanes, one generation per device, cancel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+
+from service import jobs
+from service.models import Job
+from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
+
+
+@pytest.fixture()
+def app(tmp_path):
+    from service.api.main import create_app
+
+    return create_app(make_settings(tmp_path / "data", job_lease_s=1.0, job_max_attempts=2),
+                      methods=fake_registry(), start_worker=False)
+
+
+def submit(client, ds, method="fake-retrieval", per_class=2, **params):
+    r = client.post("/v1/jobs", json={"dataset": ds, "method": method, "per_class": per_class, "params": params})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def dataset(client):
+    r = client.post("/v1/datasets", files={"file": ("d.zip", zip_bytes(dataset_files()), "application/zip")})
+    return r.json()["id"]
+
+
+def wait_state(client, job_id, states, timeout_s=20):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {states}: {job}")
+
+
+def test_claims_are_exclusive_and_leases_expire(app):
+    client = TestClient(app)
+    db = app.state.db
+    job_id = submit(client, dataset(client))
+    got = []
+    barrier = threading.Barrier(4)
+
+    def grab(i):
+        barrier.wait()
+        got.append(jobs.claim(db, "retrieval", f"w{i}", device="cpu", lease_s=1.0, max_attempts=2))
+
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [j for j in got if j is not None]
+    assert len(winners) == 1 and winners[0].id == job_id and winners[0].attempts == 1
+    holder = winners[0].worker
+    assert jobs.heartbeat(db, job_id, holder, 1.0) and not jobs.heartbeat(db, job_id, "intruder", 1.0)
+    assert jobs.claim(db, "retrieval", "other", device="cpu", lease_s=1.0, max_attempts=2) is None
+    # the holder "dies": its lease lapses and another worker re-claims the job (attempt 2)
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(lease_expires=time.time() - 1))
+    again = jobs.claim(db, "retrieval", "other", device="cpu", lease_s=1.0, max_attempts=2)
+    assert again.id == job_id and again.attempts == 2 and again.worker == "other"
+    assert not jobs.finish(db, job_id, holder, state="succeeded")  # the old holder can no longer settle it
+    # it dies again: out of attempts -> failed with the reason, never silently dropped
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(lease_expires=time.time() - 1))
+    assert jobs.claim(db, "retrieval", "third", device="cpu", lease_s=1.0, max_attempts=2) is None
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "failed" and "lease expired" in job["error"]
+
+
+def test_retrieval_never_waits_behind_generation_and_one_generation_per_device(app):
+    with TestClient(app) as client:  # lifespan off here: start lanes ourselves (one retrieval, two generation)
+        ds = dataset(client)
+        app.state.settings.num_generation_threads = 2
+        app.state.worker.start()
+        try:
+            gen1 = submit(client, ds, "fake-generation", per_class=10, delay_s=0.1)  # ~2 s
+            gen2 = submit(client, ds, "fake-generation", per_class=1)
+            wait_state(client, gen1, ("running",))
+            ret = submit(client, ds, "fake-retrieval", per_class=1)
+            assert wait_state(client, ret, ("succeeded",))["state"] == "succeeded"
+            # the retrieval finished while the long generation still runs, and gen2 waits for the device
+            assert client.get(f"/v1/jobs/{gen1}").json()["state"] == "running"
+            assert client.get(f"/v1/jobs/{gen2}").json()["state"] == "queued"
+            running_gen = client.get(f"/v1/jobs/{gen1}").json()["progress"]
+            assert running_gen["stage"] == "write" and running_gen["eta_s"] is not None
+            assert wait_state(client, gen1, ("succeeded",))["num_images"] == 20
+            assert wait_state(client, gen2, ("succeeded",))["started"] >= \
+                client.get(f"/v1/jobs/{gen1}").json()["finished"] - 0.01
+        finally:
+            app.state.worker.stop()
+
+
+def test_cancel_running_job(app):
+    client = TestClient(app)
+    ds = dataset(client)
+    job_id = submit(client, ds, "fake-retrieval", per_class=200, delay_s=0.02)
+    app.state.worker.start()
+    try:
+        wait_state(client, job_id, ("running",))
+        r = client.post(f"/v1/jobs/{job_id}/cancel")
+        assert r.status_code == 202 and r.json()["cancel_requested"]
+        job = wait_state(client, job_id, ("cancelled",), timeout_s=10)
+        assert job["progress"]["done"] < 200 and job["num_images"] is None
+        assert client.get(f"/v1/jobs/{job_id}/results").status_code == 409
+    finally:
+        app.state.worker.stop()
+
+
+def test_worker_stop_hands_running_job_back(app):
+    client = TestClient(app)
+    ds = dataset(client)
+    job_id = submit(client, ds, "fake-retrieval", per_class=100, delay_s=0.02)
+    app.state.worker.start()
+    wait_state(client, job_id, ("running",))
+    app.state.worker.stop()
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "queued" and job["attempts"] == 0
+    assert app.state.worker.run_once("retrieval") == job_id  # a later worker finishes it
+    assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded"

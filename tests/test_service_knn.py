@@ -1,0 +1,185 @@
+"""clip-retrieval compatibility: ``/knn-service``, ``/indices-list``, ``/metadata``.
+
+clip-retrieval cannot be installed beside the pinned stack (it pins pyarrow<16, webdataset<0.3, open-clip<3),
+so ``clip_request`` below is ``ClipClient.__search_knn_api__`` of clip-retrieval 2.45.0 (clip_client.py),
+request for request: ``requests.post(url, data=json.dumps({...}))`` -- every key, a JSON string body and no
+Content-Type header. One test sends it over real HTTP with ``requests`` to a uvicorn on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.routes.knn import dedup_keep
+from service.api.routes.knn import router as knn_router
+from service.api.routes.retrieve import router as retrieve_router
+from service.indexes import IndexConfig, IndexRegistry
+from tests.conftest import SERVICE_FAMILIES, ThreadedUvicorn, colour_image, make_router_app, png_bytes
+
+
+def clip_payload(text=None, image=None, image_url=None, embedding_input=None, *, indice_name="corpus",
+                 num_images=40, modality="image", deduplicate=True, use_safety_model=True,
+                 use_violence_detector=True, aesthetic_score=9, aesthetic_weight=0.5, use_mclip=False) -> str:
+    """The exact body ClipClient sends (its defaults: dedup, safety, violence on; aesthetic 9 / 0.5)."""
+    return json.dumps({
+        "text": text, "image": image, "image_url": image_url, "embedding_input": embedding_input,
+        "deduplicate": deduplicate, "use_safety_model": use_safety_model,
+        "use_violence_detector": use_violence_detector, "indice_name": indice_name, "use_mclip": use_mclip,
+        "aesthetic_score": aesthetic_score, "aesthetic_weight": aesthetic_weight, "modality": modality,
+        "num_images": num_images, "num_result_ids": num_images,
+    })
+
+
+@pytest.fixture(scope="module")
+def registry(service_index_dir):
+    return IndexRegistry({"corpus": IndexConfig(path=service_index_dir)})
+
+
+@pytest.fixture(scope="module")
+def app(registry):
+    return make_router_app(knn_router, retrieve_router, index_registry=registry)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return TestClient(app)
+
+
+def post_raw(client, path, body: str | bytes):
+    # like requests with data=<str>: no Content-Type header at all
+    return client.post(path, content=body if isinstance(body, bytes) else body.encode(), headers={"content-type": ""})
+
+
+def image_b64(fam: str) -> str:
+    return base64.b64encode(png_bytes(colour_image(SERVICE_FAMILIES[fam], noise_seed=42))).decode()
+
+
+def test_indices_list(client):
+    assert client.get("/indices-list").json() == ["corpus"]
+
+
+def test_text_query_shape_and_order(client, registry):
+    r = post_raw(client, "/knn-service", clip_payload(text="a red square", num_images=5, deduplicate=False))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert isinstance(out, list) and len(out) == 5
+    for row in out:
+        assert {"id", "similarity", "url", "caption"} <= set(row)
+        assert isinstance(row["id"], int) and isinstance(row["similarity"], float)
+        assert row["url"].startswith("http://example.com/")
+    loaded = registry.get("corpus")
+    scores, ids = loaded.index.search(loaded.embedder.embed_texts(["a red square"]), 5)
+    assert [row["id"] for row in out] == [int(i) for i in ids[0]]
+    np.testing.assert_allclose([row["similarity"] for row in out], scores[0], atol=1e-5)
+    # flags clip-retrieval applies only when its models are loaded are accepted, and named as ignored
+    assert r.headers["x-retrogen-ignored"] == "use_safety_model,use_violence_detector,aesthetic_score"
+
+
+def test_image_and_embedding_queries_agree(client, registry):
+    img = post_raw(client, "/knn-service", clip_payload(image=image_b64("blue"), num_images=6, deduplicate=False))
+    assert img.status_code == 200, img.text
+    assert img.json()[0]["caption"] == "a blue square"
+    loaded = registry.get("corpus")
+    vec = loaded.embedder.embed_images([colour_image(SERVICE_FAMILIES["blue"], noise_seed=42)])[0]
+    emb = post_raw(client, "/knn-service", clip_payload(embedding_input=(vec * 3).tolist(), num_images=6,
+                                                        deduplicate=False))
+    assert [r["id"] for r in emb.json()] == [r["id"] for r in img.json()], "embedding_input is normalised"
+
+
+def test_deduplicate_drops_near_copies_like_clip_retrieval(client, registry):
+    loaded = registry.get("corpus")
+    full = post_raw(client, "/knn-service", clip_payload(text="a green square", num_images=18, deduplicate=False))
+    dedup = post_raw(client, "/knn-service", clip_payload(text="a green square", num_images=18, deduplicate=True))
+    full_ids, kept_ids = [r["id"] for r in full.json()], [r["id"] for r in dedup.json()]
+    assert len(full_ids) == 18 and 0 < len(kept_ids) < 18, "flat shades of one colour are near-copies"
+    assert kept_ids == [i for i in full_ids if i in kept_ids], "rank order is kept"
+    emb = loaded.index.embeddings(kept_ids).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = emb @ emb.T
+    assert (sims[np.triu_indices(len(kept_ids), 1)] < 0.94).all(), "no two kept items are near-copies"
+
+
+def test_dedup_keep_is_connected_components():
+    # a ~ b (0.95) and b ~ c (0.95) but a !~ c: one component {a, b, c}, only a kept (as clip-retrieval)
+    a = np.array([1.0, 0.0, 0.0])
+    b = np.array([0.95, np.sqrt(1 - 0.95**2), 0.0])
+    t = np.arccos(0.95) * 2
+    c = np.array([np.cos(t), np.sin(t), 0.0])
+    d = np.array([0.0, 0.0, 1.0])
+    assert a @ c < 0.94
+    assert dedup_keep(np.stack([a, b, c, d])) == [True, False, False, True]
+
+
+def test_metadata_shape(client):
+    r = post_raw(client, "/metadata", json.dumps({"ids": [3, 0], "indice_name": "corpus"}))
+    assert r.status_code == 200
+    out = r.json()
+    assert [x["id"] for x in out] == [3, 0]
+    assert out[1]["metadata"]["caption"] == "a red square"
+    assert out[1]["metadata"]["image_url"].endswith("/v1/indexes/corpus/items/0/image")
+    assert "source" not in out[1]["metadata"] and "offset" not in out[1]["metadata"]
+    assert post_raw(client, "/metadata", json.dumps({"ids": [], "indice_name": "corpus"})).json() == []
+
+
+@pytest.mark.parametrize("path, body, status, fragment", [
+    ("/knn-service", clip_payload(image_url="http://169.254.169.254/latest/meta-data"), 403, "SSRF"),
+    ("/knn-service", clip_payload(), 422, "must fill one of text, image"),
+    ("/knn-service", clip_payload(text="x", modality="text"), 422, "caption embeddings"),
+    ("/knn-service", clip_payload(text="x", indice_name="laion5B"), 404, "unknown index 'laion5B'"),
+    ("/knn-service", clip_payload(text="x", use_mclip=True), 422, "use_mclip is not supported"),
+    ("/knn-service", clip_payload(text="x", num_images=100_000), 422, "<= 1000"),
+    ("/knn-service", clip_payload(embedding_input=[0.1, 0.2]), 422, "has 2 values; index 'corpus' has dimension 16"),
+    ("/knn-service", clip_payload(embedding_input=[0.0] * 16), 422, "non-zero"),
+    ("/knn-service", clip_payload(image="@@@@"), 422, "image: not valid base64"),
+    ("/knn-service", "{not json", 422, "not JSON"),
+    ("/knn-service", b"\xff\xfe{}", 422, "not JSON"),
+    ("/knn-service", "[" * 100_000, 422, "not JSON"),
+    ("/knn-service", "[1, 2]", 422, "invalid request"),
+    ("/knn-service", json.dumps({"text": "x", "num_images": "many"}), 422, "num_images"),
+    ("/metadata", json.dumps({"ids": [18], "indice_name": "corpus"}), 404, "unknown: [18]"),
+])
+def test_bad_requests_get_a_clear_4xx(client, path, body, status, fragment):
+    r = post_raw(client, path, body)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["detail"]
+
+
+def test_clip_client_wire_format_over_real_http(app):
+    """What ClipClient does, byte for byte: requests.post(url, data=json.dumps(...)) to a real server."""
+    import requests
+
+    with ThreadedUvicorn(app) as server:
+        r = requests.post(server.url + "/knn-service", data=clip_payload(text="a blue square", num_images=3),
+                          timeout=60)
+        assert "content-type" not in {k.lower() for k in r.request.headers}, "the body goes without a type"
+        assert r.status_code == 200, r.text
+        results = r.json()
+        assert 1 <= len(results) <= 3 and results[0]["caption"] == "a blue square"
+        served = requests.get(results[0]["image_url"], timeout=60)
+        assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+        assert requests.get(server.url + "/indices-list", timeout=60).json() == ["corpus"]
+
+
+def test_api_keys_guard_retrieval_and_clip_client_can_pass_one_in_the_url(registry):
+    from service.config import Settings, get_settings
+
+    app = make_router_app(knn_router, retrieve_router, index_registry=registry)
+    app.dependency_overrides[get_settings] = lambda: Settings(api_keys=["k-0123456789"])
+    c = TestClient(app)
+    body = clip_payload(text="a red square", num_images=2)
+    assert post_raw(c, "/knn-service", body).status_code == 401
+    assert c.get("/indices-list").status_code == 401
+    assert c.post("/v1/retrieve", json={"texts": ["x"]}).status_code == 401
+    assert c.post("/v1/retrieve", json={"texts": ["x"]}, headers={"X-API-Key": "wrong-key-000"}).status_code == 401
+    assert c.post("/v1/retrieve", json={"texts": ["x"]}, headers={"X-API-Key": "k-0123456789"}).status_code == 200
+    assert c.get("/v1/indexes/corpus/items/0/image",
+                 headers={"Authorization": "Bearer k-0123456789"}).status_code == 200
+    # ClipClient("http://host/knn-service?api_key=...") works unchanged
+    r = post_raw(c, "/knn-service?api_key=k-0123456789", body)
+    assert r.status_code == 200 and len(r.json()) == 2
+    assert post_raw(c, "/knn-service?api_key=nope-nope-nope", body).status_code == 401

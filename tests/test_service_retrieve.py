@@ -1,0 +1,215 @@
+"""``POST /v1/retrieve``, ``GET /v1/indexes``, the stored-image route and the index registry.
+
+A real index (tiny open_clip, 18 items in three colour families) and the real embedder; no fakes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from retrogen.imagefolder import sha256_bytes
+from service.api.routes.retrieve import router as retrieve_router
+from service.indexes import IndexConfig, IndexRegistry, sniff_media_type
+from tests.conftest import SERVICE_FAMILIES, colour_image, make_router_app, png_bytes
+
+
+@pytest.fixture(scope="module")
+def registry(service_index_dir, tmp_path_factory):
+    missing = tmp_path_factory.mktemp("missing") / "no-index"
+    return IndexRegistry({"corpus": IndexConfig(path=service_index_dir), "broken": IndexConfig(path=missing)})
+
+
+@pytest.fixture(scope="module")
+def client(registry):
+    return TestClient(make_router_app(retrieve_router, index_registry=registry))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def family_query(fam: str) -> str:
+    return b64(png_bytes(colour_image(SERVICE_FAMILIES[fam], noise_seed=99)))
+
+
+def test_image_queries_find_their_family_with_provenance(client, registry):
+    body = {"images": [family_query("red"), family_query("blue")], "k": 4}
+    r = client.post("/v1/retrieve", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["index"] == "corpus" and out["k"] == 4
+    assert out["embedder"] == registry.get("corpus").embedder.name
+    assert [q["query"]["type"] for q in out["results"]] == ["image", "image"]
+    for res, fam in zip(out["results"], ("red", "blue"), strict=True):
+        assert res["query"]["sha256"] == sha256_bytes(base64.b64decode(body["images"][res["query"]["index"]]))
+        neighbours = res["neighbours"]
+        assert [n["rank"] for n in neighbours] == [0, 1, 2, 3]
+        sims = [n["similarity"] for n in neighbours]
+        assert sims == sorted(sims, reverse=True)
+        assert len({n["sample_id"] for n in neighbours}) == 4
+        # the tiny random CLIP still separates flat colours: the nearest item is of the query's family
+        assert neighbours[0]["caption"] == f"a {fam} square"
+        for n in neighbours:
+            prov = n["provenance"]
+            assert prov["index_id"] == out["index_id"] and prov["sample_id"] == n["sample_id"]
+            assert prov["query"] == res["query"] and prov["method"] == "retrieval:image"
+            assert n["url"] == f"http://example.com/{prov['sample_key']}.png"
+            assert n["source_uri"].endswith(f"00000.tar#{prov['sample_key']}.png")
+            assert n["image_url"].endswith(f"/v1/indexes/corpus/items/{n['sample_id']}/image")
+
+
+def test_search_matches_the_index_directly(client, registry):
+    """The HTTP answer is exactly the embedder + CorpusIndex answer (same ids, same scores)."""
+    loaded = registry.get("corpus")
+    q = colour_image(SERVICE_FAMILIES["green"], noise_seed=7)
+    scores, ids = loaded.index.search(loaded.embedder.embed_images([q]), 5)
+    r = client.post("/v1/retrieve", json={"images": [b64(png_bytes(q))], "k": 5, "index": "corpus"})
+    got = r.json()["results"][0]["neighbours"]
+    assert [n["sample_id"] for n in got] == [int(i) for i in ids[0]]
+    np.testing.assert_allclose([n["similarity"] for n in got], scores[0], atol=1e-5)
+
+
+def test_text_queries_and_data_urls(client):
+    data_url = "data:image/png;base64," + family_query("green")
+    r = client.post("/v1/retrieve", json={"images": [data_url], "texts": ["a red square"], "k": 2})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [q["query"]["type"] for q in res] == ["image", "text"]
+    assert res[1]["query"]["text"] == "a red square"
+    assert res[1]["neighbours"][0]["provenance"]["method"] == "retrieval:text"
+
+
+def test_k_larger_than_the_corpus_returns_every_item_once(client):
+    r = client.post("/v1/retrieve", json={"texts": ["anything"], "k": 500})
+    neighbours = r.json()["results"][0]["neighbours"]
+    assert len(neighbours) == 18 and len({n["sample_id"] for n in neighbours}) == 18
+
+
+def test_served_image_is_the_stored_bytes(client, registry):
+    r = client.post("/v1/retrieve", json={"texts": ["a blue square"], "k": 1})
+    n = r.json()["results"][0]["neighbours"][0]
+    img = client.get(n["image_url"])
+    assert img.status_code == 200
+    assert img.headers["content-type"] == "image/png"
+    assert sha256_bytes(img.content) == n["provenance"]["corpus_sha256"]
+    assert img.content == registry.get("corpus").index.read_bytes(n["sample_id"])
+    assert img.headers["x-content-type-options"] == "nosniff"
+    again = client.get(n["image_url"], headers={"If-None-Match": img.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({}, 422, "at least one query"),
+    ({"images": ["not base64!!"]}, 422, "images[0]: not valid base64"),
+    ({"images": [b64(b"plain text, not an image")]}, 422, "images[0]: not_an_image"),
+    ({"texts": ["x"], "k": 0}, 422, "greater than or equal to 1"),
+    ({"texts": ["x"], "k": 5000}, 422, "k must be <= 1000"),
+    ({"texts": ["x"] * 33}, 422, "at most 32 queries"),
+    ({"texts": [""]}, 422, "at least 1 character"),
+    ({"texts": ["x"], "index": "nope"}, 404, "unknown index 'nope'; configured: corpus, broken"),
+    ({"texts": ["x"], "index": "broken"}, 404, "no manifest.json"),
+    ({"texts": ["x"], "colour": "red"}, 422, "Extra inputs are not permitted"),
+])
+def test_bad_requests_get_a_clear_4xx(client, body, status, fragment):
+    r = client.post("/v1/retrieve", json=body)
+    assert r.status_code == status, r.text
+    assert fragment in str(r.json()["detail"])
+
+
+def test_decompression_bomb_is_refused_before_decoding(client):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(buf, format="PNG")  # 48 MP > the 40 MP default; compresses to a few KB
+    r = client.post("/v1/retrieve", json={"images": [b64(buf.getvalue())]})
+    assert r.status_code == 422 and "too_many_pixels" in r.json()["detail"]
+
+
+def test_image_route_errors(client):
+    assert client.get("/v1/indexes/corpus/items/18/image").status_code == 404
+    assert "no item 18" in client.get("/v1/indexes/corpus/items/18/image").json()["detail"]
+    assert client.get("/v1/indexes/corpus/items/-1/image").status_code == 422
+    assert client.get("/v1/indexes/nope/items/0/image").status_code == 404
+
+
+def test_list_indexes_reports_loaded_state_without_loading(service_index_dir):
+    registry = IndexRegistry({"a": IndexConfig(path=service_index_dir)})
+    c = TestClient(make_router_app(retrieve_router, index_registry=registry))
+    assert c.get("/v1/indexes").json() == {"data": [{"name": "a", "loaded": False, "embedder": None}], "count": 1}
+    assert not registry.is_loaded("a")
+    c.post("/v1/retrieve", json={"texts": ["x"], "k": 1})
+    info = c.get("/v1/indexes").json()["data"][0]
+    assert info["loaded"] and info["count"] == 18 and info["dim"] == 16 and info["faiss_kind"] == "flat"
+
+
+def test_registry_loads_each_index_once_under_concurrency(service_index_dir):
+    registry = IndexRegistry({"a": {"path": str(service_index_dir)}, "b": str(service_index_dir)})
+    barrier = threading.Barrier(6)
+    got = []
+
+    def worker(name):
+        barrier.wait()
+        got.append(registry.get(name))
+
+    threads = [threading.Thread(target=worker, args=("ab"[i % 2],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(x) for x in got}) == 2, "one LoadedIndex per name"
+    assert registry.get("a").embedder is registry.get("b").embedder, "one embedder per model name"
+    assert registry.get(None).name == "a"
+
+
+def test_registry_embedder_override_must_keep_the_dimension(service_index_dir, tiny_open_clip_dir):
+    from retrogen.errors import InvalidInputError
+
+    ok = IndexRegistry({"a": IndexConfig(path=service_index_dir, embedder=f"open_clip:local-dir:{tiny_open_clip_dir}")})
+    assert ok.get("a").embedder.dim == 16
+    bad = IndexRegistry({"a": IndexConfig(path=service_index_dir, embedder="efficientnet-lite0")})
+    with pytest.raises(InvalidInputError, match="has dim 1280, the index has dim 16"):
+        bad.get("a")
+    assert not bad.is_loaded("a"), "a failed load is not cached"
+
+
+def test_empty_registry_says_how_to_configure():
+    c = TestClient(make_router_app(retrieve_router, index_registry=IndexRegistry({})))
+    r = c.post("/v1/retrieve", json={"texts": ["x"]})
+    assert r.status_code == 404 and "no index is configured" in r.json()["detail"]
+
+
+def test_media_type_sniffing_prefers_magic_and_never_says_svg():
+    assert sniff_media_type(b"\xff\xd8\xff\xe0....", "x.png") == "image/jpeg"
+    assert sniff_media_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ", None) == "image/webp"
+    assert sniff_media_type(b"<svg onload=alert(1)>", "evil.svg") == "application/octet-stream"
+    assert sniff_media_type(b"????", "photo.jpeg") == "image/jpeg"
+
+
+def test_the_service_app_serves_retrieval_with_its_settings(service_index_dir, tmp_path):
+    """The real app factory: index from Settings, limits from Settings, the same answers as the router alone."""
+    from service.api.main import create_app
+    from service.config import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", indexes={"corpus": IndexConfig(path=service_index_dir)},
+                        max_queries=2, enable_worker=False)
+    with TestClient(create_app(settings, start_worker=False)) as c:
+        assert [d["name"] for d in c.get("/v1/indexes").json()["data"]] == ["corpus"]
+        r = c.post("/v1/retrieve", json={"texts": ["a red square"], "k": 3})
+        assert r.status_code == 200, r.text
+        first = r.json()["results"][0]["neighbours"][0]
+        assert c.get(first["image_url"]).content == IndexRegistry(
+            {"c": IndexConfig(path=service_index_dir)}).get("c").index.read_bytes(first["sample_id"])
+        too_many = c.post("/v1/retrieve", json={"texts": ["a", "b", "c"]})
+        assert too_many.status_code == 422 and "at most 2 queries" in too_many.json()["detail"]
+        knn = c.post("/knn-service", content=json.dumps({"text": "a red square", "num_images": 3,
+                                                         "indice_name": "corpus", "modality": "image"}))
+        assert knn.status_code == 200 and [x["id"] for x in knn.json()] == [
+            n["sample_id"] for n in r.json()["results"][0]["neighbours"]]
+        assert c.get("/gallery/some-job").status_code == 200

@@ -1,0 +1,146 @@
+"""Hostile and malformed uploads: each gets a 4xx with a clear message and leaves nothing behind."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import struct
+import tarfile
+import zipfile
+import zlib
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import colour_image, png_bytes
+from tests.service_fakes import dataset_files, fake_registry, make_settings, tar_bytes, zip_bytes
+
+
+@pytest.fixture()
+def env(tmp_path):
+    from service.api.main import create_app
+
+    (tmp_path / "root" / "cat").mkdir(parents=True)
+    (tmp_path / "root" / "cat" / "a.png").write_bytes(png_bytes(colour_image((1, 2, 3))))
+    (tmp_path / "secret.png").write_bytes(png_bytes(colour_image((9, 9, 9))))
+    os.symlink(tmp_path / "secret.png", tmp_path / "root" / "cat" / "link.png")
+    settings = make_settings(tmp_path / "data", max_images_per_dataset=5, max_image_pixels=100_000,
+                             max_upload_bytes=200_000, server_root=tmp_path / "root")
+    app = create_app(settings, methods=fake_registry(), start_worker=False)
+    return app, TestClient(app), tmp_path
+
+
+def leftovers(app, tmp_path) -> list[str]:
+    """Files anywhere under the data dir other than the database itself."""
+    data = tmp_path / "data"
+    return sorted(str(p.relative_to(data)) for p in data.rglob("*") if p.is_file() and "retrogen.db" not in p.name)
+
+
+def post(client, data: bytes, name="up.bin"):
+    return client.post("/v1/datasets", files={"file": (name, data, "application/octet-stream")})
+
+
+def png_header_bomb(w=50_000, h=50_000) -> bytes:
+    """A tiny PNG whose header claims w x h pixels (a decompression bomb to a naive decoder)."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+GOOD = dataset_files(per_class=1)
+
+CASES = {
+    "zip traversal": (zip_bytes(GOOD | {"../evil/x.png": GOOD["cat/0.png"]}), 422, "outside"),
+    "zip absolute": (zip_bytes(GOOD | {"/etc/x.png": GOOD["cat/0.png"]}), 422, "absolute"),
+    "tar traversal": (tar_bytes(GOOD | {"cat/../../x.png": GOOD["cat/0.png"]}), 422, "outside"),
+    "tar symlink": (tar_bytes(GOOD, links={"cat/l.png": (tarfile.SYMTYPE, "/etc/passwd")}), 422, "link"),
+    "tar hardlink": (tar_bytes(GOOD, links={"cat/h.png": (tarfile.LNKTYPE, "cat/0.png")}), 422, "link"),
+    "pixel bomb": (zip_bytes(GOOD | {"cat/bomb.png": png_header_bomb()}), 422, "too_many_pixels"),
+    "not an image": (zip_bytes(GOOD | {"cat/x.png": b"this is text, not a png"}), 422, "cat/x.png"),
+    "non-image file": (zip_bytes(GOOD | {"cat/notes.txt": b"hello"}), 422, "not an image file name"),
+    "image at top level": (zip_bytes(GOOD | {"loose.png": GOOD["cat/0.png"]}), 422, "top level"),
+    "too deep": (zip_bytes(GOOD | {"cat/sub/x.png": GOOD["cat/0.png"]}), 422, "too deep"),
+    "too many images": (zip_bytes(dataset_files(per_class=3)), 413, "more than 5 images"),
+    "empty archive": (zip_bytes({}), 422, "no images"),
+    "garbage": (b"\x00garbage" * 10, 422, "neither a zip nor a tar"),
+    "over upload size": (b"\x00" * 250_000, 413, "limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_uploads_are_refused_cleanly(env, case):
+    app, client, tmp_path = env
+    good = post(client, zip_bytes(GOOD), "good.zip")
+    assert good.status_code == 201
+    before = leftovers(app, tmp_path)
+    data, status, words = CASES[case]
+    r = post(client, data)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+    assert leftovers(app, tmp_path) == before  # nothing staged, stored or cached remains
+    assert client.get("/v1/datasets").json()["count"] == 1  # the stored dataset is untouched
+    assert client.get(f"/v1/datasets/{good.json()['id']}").json() == good.json()
+
+
+def test_zip_bomb_by_ratio_is_refused(env):
+    app, client, tmp_path = env
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cat/big.png", b"\0" * (40 * 1024 * 1024))  # 40 MB of zeros -> ~40 KB compressed
+    r = post(client, buf.getvalue())
+    assert r.status_code == 413 and "big.png" in r.json()["detail"]
+    assert leftovers(app, tmp_path) == []
+
+
+def test_wrapper_folder_and_tar_gz_accepted(env):
+    _, client, _ = env
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in GOOD.items():
+            info = tarfile.TarInfo(f"mydata/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("mydata/.DS_Store")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    r = post(client, buf.getvalue(), "d.tar.gz")
+    assert r.status_code == 201, r.text
+    assert r.json()["classes"] == {"cat": 1, "dog": 1}
+
+
+def test_manifest_base64_and_server_paths(env):
+    app, client, tmp_path = env
+    b64 = base64.b64encode(GOOD["dog/0.png"]).decode()
+    r = client.post("/v1/datasets/manifest", json={"name": "m", "images": [
+        {"label": "dog", "data": b64}, {"label": "cat", "path": "cat/a.png"},
+        {"label": "cat", "path": str(tmp_path / "root" / "cat" / "a.png"), "filename": "b.png"}]})
+    assert r.status_code == 201, r.text
+    assert r.json()["classes"] == {"cat": 2, "dog": 1}
+    before = leftovers(app, tmp_path)
+    bad = {
+        "outside root": ({"label": "cat", "path": str(tmp_path / "secret.png")}, 403, "outside"),
+        "dotdot": ({"label": "cat", "path": "../secret.png"}, 403, "outside"),
+        "symlink out": ({"label": "cat", "path": "cat/link.png"}, 403, "outside"),
+        "missing": ({"label": "cat", "path": "cat/none.png"}, 422, "no such file"),
+        "bad base64": ({"label": "cat", "data": "!!!notbase64"}, 422, "base64"),
+        "not image": ({"label": "cat", "data": base64.b64encode(b"hello").decode()}, 422, "not a usable image"),
+        "bad label": ({"label": "..", "data": b64}, 422, "cannot be a folder name"),
+    }
+    for what, (item, status, words) in bad.items():
+        r = client.post("/v1/datasets/manifest", json={"images": [{"label": "dog", "data": b64}, item]})
+        assert r.status_code == status, (what, r.text)
+        assert words in r.json()["detail"], what
+    r = client.post("/v1/datasets/manifest", json={"images": [{"label": "cat", "data": b64, "path": "cat/a.png"}]})
+    assert r.status_code == 422
+    assert leftovers(app, tmp_path) == before
+
+
+def test_server_paths_off_without_root(tmp_path):
+    from service.api.main import create_app
+
+    client = TestClient(create_app(make_settings(tmp_path / "data"), methods=fake_registry(), start_worker=False))
+    (tmp_path / "x.png").write_bytes(GOOD["cat/0.png"])
+    r = client.post("/v1/datasets/manifest", json={"images": [{"label": "cat", "path": str(tmp_path / "x.png")}]})
+    assert r.status_code == 403 and "server_root" in r.json()["detail"]
