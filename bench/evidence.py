@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--dedup-threshold", type=float, default=0.97, help="Retrieval's near-duplicate filter.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--toy", action="store_true", help="Tiny sizes everywhere: a smoke run.")
+    p.add_argument("--collect", action="store_true",
+                   help="Only print the table from the report-k*/report.json already in --workdir.")
     a = p.parse_args(argv)
     if a.toy:
         a.shots, a.per_class, a.seeds, a.corpus_size, a.test_size = "2", 2, 2, 200, 50
@@ -201,6 +203,19 @@ def table(results: list[tuple[int, object, dict]]) -> str:
     return "\n".join(lines)
 
 
+def collect(workdir: Path) -> list[tuple[int, object, dict]]:
+    """(k, report, set-aside counts) for every finished report-k*/ in ``workdir``, by k."""
+    from evaluation import EvaluationReport
+
+    out = []
+    for d in sorted(workdir.glob("report-k*"), key=lambda p: int(p.name[8:])):
+        if (d / "report.json").exists():
+            report = EvaluationReport.load(d)
+            aside = {arm.name: len(list(Path(arm.set_dir).glob(".leaked/*/*"))) for arm in report.arms if arm.set_dir}
+            out.append((int(d.name[8:]), report, aside))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -214,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     t0 = time.perf_counter()
+    if a.collect:
+        print(table(collect(a.workdir)))
+        return 0
     a.workdir.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from evaluation import FeatureCache

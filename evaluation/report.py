@@ -47,6 +47,19 @@ class EvaluationReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvaluationReport:
+        """The inverse of ``to_dict`` (e.g. a report.json read back)."""
+        return cls(**{**d, "arms": [ArmResult(**a) for a in d["arms"]]})
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvaluationReport:
+        """Read ``report.json`` (a file, or the folder holding it)."""
+        import json
+
+        p = Path(path)
+        return cls.from_dict(json.loads((p / REPORT_JSON if p.is_dir() else p).read_text()))
+
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """Write report.json, report.md and report.png into ``out_dir``; returns their paths."""
         out = Path(out_dir)

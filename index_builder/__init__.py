@@ -1,3 +1,25 @@
-"""retrogen index_builder package."""
+"""retrogen index_builder: read a corpus, embed it, write embedding shards + metadata, build the FAISS index.
+
+Public names load lazily so ``import index_builder`` (and ``retrogen --help``) stay cheap.
+"""
+
+import importlib
 
 import retrogen  # noqa: F401  (sets OMP_WAIT_POLICY before torch/faiss load)
+
+_EXPORTS = {
+    "build_index": "index_builder.build",
+    "import_clip_retrieval": "index_builder.importer",
+    "plan_index": "index_builder.faiss_build",
+    "IndexBuildError": "index_builder.errors",
+    "SourceError": "index_builder.errors",
+    "BuildMismatchError": "index_builder.errors",
+    "MemoryBudgetError": "index_builder.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'index_builder' has no attribute {name!r}")

@@ -239,8 +239,9 @@ def prepare_out_dir(out_dir: Path, params: dict, overwrite: bool) -> Manifest | 
     if previous is not None and previous != params:
         if not overwrite:
             diff = sorted(k for k in set(previous) | set(params) if previous.get(k) != params.get(k))
+            why = " (the sources' files changed since)" if "corpus_digest" in diff else ""
             raise BuildMismatchError(
-                f"{str(out_dir)!r} holds a build made with other arguments (differs in: {', '.join(diff)}); "
+                f"{str(out_dir)!r} holds a build made with other arguments (differs in: {', '.join(diff)}){why}; "
                 "re-run with the same arguments to resume, or pass --overwrite to replace it"
             )
     if overwrite or (previous is not None and previous != params):

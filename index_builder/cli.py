@@ -39,6 +39,7 @@ def build(
 
     from .build import build_index
 
+    _quiet_faiss_logs()
     emb = create_embedder(embedder, device=device)
     with TqdmProgress(disable=True if quiet else None) as bars:
         manifest = build_index(source, out, embedder=emb, index=index, memory_budget=memory_budget,
@@ -64,6 +65,7 @@ def import_(
 
     from .importer import import_clip_retrieval
 
+    _quiet_faiss_logs()
     with TqdmProgress(disable=True if quiet else None) as bars:
         manifest = import_clip_retrieval(from_dir, out, embedder=embedder, index=index, memory_budget=memory_budget,
                                          dtype=dtype, overwrite=overwrite, progress=bars)
@@ -99,6 +101,14 @@ def info(
         + (f", {build['images_per_s']} images/s" if build.get("images_per_s") else ""),
     ]
     typer.echo("\n".join(lines))
+
+
+def _quiet_faiss_logs() -> None:
+    """faiss logs its loader choice and every ground-truth block at INFO; the CLI user needs neither."""
+    import logging
+
+    for name in ("faiss.loader", "faiss.contrib.exhaustive_search"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _summary_line(out: Path, m) -> str:

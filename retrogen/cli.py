@@ -56,6 +56,8 @@ _register()
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # faiss logs which SIMD build it tried at INFO; nobody needs that by default
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def main() -> None:

@@ -77,9 +77,24 @@ class MethodRegistry:
         return sorted(self.methods)
 
 
+# Parameters that name server-side files or models, pick hardware, or lift safety limits: the operator's
+# choice (settings), never a job's. A job naming one gets a 422 saying so.
+SERVER_ONLY_PARAMS = {
+    "retrieval": ("label_check_embedder", "max_pixels"),
+    "generation": ("ip_adapter", "device", "local_files_only", "enable_compile", "enable_cpu_offload"),
+}
+
+
+def _refuse_server_only(kind: str, params: dict[str, Any]) -> None:
+    named = sorted(set(params) & set(SERVER_ONLY_PARAMS[kind]))
+    if named:
+        raise InvalidInputError(f"params {named} are set by the server operator, not per job")
+
+
 def _retrieval_config(params: dict[str, Any]) -> tuple[str, Any]:
     from retrieval import RetrievalConfig
 
+    _refuse_server_only("retrieval", params)
     params = dict(params)
     mode = params.pop("mode", "image")
     if mode not in RETRIEVAL_MODES:
@@ -103,6 +118,7 @@ def validate_retrieval(params: dict[str, Any]) -> None:
 def validate_generation(params: dict[str, Any]) -> None:
     from generation import GenerationConfig
 
+    _refuse_server_only("generation", params)
     try:
         GenerationConfig.from_dict(params)
     except (TypeError, ValueError) as e:

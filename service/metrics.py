@@ -16,8 +16,8 @@ class JobCollector:
 
     def collect(self):
         depth = GaugeMetricFamily("retrogen_queue_depth", "Jobs queued or running", labels=["kind", "state"])
+        counts = jobs.queue_depth(self.db)
         for kind in ("retrieval", "generation"):
-            counts = jobs.queue_depth(self.db)
             for state in jobs.ACTIVE:
                 depth.add_metric([kind, state], counts.get((kind, state), 0))
         yield depth

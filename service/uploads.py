@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -136,6 +138,17 @@ def _wrapper_dir(names: list[str]) -> str | None:
     return None
 
 
+_ARCHIVE_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError, NotImplementedError,
+                        RuntimeError, lzma.LZMAError)
+
+
+def _check_member_count(n: int, limits: UploadLimits) -> None:
+    """Millions of tiny entries cost time before any image limit triggers: refuse them up front."""
+    cap = 2 * limits.max_images_per_dataset + 1000  # room for folders and skipped junk
+    if n > cap:
+        raise PayloadTooLargeError(f"archive has {n} entries; at most {cap} are accepted")
+
+
 def _read_capped(f: IO[bytes], cap: int, where: str) -> bytes:
     data = f.read(cap + 1)  # never trust the declared size: a bomb lies about it
     if len(data) > cap:
@@ -157,6 +170,7 @@ def stage_zip(path: Path, stager: _Stager) -> None:
                 raise InvalidInputError(f"archive member {info.filename!r} is a link or special file; refused")
             if info.flag_bits & 0x1:
                 raise InvalidInputError(f"archive member {info.filename!r} is encrypted")
+        _check_member_count(len(infos), stager.limits)
         declared = sum(i.file_size for i in infos)
         if declared > stager.limits.max_dataset_bytes:
             raise PayloadTooLargeError(f"archive unpacks to {declared} bytes, over the "
@@ -168,8 +182,11 @@ def stage_zip(path: Path, stager: _Stager) -> None:
             split = _split_member(info.filename, strip)
             if split is None:
                 continue
-            with zf.open(info) as f:
-                data = _read_capped(f, stager.limits.max_image_bytes, info.filename)
+            try:
+                with zf.open(info) as f:
+                    data = _read_capped(f, stager.limits.max_image_bytes, info.filename)
+            except _ARCHIVE_READ_ERRORS as e:
+                raise InvalidInputError(f"archive member {info.filename!r} cannot be read ({e})") from None
             stager.add(*split, data, where=info.filename)
 
 
@@ -189,6 +206,11 @@ def stage_tar(path: Path, stager: _Stager) -> None:
                 raise InvalidInputError(f"archive member {m.name!r} is a link; refused")
             if not (m.isfile() or m.isdir()):
                 raise InvalidInputError(f"archive member {m.name!r} is a special file; refused")
+        _check_member_count(len(members), stager.limits)
+        declared = sum(m.size for m in members)
+        if declared > stager.limits.max_dataset_bytes:
+            raise PayloadTooLargeError(f"archive unpacks to {declared} bytes, over the "
+                                       f"{stager.limits.max_dataset_bytes}-byte limit")
         strip = _wrapper_dir([m.name + ("/" if m.isdir() else "") for m in members])
         for m in members:
             if m.isdir():
@@ -198,10 +220,14 @@ def stage_tar(path: Path, stager: _Stager) -> None:
                 continue
             if m.size > stager.limits.max_image_bytes:
                 raise PayloadTooLargeError(f"{m.name}: {m.size} bytes exceeds the per-image limit")
-            f = tf.extractfile(m)
-            if f is None:
-                raise InvalidInputError(f"archive member {m.name!r} cannot be read")
-            stager.add(*split, _read_capped(f, stager.limits.max_image_bytes, m.name), where=m.name)
+            try:
+                f = tf.extractfile(m)
+                if f is None:
+                    raise InvalidInputError(f"archive member {m.name!r} cannot be read")
+                data = _read_capped(f, stager.limits.max_image_bytes, m.name)
+            except _ARCHIVE_READ_ERRORS as e:
+                raise InvalidInputError(f"archive member {m.name!r} cannot be read ({e})") from None
+            stager.add(*split, data, where=m.name)
 
 
 def stage_archive(path: Path, limits: UploadLimits, tmp_parent: Path) -> StagedDataset:

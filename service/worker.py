@@ -83,6 +83,7 @@ class Worker:
     # -- lanes -----------------------------------------------------------------------------------------------
     def start(self) -> None:
         self.store.clean_staging()
+        _remove_old(Path(self.settings.data_dir) / "tmp", older_than_s=3600)  # uploads cut off by a crash
         lanes = [("retrieval", self.settings.num_retrieval_threads),
                  ("generation", self.settings.num_generation_threads)]
         for kind, n in lanes:
@@ -217,3 +218,15 @@ class Worker:
             if n:
                 jobs._event(s, job.id, "state", f"handed back to the queue by {self.name} (shutting down)")
         log.info("job %s handed back to the queue", job.id)
+
+
+def _remove_old(folder: Path, older_than_s: float) -> None:
+    if not folder.is_dir():
+        return
+    cutoff = time.time() - older_than_s
+    for p in folder.iterdir():
+        try:
+            if p.stat().st_mtime < cutoff:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        except OSError:
+            log.warning("could not remove stale %s", p)

@@ -129,13 +129,26 @@ def test_no_index_is_reported_not_fatal(tmp_path):
     assert r.returncode == 0 and "no index" in r.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; the check needs an unprivileged user")
-def test_unwritable_data_dir_stops_serve_with_a_clear_message(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    data.chmod(0o500)
-    r = run_entrypoint("retrogen", "serve", env={"RETROGEN_DATA_DIR": str(data), "RETROGEN_INDEX_ROOT": "/nonexistent"})
-    assert r.returncode == 73 and "not writable" in r.stderr
+def test_unwritable_data_dir_stops_serve_with_a_clear_message():
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="retrogen-docker-test-"))  # not pytest's 0700 tmp: nobody must reach it
+    try:
+        root.chmod(0o755)
+        data = root / "data"
+        data.mkdir(mode=0o555)
+        env = {"PATH": "/usr/bin:/bin", "RETROGEN_DATA_DIR": str(data), "RETROGEN_INDEX_ROOT": "/nonexistent"}
+        cmd = ["bash", str(ENTRYPOINT)]
+        if os.geteuid() == 0:  # root writes anywhere: run the script as nobody, as the image runs as uid 10001
+            if not shutil.which("setpriv"):
+                pytest.skip("running as root without setpriv: cannot drop privileges for this check")
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        r = subprocess.run([*cmd, "retrogen", "serve"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 73, r.stderr
+        assert "not writable by uid" in r.stderr
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_unwritable_data_dir_under_a_file_stops_serve(tmp_path):

@@ -146,3 +146,42 @@ def test_page_and_assets_are_served_with_a_strict_policy():
     assert client.get("/gallery/assets/..%2Fgallery.py").status_code == 404
     assert client.get("/gallery/assets/gallery.html").status_code == 404
     assert client.get("/gallery/bad%20id%3Cscript%3E").status_code == 422
+
+
+def test_gallery_of_a_real_retrieval_job_with_api_keys(page, tmp_path, service_index_dir):
+    """The whole service on uvicorn: a retrieval job run by the worker, browsed with a key in the fragment."""
+    from service.api.main import create_app
+    from tests.conftest import SERVICE_FAMILIES, png_bytes
+    from tests.service_fakes import make_settings, zip_bytes
+
+    key = "gallery-key-0123"
+    app = create_app(make_settings(tmp_path / "data", api_keys=[key],
+                                   indexes={"tiny": {"path": str(service_index_dir)}}), start_worker=False)
+    client = TestClient(app, headers={"X-API-Key": key})
+    files = {f"{fam}/{i}.png": png_bytes(colour_image(SERVICE_FAMILIES[fam], noise_seed=70 + i))
+             for fam in ("red", "blue") for i in range(2)}
+    ds = client.post("/v1/datasets", files={"file": ("d.zip", zip_bytes(files), "application/zip")}).json()["id"]
+    job = client.post("/v1/jobs", json={"dataset": ds, "method": "retrieval", "per_class": 2,
+                                        "params": {"mode": "image", "leakage_threshold": None,
+                                                   "dedup_threshold": None}}).json()["id"]
+    assert app.state.worker.run_once("retrieval") == job
+    results = client.get(f"/v1/jobs/{job}/results").json()["items"]
+    expected = sorted([label, sum(it["label"] == label for it in results)] for label in {it["label"] for it in results})
+    assert expected == [["blue", 2], ["red", 2]]
+    with ThreadedUvicorn(app) as server:
+        page.goto(f"{server.url}/gallery/{job}")  # no key: the server's 401 message is shown
+        page.wait_for_function("() => document.getElementById('status').classList.contains('error')")
+        assert "HTTP 401" in page.text_content("#status")
+        page.goto("about:blank")
+        _open(page, f"{server.url}/gallery/{job}#key={key}")
+        assert "key=" not in page.url, "the key leaves the address bar"
+        groups = page.eval_on_selector_all("section.class-group", "els => els.map(e => [e.dataset.label, "
+                                           "e.querySelectorAll('figure.item').length])")
+        assert sorted(groups) == expected
+        # images need the key: they arrive as blob: URLs fetched with it, and decode
+        page.wait_for_function("() => [...document.querySelectorAll('figure.item img')].every(i => "
+                               "i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)", timeout=15_000)
+        page.click("figure.item >> nth=0")
+        details = page.text_content("#details-json")
+        assert '"method": "retrieval:image"' in details and '"sample_id"' in details
+    page.evaluate("() => sessionStorage.clear()")

@@ -297,3 +297,19 @@ def test_real_efficientnet_lite0_on_ten_images(tmp_path):
     q = emb.embed_images([decode_image((folder / f"{i}.jpg").read_bytes()) for i in (3, 7)])
     scores, ids = corpus.search(q, 3)
     assert ids[:, 0].tolist() == [3, 7] and (scores[:, 0] > 0.99).all()
+
+
+def test_threaded_decoding_leaves_warning_filters_alone(tmp_path, mean_colour_embedder):
+    """decode_image flips warnings to errors via catch_warnings (process-wide); parallel decoders must not leave
+    "error" installed for the rest of the process (a later library warning would then raise)."""
+    import warnings
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(200):
+        noise_image(i, (64, 64)).save(folder / f"{i:03d}.jpg")
+    before = list(warnings.filters)
+    for run in range(2):
+        build_index([str(folder)], tmp_path / f"idx{run}", embedder=mean_colour_embedder, num_workers=4,
+                    batch_size=8)
+        assert warnings.filters == before

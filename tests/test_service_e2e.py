@@ -29,6 +29,9 @@ def test_retrieval_job_end_to_end(tmp_path, service_index_dir):
     bad = client.post("/v1/jobs", json={"dataset": ds, "method": "retrieval", "per_class": 2,
                                         "params": {"mode": "sideways"}})
     assert bad.status_code == 422 and "mode" in bad.json()["detail"]
+    bad = client.post("/v1/jobs", json={"dataset": ds, "method": "retrieval", "per_class": 2,
+                                        "params": {"label_check_embedder": "open_clip:ViT-B-32:/etc/passwd"}})
+    assert bad.status_code == 422 and "server operator" in bad.json()["detail"]
     r = client.post("/v1/jobs", json={"dataset": ds, "method": "retrieval", "per_class": 3,
                                       "params": {"mode": "image", "leakage_threshold": None, "dedup_threshold": None}})
     assert r.status_code == 202, r.text
@@ -52,8 +55,11 @@ def test_generation_prompt_job_end_to_end(tmp_path, tiny_sd_dir):
     app = create_app(make_settings(tmp_path / "data", models={"tiny-sd": str(tiny_sd_dir)}), start_worker=False)
     client = TestClient(app)
     ds = _dataset(client)
+    for key, value in (("ip_adapter", "/etc/passwd"), ("device", "cuda:3")):  # operator settings, not per job
+        r = client.post("/v1/jobs", json={"dataset": ds, "method": "prompt", "per_class": 1, "params": {key: value}})
+        assert r.status_code == 422 and key in r.json()["detail"]
     r = client.post("/v1/jobs", json={"dataset": ds, "method": "prompt", "per_class": 1, "params": {
-        "num_inference_steps": 2, "size": 64, "device": "cpu", "seed": 3}})
+        "num_inference_steps": 2, "size": 64, "seed": 3}})
     assert r.status_code == 202, r.text
     assert app.state.worker.run_once("generation") == r.json()["id"]
     job = client.get(f"/v1/jobs/{r.json()['id']}").json()

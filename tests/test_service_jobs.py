@@ -120,7 +120,7 @@ def test_cancel_running_job(app):
 def test_worker_stop_hands_running_job_back(app):
     client = TestClient(app)
     ds = dataset(client)
-    job_id = submit(client, ds, "fake-retrieval", per_class=100, delay_s=0.02)
+    job_id = submit(client, ds, "fake-retrieval", per_class=20, delay_s=0.02)
     app.state.worker.start()
     wait_state(client, job_id, ("running",))
     app.state.worker.stop()

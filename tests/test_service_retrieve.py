@@ -213,3 +213,35 @@ def test_the_service_app_serves_retrieval_with_its_settings(service_index_dir, t
         assert knn.status_code == 200 and [x["id"] for x in knn.json()] == [
             n["sample_id"] for n in r.json()["results"][0]["neighbours"]]
         assert c.get("/gallery/some-job").status_code == 200
+
+
+def test_model_calls_are_bounded_per_embedder(service_index_dir):
+    """Many request threads, at most ``max_concurrent_embeds`` inside the (real) model at once."""
+    import time
+
+    registry = IndexRegistry({"a": IndexConfig(path=service_index_dir)}, max_concurrent_embeds=2)
+    loaded = registry.get("a")
+    real = loaded.embedder
+    inside, peak, lock = [0], [0], threading.Lock()
+
+    class Counting:
+        name, dim, supports_text = real.name, real.dim, True
+
+        def embed_texts(self, texts):
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            try:
+                time.sleep(0.05)  # hold the slot long enough for the other threads to pile up
+                return real.embed_texts(texts)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+    loaded.embedder = Counting()
+    threads = [threading.Thread(target=loaded.embed_texts, args=(["a red square"],)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 2

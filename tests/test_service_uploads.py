@@ -51,6 +51,24 @@ def png_header_bomb(w=50_000, h=50_000) -> bytes:
 
 GOOD = dataset_files(per_class=1)
 
+
+def _corrupt(data: bytes) -> bytes:
+    """Flip bytes inside the first member's data: its CRC no longer matches."""
+    b = bytearray(data)
+    for i in range(60, 90):
+        b[i] ^= 0xFF
+    return bytes(b)
+
+
+def _targz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
 CASES = {
     "zip traversal": (zip_bytes(GOOD | {"../evil/x.png": GOOD["cat/0.png"]}), 422, "outside"),
     "zip absolute": (zip_bytes(GOOD | {"/etc/x.png": GOOD["cat/0.png"]}), 422, "absolute"),
@@ -63,6 +81,8 @@ CASES = {
     "image at top level": (zip_bytes(GOOD | {"loose.png": GOOD["cat/0.png"]}), 422, "top level"),
     "too deep": (zip_bytes(GOOD | {"cat/sub/x.png": GOOD["cat/0.png"]}), 422, "too deep"),
     "too many images": (zip_bytes(dataset_files(per_class=3)), 413, "more than 5 images"),
+    "corrupt member": (_corrupt(zip_bytes(GOOD)), 422, "cannot be read"),
+    "truncated tar.gz": (_targz(GOOD)[:-40], 422, "tar"),
     "empty archive": (zip_bytes({}), 422, "no images"),
     "garbage": (b"\x00garbage" * 10, 422, "neither a zip nor a tar"),
     "over upload size": (b"\x00" * 250_000, 413, "limit"),

@@ -9,8 +9,14 @@
   let items = [];
 
   // An API key may come in the fragment (#key=...): fragments never reach server logs. Kept for the tab only.
-  const hashKey = new URLSearchParams(location.hash.slice(1)).get("key");
-  if (hashKey) { sessionStorage.setItem("retrogen-api-key", hashKey); history.replaceState(null, "", location.pathname); }
+  function takeKeyFromHash() {
+    const key = new URLSearchParams(location.hash.slice(1)).get("key");
+    if (key) { sessionStorage.setItem("retrogen-api-key", key); history.replaceState(null, "", location.pathname); }
+    return !!key;
+  }
+  takeKeyFromHash();
+  // A key pasted into an open tab changes only the fragment (no page load): take it and start over.
+  window.addEventListener("hashchange", () => { if (takeKeyFromHash()) location.reload(); });
   const apiKey = sessionStorage.getItem("retrogen-api-key");
   const headers = apiKey ? { "X-API-Key": apiKey, "Authorization": "Bearer " + apiKey } : {};
 
