@@ -45,10 +45,12 @@ class ProgressTracker:
         self.state: dict[str, Any] = {"stage": "starting", "done": 0, "total": 0, "per_class": {}, "eta_s": None}
         self._stage_start = time.monotonic()
         self._last_write = 0.0
+        self._last_event = 0.0
 
     def __call__(self, ev: ProgressEvent) -> None:
         st = self.state
-        if ev.stage != st["stage"]:
+        new_stage = ev.stage != st["stage"]
+        if new_stage:
             self._stage_start = time.monotonic()
         st.update(stage=ev.stage, done=ev.done, total=ev.total, message=ev.message)
         if ev.label is not None:
@@ -60,11 +62,15 @@ class ProgressTracker:
                        if overall_done and overall_total >= overall_done else None)
         now = time.monotonic()
         final = ev.total and ev.done >= ev.total
-        if final or now - self._last_write >= self.min_interval_s:
+        if final or new_stage or now - self._last_write >= self.min_interval_s:
             self._last_write = now
+            # the job row always gets the latest; the history keeps stage changes, ends and one row a second
+            keep = final or new_stage or now - self._last_event >= 1.0
+            if keep:
+                self._last_event = now
+            event = {"stage": ev.stage, "done": ev.done, "total": ev.total, "label": ev.label, "message": ev.message}
             jobs.record_progress(self.db, self.job_id, self.worker, json.loads(json.dumps(st, default=str)),
-                                 {"stage": ev.stage, "done": ev.done, "total": ev.total, "label": ev.label,
-                                  "message": ev.message})
+                                 event if keep else None)
 
 
 class Worker:

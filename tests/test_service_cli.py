@@ -48,3 +48,13 @@ def test_retrogen_serve_process(tmp_path):
     assert proc.returncode in (0, -signal.SIGTERM), out[-2000:]
     assert "Application shutdown complete" in out
     assert "worker: in-process" in out
+
+
+def test_app_import_and_factory_load_no_torch_or_faiss(tmp_path):
+    code = ("import sys; from service.api.main import create_app; from service.config import Settings; "
+            f"create_app(Settings(data_dir={str(tmp_path)!r}), start_worker=False); "
+            "print(sorted(m for m in ('torch', 'faiss', 'diffusers', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"OMP_WAIT_POLICY": "PASSIVE"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
