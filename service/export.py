@@ -22,12 +22,17 @@ EXPORT_FORMATS = ("imagefolder", "webdataset")
 
 def read_records(store: Store, key: str) -> list[dict[str, Any]]:
     raw = store.read_bytes(key, PROVENANCE_FILE).decode("utf-8")
-    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+    return [json.loads(line, parse_constant=_null) for line in raw.splitlines() if line.strip()]
+
+
+def _null(_constant: str) -> None:
+    """NaN/Infinity in a record are not JSON: they are served as null."""
+    return None
 
 
 def read_summary(store: Store, key: str) -> dict[str, Any] | None:
     try:
-        return json.loads(store.read_bytes(key, SUMMARY_FILE))
+        return json.loads(store.read_bytes(key, SUMMARY_FILE), parse_constant=_null)
     except Exception:
         return None
 

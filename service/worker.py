@@ -43,24 +43,25 @@ class ProgressTracker:
         self.db, self.job_id, self.worker = db, job_id, worker
         self.min_interval_s = min_interval_s
         self.state: dict[str, Any] = {"stage": "starting", "done": 0, "total": 0, "per_class": {}, "eta_s": None}
-        self._stage_start = time.monotonic()
+        self._stage_first: tuple[float, int] = (time.monotonic(), 0)  # (time, overall done) at the stage's 1st event
         self._last_write = 0.0
         self._last_event = 0.0
 
     def __call__(self, ev: ProgressEvent) -> None:
         st = self.state
         new_stage = ev.stage != st["stage"]
-        if new_stage:
-            self._stage_start = time.monotonic()
         st.update(stage=ev.stage, done=ev.done, total=ev.total, message=ev.message)
         if ev.label is not None:
             st["per_class"][ev.label] = {"done": ev.done, "total": ev.total}
         overall_done = ev.extra.get("overall_done", ev.done)
         overall_total = ev.extra.get("overall_total", ev.total)
-        elapsed = time.monotonic() - self._stage_start
-        st["eta_s"] = (round(elapsed / overall_done * (overall_total - overall_done), 1)
-                       if overall_done and overall_total >= overall_done else None)
         now = time.monotonic()
+        if new_stage:
+            self._stage_first = (now, overall_done)
+        # ETA from this stage's rate since its first event (the first unit's own time is unknown)
+        t0, d0 = self._stage_first
+        st["eta_s"] = (round((now - t0) / (overall_done - d0) * (overall_total - overall_done), 1)
+                       if overall_done > d0 and overall_total >= overall_done else None)
         final = ev.total and ev.done >= ev.total
         if final or new_stage or now - self._last_write >= self.min_interval_s:
             self._last_write = now
@@ -172,7 +173,8 @@ class Worker:
             out = work / "out"
             if not (out / SUMMARY_FILE).is_file():
                 raise RuntimeError(f"method {job.method!r} finished without writing {SUMMARY_FILE}")
-            summary = json.loads((out / SUMMARY_FILE).read_text())
+            # NaN/Infinity are not JSON: the API answers them as null rather than failing
+            summary = json.loads((out / SUMMARY_FILE).read_text(), parse_constant=lambda _c: None)
             with open(out / PROVENANCE_FILE, encoding="utf-8") as f:
                 num_images = sum(1 for line in f if line.strip())
             if should_cancel():  # cancelled at the last moment: do not publish

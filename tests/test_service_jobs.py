@@ -84,19 +84,22 @@ def test_retrieval_never_waits_behind_generation_and_one_generation_per_device(a
         app.state.settings.num_generation_threads = 2
         app.state.worker.start()
         try:
-            gen1 = submit(client, ds, "fake-generation", per_class=10, delay_s=0.1)  # ~2 s
+            gen1 = submit(client, ds, "fake-generation", per_class=200, delay_s=0.05)  # ~20 s unless cancelled
             gen2 = submit(client, ds, "fake-generation", per_class=1)
-            wait_state(client, gen1, ("running",))
+            deadline = time.monotonic() + 20
+            while client.get(f"/v1/jobs/{gen1}").json()["progress"].get("done", 0) < 3:
+                assert time.monotonic() < deadline, "generation never progressed"
+                time.sleep(0.05)
             ret = submit(client, ds, "fake-retrieval", per_class=1)
             assert wait_state(client, ret, ("succeeded",))["state"] == "succeeded"
             # the retrieval finished while the long generation still runs, and gen2 waits for the device
-            assert client.get(f"/v1/jobs/{gen1}").json()["state"] == "running"
+            running_gen = client.get(f"/v1/jobs/{gen1}").json()
+            assert running_gen["state"] == "running"
             assert client.get(f"/v1/jobs/{gen2}").json()["state"] == "queued"
-            running_gen = client.get(f"/v1/jobs/{gen1}").json()["progress"]
-            assert running_gen["stage"] == "write" and running_gen["eta_s"] is not None
-            assert wait_state(client, gen1, ("succeeded",))["num_images"] == 20
-            assert wait_state(client, gen2, ("succeeded",))["started"] >= \
-                client.get(f"/v1/jobs/{gen1}").json()["finished"] - 0.01
+            assert running_gen["progress"]["stage"] == "write" and running_gen["progress"]["eta_s"] > 0
+            client.post(f"/v1/jobs/{gen1}/cancel")
+            finished = wait_state(client, gen1, ("cancelled",))["finished"]
+            assert wait_state(client, gen2, ("succeeded",))["started"] >= finished - 0.01
         finally:
             app.state.worker.stop()
 
@@ -120,7 +123,7 @@ def test_cancel_running_job(app):
 def test_worker_stop_hands_running_job_back(app):
     client = TestClient(app)
     ds = dataset(client)
-    job_id = submit(client, ds, "fake-retrieval", per_class=20, delay_s=0.02)
+    job_id = submit(client, ds, "fake-retrieval", per_class=50, delay_s=0.02)
     app.state.worker.start()
     wait_state(client, job_id, ("running",))
     app.state.worker.stop()

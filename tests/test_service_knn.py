@@ -183,3 +183,16 @@ def test_api_keys_guard_retrieval_and_clip_client_can_pass_one_in_the_url(regist
     r = post_raw(c, "/knn-service?api_key=k-0123456789", body)
     assert r.status_code == 200 and len(r.json()) == 2
     assert post_raw(c, "/knn-service?api_key=nope-nope-nope", body).status_code == 401
+
+
+def test_full_app_lets_clip_client_pass_its_key_in_the_url(registry, tmp_path):
+    """Through the real app factory (not just the router): the global key check must not block ?api_key=."""
+    from service.api.main import create_app
+    from service.config import Settings
+
+    settings = Settings(api_keys=["k-0123456789"], data_dir=tmp_path)
+    with TestClient(create_app(settings, index_registry=registry, start_worker=False)) as c:
+        body = clip_payload(text="a red square", num_images=2)
+        assert post_raw(c, "/knn-service", body).status_code == 401
+        r = post_raw(c, "/knn-service?api_key=k-0123456789", body)
+        assert r.status_code == 200 and len(r.json()) == 2

@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None, *, methods: MethodRegistry | No
     from service.api.routes import gallery, knn, retrieve
 
     app.include_router(retrieve.router, dependencies=keyed)
-    app.include_router(knn.router, dependencies=keyed)
+    # knn checks keys itself: ClipClient sends no headers, so it also accepts ?api_key= in the URL
+    app.include_router(knn.router)
     app.include_router(gallery.router)
     return app
