@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,13 +32,6 @@ class EmbeddedShard:
     skipped: list[dict] = field(default_factory=list)
 
 
-# decode_image turns warnings into errors with warnings.catch_warnings(), which swaps the process-wide filter
-# list and is not thread-safe (before Python 3.14): two decoders interleaving can leave "error" installed for
-# the whole process (seen here: a later torch DeprecationWarning raised). Decoding one image at a time keeps
-# the save/restore nested; reading bytes and preprocessing (resize) still run in parallel.
-_DECODE_LOCK = threading.Lock()
-
-
 def _load(record: Record, preprocess: Callable, max_pixels: int, max_bytes: int):
     """-> (CHW array, metadata row) or (None, skipped entry)."""
     try:
@@ -48,8 +40,7 @@ def _load(record: Record, preprocess: Callable, max_pixels: int, max_bytes: int)
         return None, {"source": record.source, "path": record.member or record.source, "reason": "unreadable",
                       "detail": str(e)[:200]}
     try:
-        with _DECODE_LOCK:
-            image = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+        image = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
         array = preprocess(image)
     except BadImageError as e:
         # PIL's messages name "<_io.BytesIO object at 0x...>": drop the address so manifests are reproducible

@@ -3,13 +3,12 @@
 User uploads and crawled corpora contain truncated files, decompression bombs, CMYK/16-bit/paletted
 images and things that are not images at all. Everything that turns bytes into pixels goes through
 :func:`decode_image`, which either returns an RGB ``PIL.Image`` or raises :class:`BadImageError` with a
-short reason; it never lets PIL warnings or partial decodes through.
+short reason; it never returns a partial decode. It is thread-safe (no process-wide state is touched).
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
@@ -42,13 +41,14 @@ class ImageInfo:
 
 def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Read only the header: size and format, without decoding pixels. Raises BadImageError."""
+    # No warnings.catch_warnings() here or below: it swaps the process-wide filter list and is not thread-safe,
+    # and decoders run in threads. Our own pixel check replaces PIL's bomb warning; PIL still raises
+    # DecompressionBombError past twice its limit, and a truncated file raises OSError on load().
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                fmt = im.format
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            fmt = im.format
+    except Image.DecompressionBombError as e:
         raise BadImageError("too_many_pixels", str(e)) from None
     except Exception as e:  # PIL raises many types for garbage input
         raise BadImageError("not_an_image", f"{type(e).__name__}: {e}") from None
@@ -76,12 +76,10 @@ def decode_image(
         raise BadImageError("file_too_large", f"{len(data)} bytes exceeds {max_bytes}")
     probe_image(data, max_pixels=max_pixels)  # header check before any pixel is allocated
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a truncated-file warning is an error here
-            im = Image.open(io.BytesIO(data))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+        im = Image.open(io.BytesIO(data))
+        im.load()  # raises OSError on truncated data (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+        im = ImageOps.exif_transpose(im)
+        return to_rgb(im)
     except BadImageError:
         raise
     except Exception as e:

@@ -40,6 +40,7 @@ class RunContext:
     progress: ProgressFn
     should_cancel: CancelFn
     artifacts_dir: Path | None = None
+    store: Any = None  # service.storage.Store: runners that read other stored trees (evaluations) need it
 
 
 Runner = Callable[[RunContext], Any]
@@ -160,7 +161,8 @@ _default_lock = threading.Lock()
 
 
 def default_registry() -> MethodRegistry:
-    """``retrieval`` plus every generation method (``generation.list_methods()``; importing it loads no torch)."""
+    """``retrieval``, every generation method (``generation.list_methods()``; importing it loads no torch) and
+    ``evaluation`` (submitted through ``POST /v1/evaluations`` only)."""
     global _default
     with _default_lock:
         if _default is None:
@@ -175,5 +177,8 @@ def default_registry() -> MethodRegistry:
                 reg.register(MethodSpec(name, "generation", make_generation_runner(name), needs_model=True,
                                         validate=validate_generation,
                                         description=f"Stable Diffusion: {name}"))
+            from service.evaluations import SPEC as evaluation_spec
+
+            reg.register(evaluation_spec)
             _default = reg
         return _default

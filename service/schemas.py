@@ -142,3 +142,29 @@ class ModelsPublic(BaseModel):
     models: dict[str, str] = Field(description="configured generation model name -> hub id or local dir")
     methods: dict[str, str] = Field(description="method name -> kind (retrieval | generation)")
     indexes: list[str]
+
+
+class EvaluationCreate(BaseModel):
+    """A downstream evaluation: real-only vs real + each augmentation job's result, tested on ``test_dataset``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_dataset: str = Field(min_length=1, max_length=40, description="dataset id: the real training images")
+    test_dataset: str = Field(min_length=1, max_length=40, description="dataset id: held-out images, same classes")
+    augmentations: dict[str, str] = Field(description="arm name -> succeeded augmentation job id")
+    config: dict[str, Any] = Field(default_factory=dict, description="EvaluationConfig fields")
+
+
+class EvaluationPublic(JobPublic):
+    """An evaluation job; ``report`` is report.json once it has succeeded."""
+
+    report: dict[str, Any] | None = None
+    chart_url: str | None = None
+    gallery_urls: dict[str, str] = Field(default_factory=dict, description="arm name -> augmentation gallery")
+
+    @classmethod
+    def of_evaluation(cls, job: Job, report: dict[str, Any] | None = None) -> EvaluationPublic:
+        augs = (job.params or {}).get("augmentations", {})
+        return cls(**JobPublic.of(job).model_dump(), report=report,
+                   chart_url=f"/v1/evaluations/{job.id}/report.png" if job.state == "succeeded" else None,
+                   gallery_urls={name: f"/gallery/{a['job']}" for name, a in augs.items()})

@@ -166,7 +166,7 @@ class Worker:
                              per_class=job.per_class, params=dict(job.params or {}), index=job.index, model=job.model,
                              settings=self.settings, index_registry=self.index_registry, progress=tracker,
                              should_cancel=should_cancel,
-                             artifacts_dir=Path(self.settings.data_dir) / "artifacts")
+                             artifacts_dir=Path(self.settings.data_dir) / "artifacts", store=self.store)
             if should_cancel():
                 raise CancelledError("cancelled")
             spec.runner(ctx)

@@ -185,3 +185,34 @@ def test_gallery_of_a_real_retrieval_job_with_api_keys(page, tmp_path, service_i
         details = page.text_content("#details-json")
         assert '"method": "retrieval:image"' in details and '"sample_id"' in details
     page.evaluate("() => sessionStorage.clear()")
+
+
+def test_gallery_shows_the_evaluation_chart_next_to_the_images(page, tmp_path):
+    """An augmentation job's page shows the chart of an evaluation that used it; the evaluation's own page
+    shows the chart with a link to each augmentation's gallery (fake augmentation runner, pixel features)."""
+    from service.api.main import create_app
+    from tests.service_fakes import dataset_files, make_settings
+    from tests.test_service_evaluations import held_out_files, registry, upload
+
+    app = create_app(make_settings(tmp_path / "data"), methods=registry(), start_worker=False)
+    client = TestClient(app)
+    train, test = upload(client, dataset_files(per_class=3)), upload(client, held_out_files())
+    aug = client.post("/v1/jobs", json={"dataset": train, "method": "fake-retrieval", "per_class": 2}).json()["id"]
+    assert app.state.worker.run_once("retrieval") == aug
+    ev = client.post("/v1/evaluations", json={"train_dataset": train, "test_dataset": test, "augmentations": {
+        "fake": aug}, "config": {"embedder": "pixels:8", "num_seeds": 1, "num_steps": 10}}).json()["id"]
+    assert app.state.worker.run_once("retrieval") == ev
+    chart_loaded = ("() => { const i = document.getElementById('evaluation-chart'); "
+                    "return !document.getElementById('evaluation').hidden && i.complete && i.naturalWidth > 100; }")
+    with ThreadedUvicorn(app) as server:
+        _open(page, f"{server.url}/gallery/{aug}")
+        page.wait_for_function(chart_loaded, timeout=15_000)
+        assert page.eval_on_selector_all("figure.item", "els => els.length") == 4
+        assert page.text_content("#evaluation-title") == f"Evaluation {ev}"
+        arms = page.eval_on_selector_all("li.evaluation-arm", "els => els.map(e => e.textContent)")
+        assert [a.split(":")[0] for a in arms] == ["real-only", "fake"] and "gain" in arms[1]
+        page.goto(f"{server.url}/gallery/{ev}")
+        page.wait_for_function(chart_loaded, timeout=15_000)
+        assert page.eval_on_selector_all("li.evaluation-arm a", "els => els.map(e => e.getAttribute('href'))") == \
+            [f"/gallery/{aug}"]
+    assert page.errors == []

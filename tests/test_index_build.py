@@ -300,8 +300,9 @@ def test_real_efficientnet_lite0_on_ten_images(tmp_path):
 
 
 def test_threaded_decoding_leaves_warning_filters_alone(tmp_path, mean_colour_embedder):
-    """decode_image flips warnings to errors via catch_warnings (process-wide); parallel decoders must not leave
-    "error" installed for the rest of the process (a later library warning would then raise)."""
+    """Parallel decoders must not change the process-wide warning filters (an earlier decode_image used
+    warnings.catch_warnings, which is not thread-safe, and left "error" installed: a later library warning
+    then raised)."""
     import warnings
 
     folder = tmp_path / "many"

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from retrogen import __version__
 from retrogen.errors import RetrogenError
 from service.api.deps import current_key
-from service.api.routes import datasets, health, jobs, models
+from service.api.routes import datasets, evaluations, health, jobs, models
 from service.config import Settings, get_settings
 from service.db import Database
 from service.indexes import QueryLimits, get_index_registry, get_query_limits, registry_for_settings
@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None, *, methods: MethodRegistry | No
         return response
 
     keyed = [Depends(current_key)]
-    for router in (datasets.router, jobs.router, models.router, health.router):
+    for router in (datasets.router, jobs.router, evaluations.router, models.router, health.router):
         app.include_router(router)
     from service.api.routes import gallery, knn, retrieve
 

@@ -121,6 +121,43 @@
     $("details").hidden = false;
   }
 
+  // An evaluation's chart beside the images: the newest evaluation that used this job, or this job itself
+  // when it is an evaluation (then each arm links to its augmentation's gallery).
+  function showEvaluation(evalId, summary, linkArms) {
+    $("evaluation-title").textContent = "Evaluation " + evalId;
+    setImage($("evaluation-chart"), "/v1/evaluations/" + encodeURIComponent(evalId) + "/report.png");
+    const ul = $("evaluation-arms");
+    ul.replaceChildren();
+    const augs = (summary && summary.augmentations) || {};
+    for (const [name, arm] of Object.entries((summary && summary.arms) || {})) {
+      const li = document.createElement("li");
+      li.className = "evaluation-arm";
+      const acc = typeof arm.accuracy === "number" ? (100 * arm.accuracy).toFixed(1) + "%" : "–";
+      const gain = arm.gain && typeof arm.gain.mean === "number"
+        ? ", gain " + (100 * arm.gain.mean >= 0 ? "+" : "") + (100 * arm.gain.mean).toFixed(1) + " pts" : "";
+      if (linkArms && typeof augs[name] === "string") {
+        const a = document.createElement("a");
+        a.href = "/gallery/" + encodeURIComponent(augs[name]);
+        a.textContent = name;
+        li.append(a);
+      } else {
+        li.append(document.createTextNode(name));
+      }
+      li.append(document.createTextNode(": top-1 " + acc + gain));
+      ul.appendChild(li);
+    }
+    $("evaluation").hidden = false;
+  }
+
+  async function loadEvaluations() {
+    try {
+      const r = await fetch("/v1/jobs/" + encodeURIComponent(jobId) + "/evaluations", { headers });
+      if (!r.ok) return;
+      const list = await r.json();
+      if (Array.isArray(list) && list.length) showEvaluation(String(list[0].id), list[0].summary, false);
+    } catch (e) { /* no chart: the images still show */ }
+  }
+
   async function load() {
     $("job-id").textContent = jobId;
     let r;
@@ -136,10 +173,15 @@
       setStatus("Results unavailable (HTTP " + r.status + ")" + (detail ? ": " + (typeof detail === "string" ? detail : JSON.stringify(detail)) : ""), true);
       return;
     }
-    items = normalise(await r.json());
+    const json = await r.json();
+    items = normalise(json);
+    const isEvaluation = !!(json.summary && json.summary.method === "evaluation");
+    if (isEvaluation) showEvaluation(jobId, json.summary, true);
+    else loadEvaluations();
     fillSelect($("method-filter"), items.map((it) => it.method));
     fillSelect($("class-filter"), items.map((it) => it.label));
-    setStatus(items.length ? "" : "This job has no images.");
+    setStatus(items.length ? "" : isEvaluation ? "An evaluation: its chart, and a gallery link per augmentation."
+      : "This job has no images.");
     render();
   }
 

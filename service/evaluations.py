@@ -1,0 +1,144 @@
+"""Evaluation jobs (HTTP-free): resolve a request to stored folders, queue it as a job, run ``evaluation``.
+
+An evaluation is an ordinary job (method ``evaluation``, kind ``retrieval``: it is CPU-light and must never
+wait behind a generation), so it is persisted, claimed atomically, re-run after a crash, reports progress
+and can be cancelled like every other job. Everything the worker needs is resolved and checked at
+submission, under the caller's key: the datasets' and the augmentation jobs' *content keys* go into the
+job's params, so the job reads exactly the (immutable) trees the caller was allowed to name, even if the
+rows are deleted later. That is also why the generic ``POST /v1/jobs`` refuses this method: there a caller
+could put any content key in ``params``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from typing import Any
+
+from sqlalchemy import select
+
+from retrogen.errors import InvalidInputError, RetrogenError
+from retrogen.provenance import PROVENANCE_FILE, SUMMARY_FILE, atomic_write_json
+from service import datasets as dataset_crud
+from service import jobs
+from service.db import Database
+from service.errors import ConflictError
+from service.methods import MethodSpec, RunContext
+from service.models import Job
+
+METHOD = "evaluation"
+MAX_AUGMENTATIONS = 8
+MAX_SEEDS = 20
+MAX_STEPS = 20_000
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+# Per-job embedders are those that name no server-side file or model: raw pixels, and the built-in default
+# (its weights ship with the install). ``open_clip:...`` / ``hf:...`` name checkpoints or hub downloads: the
+# operator's choice, refused per job like service.methods.SERVER_ONLY_PARAMS.
+JOB_EMBEDDERS = re.compile(r"^(pixels(:\d{1,3})?|efficientnet-lite0(:onnx)?)$")
+
+
+def check_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The request's ``EvaluationConfig`` fields, checked now so a queued evaluation is a runnable one."""
+    from evaluation import EvaluationConfig
+
+    embedder = config.get("embedder")
+    if embedder is not None and not (isinstance(embedder, str) and JOB_EMBEDDERS.match(embedder)):
+        raise InvalidInputError(f"config.embedder {embedder!r} names a model or file on the server: set by the server "
+                                "operator, not per job (per job: pixels[:SIDE] or efficientnet-lite0[:onnx])")
+    try:
+        parsed = EvaluationConfig.from_dict(config)
+    except (TypeError, ValueError) as e:  # InvalidEvaluationError is a ValueError too
+        raise InvalidInputError(f"bad evaluation config: {e}") from None
+    if parsed.num_seeds > MAX_SEEDS or parsed.settings().num_steps > MAX_STEPS:
+        raise InvalidInputError(f"config asks for more than this server's {MAX_SEEDS} seeds or {MAX_STEPS} steps")
+    return dict(config)
+
+
+def _resolve_augmentation(db: Database, owner: str, name: str, job_id: Any) -> dict[str, str]:
+    if not NAME_RE.match(name) or name == "real-only":
+        raise InvalidInputError(f"augmentation name {name!r} must be 1-64 letters, digits or _.+- and not "
+                                "'real-only'")
+    if not isinstance(job_id, str) or not re.match(r"^[A-Za-z0-9_-]{1,40}$", job_id):
+        raise InvalidInputError(f"augmentations[{name!r}] must be a job id, got {job_id!r}")
+    job = jobs.get_job(db, owner, job_id)  # another key's job: 404, like a missing one
+    if job.method == METHOD:
+        raise InvalidInputError(f"job {job_id} is an evaluation, not an augmentation job")
+    if job.state != "succeeded" or not job.result_key:
+        raise ConflictError(f"augmentation job {job_id} is {job.state}; it can be evaluated once it has succeeded")
+    return {"job": job.id, "result_key": job.result_key}
+
+
+def submit(db: Database, owner: str, *, train_dataset: str, test_dataset: str, augmentations: dict[str, Any],
+           config: dict[str, Any]) -> Job:
+    """Check and queue an evaluation job; every error is raised before anything is written."""
+    train = dataset_crud.get_dataset(db, owner, train_dataset)
+    test = dataset_crud.get_dataset(db, owner, test_dataset)
+    if test.content_key == train.content_key:
+        raise InvalidInputError("the test dataset is the train dataset; evaluate on held-out images")
+    missing = sorted(set(test.classes) - set(train.classes))
+    if missing:
+        raise InvalidInputError(f"the test dataset has classes the train dataset lacks: {missing}")
+    if not 1 <= len(augmentations) <= MAX_AUGMENTATIONS:
+        raise InvalidInputError(f"give 1 to {MAX_AUGMENTATIONS} augmentations (name -> augmentation job id)")
+    resolved = {name: _resolve_augmentation(db, owner, name, jid) for name, jid in augmentations.items()}
+    params = {"test_dataset": test.id, "test_dataset_key": test.content_key, "augmentations": resolved,
+              "config": check_config(config)}
+    return jobs.submit(db, owner=owner, dataset=train, kind="retrieval", method=METHOD, per_class=0, index=None,
+                       model=None, params=params)
+
+
+def refuse_generic_submit(_params: dict[str, Any]) -> None:
+    raise InvalidInputError("evaluation jobs are submitted with POST /v1/evaluations")
+
+
+def run_evaluation(ctx: RunContext) -> None:
+    """Run ``evaluation.evaluate`` and write report.json/.md/.png plus the summary.json + (empty)
+    provenance.jsonl every job result has. Reports name sets by job id, never by server folders."""
+    from evaluation import EvaluationConfig, evaluate
+
+    p = ctx.params
+    augs = p["augmentations"]
+    test_dir = ctx.store.local_dir(p["test_dataset_key"])
+    aug_dirs = {name: ctx.store.local_dir(a["result_key"]) for name, a in augs.items()}
+    try:
+        report = evaluate(ctx.dataset_dir, test_dir, aug_dirs, config=EvaluationConfig.from_dict(p["config"]),
+                          progress=ctx.progress, should_cancel=ctx.should_cancel)
+    except RetrogenError as e:  # the job's error is shown to the caller: name their ids, not our folders
+        names = {str(ctx.dataset_dir): "the train dataset", str(test_dir): "the test dataset",
+                 **{str(d): f"augmentation job {augs[n]['job']}" for n, d in aug_dirs.items()}}
+        msg = str(e)
+        for path, name in names.items():
+            msg = msg.replace(path, name)
+        e.args = (msg,)
+        raise
+    report = replace(report, arms=[replace(a, set_dir=augs[a.name]["job"] if a.name in augs else None)
+                                   for a in report.arms])
+    report.write(ctx.out_dir)
+    (ctx.out_dir / PROVENANCE_FILE).write_text("")
+    atomic_write_json(ctx.out_dir / SUMMARY_FILE, json.loads(json.dumps(summary_of(report, augs), default=str)))
+
+
+def summary_of(report: Any, augs: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """The short form kept on the job row (the full report is ``report.json`` in the result)."""
+    return {"method": METHOD, "classes": report.classes, "duration_s": report.duration_s,
+            "augmentations": {name: a["job"] for name, a in augs.items()},
+            "arms": {a.name: {"accuracy": a.accuracy["mean"], "std": a.accuracy["std"], "num_images": a.num_images,
+                              "gain": a.gain and {k: a.gain[k] for k in ("mean", "ci_low", "ci_high")}}
+                     for a in report.arms},
+            "warnings": report.warnings}
+
+
+def evaluations_using(db: Database, owner: str, job_id: str, *, limit: int = 200) -> list[Job]:
+    """The caller's succeeded evaluations that used augmentation job ``job_id``, newest first.
+
+    Filtered in Python over the newest ``limit`` evaluations: JSON queries differ between SQLite and Postgres.
+    """
+    with db.session() as s:
+        rows = s.scalars(select(Job).where(Job.owner == owner, Job.method == METHOD, Job.state == "succeeded")
+                         .order_by(Job.created.desc()).limit(limit)).all()
+    return [j for j in rows if any(a.get("job") == job_id for a in (j.params or {}).get("augmentations", {}).values())]
+
+
+SPEC = MethodSpec(METHOD, "retrieval", run_evaluation, validate=refuse_generic_submit,
+                  description="downstream classifier: real-only vs real + each augmentation job (POST /v1/evaluations)")
