@@ -8,7 +8,7 @@ probe (or a small CNN) on real-only and on real + each set over several seeds an
 after refusing sets that leak test images. Heavy libraries load on first use.
 """
 
-import importlib  # noqa: E402
+from retrogen.lazy import lazy_exports  # noqa: E402
 
 _EXPORTS = {
     "evaluate": "evaluation.api",
@@ -21,10 +21,4 @@ _EXPORTS = {
     "InvalidEvaluationError": "evaluation.errors",
     "LeakageError": "evaluation.errors",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'evaluation' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

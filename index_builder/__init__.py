@@ -3,9 +3,8 @@
 Public names load lazily so ``import index_builder`` (and ``retrogen --help``) stay cheap.
 """
 
-import importlib
-
 import retrogen  # noqa: F401  (sets OMP_WAIT_POLICY before torch/faiss load)
+from retrogen.lazy import lazy_exports
 
 _EXPORTS = {
     "build_index": "index_builder.build",
@@ -16,10 +15,4 @@ _EXPORTS = {
     "BuildMismatchError": "index_builder.errors",
     "MemoryBudgetError": "index_builder.errors",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'index_builder' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -3,9 +3,8 @@
 Public names load lazily so ``import retrieval`` stays cheap (torch, faiss and open_clip load on first use).
 """
 
-import importlib
-
 import retrogen  # noqa: F401  (sets OMP_WAIT_POLICY before torch/faiss load)
+from retrogen.lazy import lazy_exports
 
 _EXPORTS = {
     "create_embedder": "retrieval.embedders",
@@ -21,10 +20,4 @@ _EXPORTS = {
     "augment_by_retrieval": "retrieval.augment",
     "RetrievalConfig": "retrieval.augment",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
