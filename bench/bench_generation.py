@@ -163,7 +163,7 @@ def run_case(a: argparse.Namespace) -> dict:
         t2 = time.perf_counter()
         return {"case": a.case, "images": n, "img_s_gen": n / (t2 - t1), "img_s_e2e": n / (t2 - t0),
                 "peak_mb": _peak_mb(device), "train_s_per_class": None}
-    from generation import GenerationConfig, augment_by_generation
+    from retrogen.generation import GenerationConfig, augment_by_generation
 
     cfg = GenerationConfig(num_inference_steps=a.steps, size=a.size, batch_size=a.batch_size, num_train_steps=a.train_steps,
                            device=device, train_size=min(a.size, 512))

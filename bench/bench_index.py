@@ -43,7 +43,7 @@ def mixture(n: int, dim: int, *, clusters: int, seed: int, centres: np.ndarray |
 
 
 def write_corpus(out: Path, vectors: np.ndarray, shard_rows: int = 100_000):
-    from index_builder.writer import write_shard
+    from retrogen.index_builder.writer import write_shard
 
     shards = []
     for n, lo in enumerate(range(0, len(vectors), shard_rows)):
@@ -63,7 +63,7 @@ def timed_queries(fn, queries: np.ndarray) -> np.ndarray:
 
 
 def bench_search(corpus, queries: np.ndarray, batch: np.ndarray, label: str, recall: float) -> dict:
-    from retrieval.index import search_parameters
+    from retrogen.retrieval.index import search_parameters
 
     k = 10
     defaults = corpus.search_defaults
@@ -85,10 +85,10 @@ def bench_search(corpus, queries: np.ndarray, batch: np.ndarray, label: str, rec
 
 
 def bench_size(n: int, dim: int, kinds: list[str], workdir: Path, args) -> list[dict]:
-    from index_builder.build import finish_index
-    from index_builder.faiss_build import measure_recall
-    from index_builder.writer import iter_vectors
-    from retrieval.index import CorpusIndex
+    from retrogen.index_builder.build import finish_index
+    from retrogen.index_builder.faiss_build import measure_recall
+    from retrogen.index_builder.writer import iter_vectors
+    from retrogen.retrieval.index import CorpusIndex
 
     print(f"\n== {n:,} vectors, dim {dim} (clustered, {args.clusters} clusters, float16 shards)", flush=True)
     t = time.perf_counter()
@@ -133,8 +133,8 @@ def bench_size(n: int, dim: int, kinds: list[str], workdir: Path, args) -> list[
 def bench_embedders(workdir: Path, num_images: int, names: list[str]) -> list[dict]:
     from PIL import Image
 
-    from index_builder.build import build_index
-    from retrieval.embedders import create_embedder
+    from retrogen.index_builder.build import build_index
+    from retrogen.retrieval.embedders import create_embedder
 
     folder = workdir / "images"
     folder.mkdir(parents=True, exist_ok=True)

@@ -53,9 +53,9 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> Path:
 
 def make_app(index_dir: str, work: Path, max_concurrent_embeds: int):
     """The service's own app (middleware, metrics, error mapping), no job worker."""
-    from service.api.main import create_app
-    from service.config import Settings
-    from service.indexes import IndexConfig, IndexRegistry
+    from retrogen.service.api.main import create_app
+    from retrogen.service.config import Settings
+    from retrogen.service.indexes import IndexConfig, IndexRegistry
 
     settings = Settings(data_dir=work / "data", indexes={"bench": IndexConfig(path=Path(index_dir))},
                         enable_worker=False)
@@ -101,7 +101,7 @@ async def http_level(url: str, bodies: list[dict], concurrency: int, total: int)
 
 
 def inprocess_level(loaded, bodies: list[dict], concurrency: int, total: int, k: int) -> tuple[float, list[float]]:
-    from service.indexes import QueryLimits, decode_base64_image
+    from retrogen.service.indexes import QueryLimits, decode_base64_image
 
     limits = QueryLimits()
 
@@ -136,8 +136,8 @@ def main() -> None:
         serve(args.serve[0], int(args.serve[1]), args.max_concurrent_embeds)
         return
 
-    from index_builder.build import build_index
-    from service.indexes import IndexConfig, IndexRegistry
+    from retrogen.index_builder.build import build_index
+    from retrogen.service.indexes import IndexConfig, IndexRegistry
 
     work = Path(tempfile.mkdtemp(prefix="bench_service_"))
     embedder = args.embedder

@@ -125,8 +125,8 @@ def get_model(a) -> str:
 
 
 def build_or_open_index(a, data: dict, emb):
-    from index_builder.build import build_index
-    from retrieval.index import CorpusIndex
+    from retrogen.index_builder.build import build_index
+    from retrogen.retrieval.index import CorpusIndex
 
     index_dir = a.workdir / "index"
     if not (index_dir / "manifest.json").exists():
@@ -138,8 +138,8 @@ def build_or_open_index(a, data: dict, emb):
 
 def make_arm(arm: str, k: int, a, data: dict, emb, model: str, index) -> Path:
     """The arm's augmentation folder for shots k (reused when already complete)."""
-    from generation import GenerationConfig, augment_by_generation
-    from retrieval.augment import RetrievalConfig, augment_by_retrieval
+    from retrogen.generation import GenerationConfig, augment_by_generation
+    from retrogen.retrieval.augment import RetrievalConfig, augment_by_retrieval
 
     shots = data["shots"][k]
     if arm == "real-extra":
@@ -166,7 +166,7 @@ def make_arm(arm: str, k: int, a, data: dict, emb, model: str, index) -> Path:
 
 def evaluate_k(k: int, a, data: dict, sets: dict[str, Path], emb, cache) -> tuple:
     """``evaluate`` with the leakage guard on; leaking images an arm produced are set aside and counted."""
-    from evaluation import EvaluationConfig, LeakageError, evaluate
+    from retrogen.evaluation import EvaluationConfig, LeakageError, evaluate
 
     cfg = EvaluationConfig(embedder=a.embedder, num_seeds=a.seeds, num_steps=a.probe_steps, seed=a.seed,
                            leakage_threshold=a.leakage_threshold)
@@ -205,7 +205,7 @@ def table(results: list[tuple[int, object, dict]]) -> str:
 
 def collect(workdir: Path) -> list[tuple[int, object, dict]]:
     """(k, report, set-aside counts) for every finished report-k*/ in ``workdir``, by k."""
-    from evaluation import EvaluationReport
+    from retrogen.evaluation import EvaluationReport
 
     out = []
     for d in sorted(workdir.glob("report-k*"), key=lambda p: int(p.name[8:])):
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a.workdir.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from evaluation import FeatureCache
-    from retrieval.embedders import create_embedder
+    from retrogen.evaluation import FeatureCache
+    from retrogen.retrieval.embedders import create_embedder
 
     data = prepare_data(a, a.workdir / "data")
     log.info("data: corpus %d, test %d, shots %s, %d extra/class", data["corpus_size"], data["test_size"], a.shots,

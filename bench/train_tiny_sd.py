@@ -236,7 +236,7 @@ def sample_grid(out: Path, model_dir: Path, per_class: int = 8, steps: int = 25)
     """Generate ``per_class`` images per class through ``generation`` (method prompt) and tile them."""
     from PIL import Image
 
-    from generation import GenerationConfig, augment_by_generation
+    from retrogen.generation import GenerationConfig, augment_by_generation
     from retrogen.realdata import FASHION_MNIST_CLASSES
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,4 @@
-import retrogen  # noqa: F401, I001  (first: sets OMP_WAIT_POLICY before torch/faiss load)
-
-__doc__ = """retrogen evaluation: does an augmentation set help a downstream classifier, and at what cost?
+"""retrogen evaluation: does an augmentation set help a downstream classifier, and at what cost?
 
 ``evaluate(train_dir, test_dir, {name: dir}, config=EvaluationConfig(...), out_dir=...)`` trains a linear
 probe (or a small CNN) on real-only and on real + each set over several seeds and returns an
@@ -8,17 +6,20 @@ probe (or a small CNN) on real-only and on real + each set over several seeds an
 after refusing sets that leak test images. Heavy libraries load on first use.
 """
 
-from retrogen.lazy import lazy_exports  # noqa: E402
+from retrogen.lazy import lazy_exports, require_namespace
+
+require_namespace(__name__, "retrogen.evaluation")
+
 
 _EXPORTS = {
-    "evaluate": "evaluation.api",
-    "EvaluationConfig": "evaluation.api",
-    "REAL_ONLY": "evaluation.api",
-    "EvaluationReport": "evaluation.report",
-    "ArmResult": "evaluation.report",
-    "FeatureCache": "evaluation.features",
-    "EvaluationError": "evaluation.errors",
-    "InvalidEvaluationError": "evaluation.errors",
-    "LeakageError": "evaluation.errors",
+    "evaluate": ".api",
+    "EvaluationConfig": ".api",
+    "REAL_ONLY": ".api",
+    "EvaluationReport": ".report",
+    "ArmResult": ".report",
+    "FeatureCache": ".features",
+    "EvaluationError": ".errors",
+    "InvalidEvaluationError": ".errors",
+    "LeakageError": ".errors",
 }
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

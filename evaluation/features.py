@@ -52,7 +52,7 @@ def resolve_embedder(name_or_embedder, *, device: str = "cpu"):
             return PixelEmbedder(int(spec) if spec else 16)
         except ValueError:
             raise InvalidEvaluationError(f"pixels embedder takes an integer side, got {spec!r}") from None
-    from retrieval.embedders import create_embedder
+    from retrogen.retrieval.embedders import create_embedder
 
     return create_embedder(name_or_embedder, device=device)
 

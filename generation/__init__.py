@@ -1,42 +1,22 @@
-"""retrogen generation package: Stable Diffusion augmentation (prompt, img2img, variation, textual
-inversion, DreamBooth) with provenance for every image.
+"""retrogen generation: Stable Diffusion augmentation (prompt, img2img, variation, textual inversion,
+DreamBooth) with provenance for every image.
 
-Importing it loads no torch or diffusers; they load when a model does.
+Public names load lazily; importing the package loads no torch or diffusers (they load when a model does).
 """
 
-import retrogen  # noqa: F401  (sets OMP_WAIT_POLICY before torch/faiss load)
+from retrogen.lazy import lazy_exports, require_namespace
 
-from .augment import augment_by_generation
-from .config import GenerationConfig
-from .errors import (
-    GenerationError,
-    GpuOutOfMemoryError,
-    InvalidConfigError,
-    MethodNeedsImagesError,
-    ModelKindError,
-    OutputExistsError,
-    UnknownMethodError,
-    UnknownModelError,
-    UnknownSchedulerError,
-)
-from .methods import create_method, list_methods
-from .prompts import derive_seed
-from .schedulers import list_schedulers
+require_namespace(__name__, "retrogen.generation")
 
-__all__ = [
-    "augment_by_generation",
-    "GenerationConfig",
-    "list_methods",
-    "list_schedulers",
-    "create_method",
-    "derive_seed",
-    "GenerationError",
-    "GpuOutOfMemoryError",
-    "InvalidConfigError",
-    "MethodNeedsImagesError",
-    "ModelKindError",
-    "OutputExistsError",
-    "UnknownMethodError",
-    "UnknownModelError",
-    "UnknownSchedulerError",
-]
+_EXPORTS = {
+    "augment_by_generation": ".augment",
+    "GenerationConfig": ".config",
+    "list_methods": ".methods",
+    "create_method": ".methods",
+    "list_schedulers": ".schedulers",
+    "derive_seed": ".prompts",
+    **{name: ".errors" for name in (
+        "GenerationError", "GpuOutOfMemoryError", "InvalidConfigError", "MethodNeedsImagesError", "ModelKindError",
+        "OutputExistsError", "UnknownMethodError", "UnknownModelError", "UnknownSchedulerError")},
+}
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import IndexFormatError
-from retrieval.index_format import (
+from retrogen.retrieval.errors import IndexFormatError
+from retrogen.retrieval.index_format import (
     DTYPES,
     EMB_DIR,
     INDEX_FILE,
@@ -96,7 +96,7 @@ def build_index(
             raise IndexBuildError(f"{name} must be >= 1, got {value}")
     specs = resolve_sources([str(s) for s in sources])
     if isinstance(embedder, str):
-        from retrieval.embedders import create_embedder
+        from retrogen.retrieval.embedders import create_embedder
 
         embedder = create_embedder(embedder)
     out_dir = Path(out_dir)
@@ -168,7 +168,7 @@ def finish_index(out_dir: Path, shards: list[ShardInfo], *, embedder_entry: dict
     """Train + fill the FAISS index from the shards, measure recall, and write the manifest (last)."""
     import faiss
 
-    from retrieval.index import CorpusIndex
+    from retrogen.retrieval.index import CorpusIndex
 
     started = started if started is not None else time.perf_counter()
     count = sum(s.rows for s in shards)

@@ -34,7 +34,7 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Embed a corpus and build its index (resumable)."""
-    from retrieval.embedders import create_embedder
+    from retrogen.retrieval.embedders import create_embedder
     from retrogen.console import TqdmProgress
 
     from .build import build_index
@@ -78,7 +78,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
     """Print what an index's manifest holds."""
-    from retrieval.index_format import read_manifest
+    from retrogen.retrieval.index_format import read_manifest
 
     m = read_manifest(directory)
     if as_json:

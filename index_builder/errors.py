@@ -1,6 +1,6 @@
 """Errors of the batch index builder: bad sources, refused re-runs, impossible memory budgets."""
 
-from retrieval.errors import RetrievalError
+from retrogen.retrieval.errors import RetrievalError
 from retrogen.errors import InvalidInputError
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.index_format import DTYPES, Manifest
+from retrogen.retrieval.index_format import DTYPES, Manifest
 from retrogen.progress import ProgressEvent, ProgressFn, emit
 
 from .build import finish_index, prepare_out_dir

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.index_format import (
+from retrogen.retrieval.index_format import (
     DTYPES,
     EMB_DIR,
     META_DIR,

@@ -23,13 +23,13 @@ app.add_typer(augment_app, name="augment")
 
 # (module, attribute, where, command name). A missing module (a package not built yet) is skipped.
 _COMMANDS: list[tuple[str, str, str, str]] = [
-    ("index_builder.cli", "app", "root-group", "index"),
-    ("retrieval.cli", "retrieve", "augment", "retrieve"),
-    ("retrieval.cli", "text_filter", "augment", "filter"),
-    ("generation.cli", "generate", "augment", "generate"),
-    ("evaluation.cli", "evaluate", "root", "evaluate"),
-    ("service.cli", "serve", "root", "serve"),
-    ("service.cli", "worker", "root", "worker"),
+    ("retrogen.index_builder.cli", "app", "root-group", "index"),
+    ("retrogen.retrieval.cli", "retrieve", "augment", "retrieve"),
+    ("retrogen.retrieval.cli", "text_filter", "augment", "filter"),
+    ("retrogen.generation.cli", "generate", "augment", "generate"),
+    ("retrogen.evaluation.cli", "evaluate", "root", "evaluate"),
+    ("retrogen.service.cli", "serve", "root", "serve"),
+    ("retrogen.service.cli", "worker", "root", "worker"),
     ("retrogen.demo", "demo", "root", "demo"),
 ]
 

@@ -73,10 +73,10 @@ def demo(
     """Run retrieval augmentation on real data (Fashion-MNIST) and report what it retrieved."""
     import numpy as np
 
-    from index_builder.build import build_index
-    from retrieval.augment import RetrievalConfig, augment_by_retrieval
-    from retrieval.embedders import create_embedder
-    from retrieval.index import CorpusIndex
+    from retrogen.index_builder.build import build_index
+    from retrogen.retrieval.augment import RetrievalConfig, augment_by_retrieval
+    from retrogen.retrieval.embedders import create_embedder
+    from retrogen.retrieval.index import CorpusIndex
 
     from .console import TqdmProgress
     from .provenance import read_provenance

@@ -1,3 +1,5 @@
 """retrogen service package."""
 
-import retrogen  # noqa: F401  (sets OMP_WAIT_POLICY before torch/faiss load)
+from retrogen.lazy import require_namespace
+
+require_namespace(__name__, "retrogen.service")

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def _use_settings_file(settings_file: Path | None) -> None:
     if settings_file is not None:
-        from service.config import SETTINGS_FILE_ENV
+        from retrogen.service.config import SETTINGS_FILE_ENV
 
         os.environ[SETTINGS_FILE_ENV] = str(settings_file)
 
@@ -28,8 +28,8 @@ def serve(
     _use_settings_file(settings_file)
     import uvicorn
 
-    from service.api.main import create_app
-    from service.config import get_settings
+    from retrogen.service.api.main import create_app
+    from retrogen.service.config import get_settings
 
     settings = get_settings()
     app = create_app(settings, start_worker=worker)
@@ -46,12 +46,12 @@ def worker(
     import signal
     from pathlib import Path as P
 
-    from service.config import get_settings
-    from service.db import Database
-    from service.indexes import registry_for_settings
-    from service.methods import default_registry
-    from service.storage import Store
-    from service.worker import Worker
+    from retrogen.service.config import get_settings
+    from retrogen.service.db import Database
+    from retrogen.service.indexes import registry_for_settings
+    from retrogen.service.methods import default_registry
+    from retrogen.service.storage import Store
+    from retrogen.service.worker import Worker
 
     settings = get_settings()
     db = Database(settings.resolved_database_url)

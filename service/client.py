@@ -1,6 +1,6 @@
 """A typed Python client for the retrogen HTTP API (httpx).
 
-    from service.client import RetrogenClient
+    from retrogen.service.client import RetrogenClient
     with RetrogenClient("http://127.0.0.1:8000") as rc:
         ds = rc.upload_folder("my_dataset/")
         job = rc.wait(rc.submit(ds["id"], "retrieval", per_class=50, params={"mode": "image"})["id"])

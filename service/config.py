@@ -19,7 +19,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from service.indexes import IndexConfig
+from retrogen.service.indexes import IndexConfig
 
 SETTINGS_FILE_ENV = "RETROGEN_SETTINGS_FILE"
 

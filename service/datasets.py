@@ -8,12 +8,12 @@ import time
 from sqlalchemy import func, select
 
 from retrogen.errors import NotFoundError
-from service.db import Database
-from service.errors import ConflictError
-from service.jobs import ACTIVE, new_id
-from service.models import Dataset, Job
-from service.storage import Store
-from service.uploads import StagedDataset, cleanup_staged
+from retrogen.service.db import Database
+from retrogen.service.errors import ConflictError
+from retrogen.service.jobs import ACTIVE, new_id
+from retrogen.service.models import Dataset, Job
+from retrogen.service.storage import Store
+from retrogen.service.uploads import StagedDataset, cleanup_staged
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.models import Base
+from retrogen.service.models import Base
 
 log = logging.getLogger(__name__)
 

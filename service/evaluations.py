@@ -20,12 +20,12 @@ from sqlalchemy import select
 
 from retrogen.errors import InvalidInputError, RetrogenError
 from retrogen.provenance import PROVENANCE_FILE, SUMMARY_FILE, atomic_write_json
-from service import datasets as dataset_crud
-from service import jobs
-from service.db import Database
-from service.errors import ConflictError
-from service.methods import MethodSpec, RunContext
-from service.models import Job
+from retrogen.service import datasets as dataset_crud
+from retrogen.service import jobs
+from retrogen.service.db import Database
+from retrogen.service.errors import ConflictError
+from retrogen.service.methods import MethodSpec, RunContext
+from retrogen.service.models import Job
 
 METHOD = "evaluation"
 MAX_AUGMENTATIONS = 8
@@ -40,7 +40,7 @@ JOB_EMBEDDERS = re.compile(r"^(pixels(:\d{1,3})?|efficientnet-lite0(:onnx)?)$")
 
 def check_config(config: dict[str, Any]) -> dict[str, Any]:
     """The request's ``EvaluationConfig`` fields, checked now so a queued evaluation is a runnable one."""
-    from evaluation import EvaluationConfig
+    from retrogen.evaluation import EvaluationConfig
 
     embedder = config.get("embedder")
     if embedder is not None and not (isinstance(embedder, str) and JOB_EMBEDDERS.match(embedder)):
@@ -95,7 +95,7 @@ def refuse_generic_submit(_params: dict[str, Any]) -> None:
 def run_evaluation(ctx: RunContext) -> None:
     """Run ``evaluation.evaluate`` and write report.json/.md/.png plus the summary.json + (empty)
     provenance.jsonl every job result has. Reports name sets by job id, never by server folders."""
-    from evaluation import EvaluationConfig, evaluate
+    from retrogen.evaluation import EvaluationConfig, evaluate
 
     p = ctx.params
     augs = p["augmentations"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from retrogen.errors import InvalidInputError
 from retrogen.provenance import PROVENANCE_FILE, SUMMARY_FILE
-from service.storage import Store
+from retrogen.service.storage import Store
 
 EXPORT_FORMATS = ("imagefolder", "webdataset")
 

@@ -171,8 +171,8 @@ class IndexRegistry:
             return self._loaded[name]
 
     def _load(self, name: str) -> LoadedIndex:
-        from retrieval.embedders import create_embedder
-        from retrieval.index import CorpusIndex
+        from retrogen.retrieval.embedders import create_embedder
+        from retrogen.retrieval.index import CorpusIndex
 
         cfg = self.configs[name]
         if not (Path(cfg.path) / "manifest.json").is_file():
@@ -243,7 +243,7 @@ def get_index_registry(request: Request) -> IndexRegistry:
     """
     registry = getattr(request.app.state, "index_registry", None)
     if registry is None:
-        from service.config import get_settings  # the service's one Settings (lazy: avoids an import cycle)
+        from retrogen.service.config import get_settings  # the service's one Settings (lazy: avoids an import cycle)
 
         registry = registry_for_settings(get_settings())
     return registry
@@ -282,7 +282,7 @@ class QueryLimits:
 def get_query_limits() -> QueryLimits:
     """FastAPI dependency: the defaults, overridden by same-named fields of the service Settings if present."""
     try:
-        from service.config import get_settings
+        from retrogen.service.config import get_settings
     except ImportError:
         return QueryLimits()
     settings = get_settings()

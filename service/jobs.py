@@ -18,9 +18,9 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import aliased
 
 from retrogen.errors import InvalidInputError, NotFoundError
-from service.db import Database
-from service.errors import ConflictError
-from service.models import Dataset, Job, JobEvent
+from retrogen.service.db import Database
+from retrogen.service.errors import ConflictError
+from retrogen.service.models import Dataset, Job, JobEvent
 
 log = logging.getLogger(__name__)
 

@@ -93,7 +93,7 @@ def _refuse_server_only(kind: str, params: dict[str, Any]) -> None:
 
 
 def _retrieval_config(params: dict[str, Any]) -> tuple[str, Any]:
-    from retrieval import RetrievalConfig
+    from retrogen.retrieval import RetrievalConfig
 
     _refuse_server_only("retrieval", params)
     params = dict(params)
@@ -117,7 +117,7 @@ def validate_retrieval(params: dict[str, Any]) -> None:
 
 
 def validate_generation(params: dict[str, Any]) -> None:
-    from generation import GenerationConfig
+    from retrogen.generation import GenerationConfig
 
     _refuse_server_only("generation", params)
     try:
@@ -128,7 +128,7 @@ def validate_generation(params: dict[str, Any]) -> None:
 
 def run_retrieval(ctx: RunContext) -> Any:
     """``retrieval`` through ``retrieval.augment_by_retrieval`` on a configured index (loaded once per process)."""
-    from retrieval import augment_by_retrieval
+    from retrogen.retrieval import augment_by_retrieval
 
     mode, config = _retrieval_config(ctx.params)
     loaded = ctx.index_registry.get(ctx.index)
@@ -143,7 +143,7 @@ def _tuples(params: dict[str, Any]) -> dict[str, Any]:
 
 def make_generation_runner(method: str) -> Runner:
     def run(ctx: RunContext) -> Any:
-        from generation import GenerationConfig, augment_by_generation
+        from retrogen.generation import GenerationConfig, augment_by_generation
 
         models = dict(getattr(ctx.settings, "models", {}) or {})
         if ctx.model not in models:
@@ -170,14 +170,14 @@ def default_registry() -> MethodRegistry:
             reg.register(MethodSpec("retrieval", "retrieval", run_retrieval, needs_index=True, validate=validate_retrieval,
                                     description="nearest corpus neighbours; params.mode: image | text | mixed"))
             try:
-                from generation import list_methods
+                from retrogen.generation import list_methods
             except ImportError:  # pragma: no cover - generation is part of the install
                 list_methods = list  # type: ignore[assignment]
             for name in list_methods():
                 reg.register(MethodSpec(name, "generation", make_generation_runner(name), needs_model=True,
                                         validate=validate_generation,
                                         description=f"Stable Diffusion: {name}"))
-            from service.evaluations import SPEC as evaluation_spec
+            from retrogen.service.evaluations import SPEC as evaluation_spec
 
             reg.register(evaluation_spec)
             _default = reg

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.models import Dataset, Job
+from retrogen.service.models import Dataset, Job
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 

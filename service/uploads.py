@@ -26,7 +26,7 @@ from typing import IO, Any
 from retrogen.errors import InvalidInputError
 from retrogen.imagefolder import DatasetLayoutError, safe_class_dir
 from retrogen.imageio import BadImageError, decode_image, is_image_path
-from service.errors import ForbiddenError, PayloadTooLargeError
+from retrogen.service.errors import ForbiddenError, PayloadTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def stage_manifest(items: list[dict[str, Any]], limits: UploadLimits, tmp_parent
 
 
 def _ext_of(data: bytes) -> str:
-    from service.indexes import sniff_media_type
+    from retrogen.service.indexes import sniff_media_type
 
     return {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/bmp": ".bmp",
             "image/webp": ".webp", "image/tiff": ".tif"}.get(sniff_media_type(data), ".png")

@@ -23,11 +23,11 @@ from typing import Any
 from retrogen.errors import RetrogenError
 from retrogen.progress import CancelledError, ProgressEvent
 from retrogen.provenance import PROVENANCE_FILE, SUMMARY_FILE
-from service import jobs
-from service.db import Database
-from service.methods import MethodRegistry, RunContext
-from service.models import Job
-from service.storage import Store
+from retrogen.service import jobs
+from retrogen.service.db import Database
+from retrogen.service.methods import MethodRegistry, RunContext
+from retrogen.service.models import Job
+from retrogen.service.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class Worker:
         """Return a job this worker is abandoning on purpose to the queue (its attempt is not counted)."""
         from sqlalchemy import update
 
-        from service.models import Job as JobRow
+        from retrogen.service.models import Job as JobRow
 
         with self.db.session() as s:
             n = s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.worker == self.name,

@@ -156,8 +156,8 @@ def write_service_corpus_tar(path):
 @pytest.fixture(scope="session")
 def service_index_dir(tmp_path_factory, tiny_open_clip_dir):
     """A flat index (tiny open_clip, 18 items in 3 colour families) built by ``index_builder.build``."""
-    from index_builder.build import build_index
-    from retrieval.embedders import create_embedder
+    from retrogen.index_builder.build import build_index
+    from retrogen.retrieval.embedders import create_embedder
 
     root = tmp_path_factory.mktemp("service_index")
     tar = write_service_corpus_tar(root / "00000.tar")
@@ -200,7 +200,7 @@ class MeanColourEmbedder:
 @pytest.fixture(scope="session")
 def mean_colour_embedder():
     """The ``meancolour`` fake embedder (index tests), registered in ``retrieval.embedders``, created by name."""
-    from retrieval.embedders import create_embedder, register_embedder
+    from retrogen.retrieval.embedders import create_embedder, register_embedder
 
     register_embedder("meancolour")(MeanColourEmbedder)
     return create_embedder("meancolour")

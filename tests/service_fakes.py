@@ -47,7 +47,7 @@ def fake_runner(kind: str):
 
 
 def fake_registry():
-    from service.methods import MethodRegistry, MethodSpec
+    from retrogen.service.methods import MethodRegistry, MethodSpec
 
     def validate(params):
         unknown = set(params) - {"delay_s", "mode"}
@@ -69,7 +69,7 @@ def fake_registry():
 
 
 def make_settings(data_dir, **overrides):
-    from service.config import Settings
+    from retrogen.service.config import Settings
 
     base = dict(data_dir=data_dir, poll_interval_s=0.05, job_lease_s=2.0, enable_worker=False)
     return Settings(**(base | overrides))
@@ -108,14 +108,14 @@ def _main() -> None:
     """``python -m tests.service_fakes worker|serve SETTINGS_JSON [PORT]``."""
     import logging
 
-    from service.config import Settings
+    from retrogen.service.config import Settings
 
     logging.basicConfig(level=logging.INFO)
     what, settings = sys.argv[1], Settings(**json.loads(sys.argv[2]))
     if what == "worker":
-        from service.db import Database
-        from service.storage import Store
-        from service.worker import Worker
+        from retrogen.service.db import Database
+        from retrogen.service.storage import Store
+        from retrogen.service.worker import Worker
 
         w = Worker(settings, Database(settings.resolved_database_url),
                    Store(settings.resolved_storage_url, settings.data_dir / "cache"), fake_registry(), None)
@@ -123,7 +123,7 @@ def _main() -> None:
     else:
         import uvicorn
 
-        from service.api.main import create_app
+        from retrogen.service.api.main import create_app
 
         app = create_app(settings, methods=fake_registry(), start_worker=True)
         uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[3]), log_level="warning")

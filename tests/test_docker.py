@@ -88,7 +88,7 @@ def _index(root: Path, name: str) -> Path:
 
 
 def test_entrypoint_configures_indexes_and_the_settings_accept_the_image_env(tmp_path):
-    from service.config import Settings
+    from retrogen.service.config import Settings
 
     indexes = tmp_path / "indexes"
     _index(indexes, "laion-subset")
@@ -96,7 +96,7 @@ def test_entrypoint_configures_indexes_and_the_settings_accept_the_image_env(tmp
     _index(indexes, "bad name")  # skipped, with a message
     (indexes / "incomplete").mkdir()  # no manifest: an interrupted build, not configured
     env = image_env() | {"RETROGEN_INDEX_ROOT": str(indexes), "RETROGEN_DATA_DIR": str(tmp_path / "data")}
-    code = ("from service.config import Settings; import json; s = Settings(); "
+    code = ("from retrogen.service.config import Settings; import json; s = Settings(); "
             "print(json.dumps({'indexes': {k: str(v.path) for k, v in s.indexes.items()}, 'data': str(s.data_dir)}))")
     r = run_entrypoint(sys.executable, "-c", code, env=env)
     assert r.returncode == 0, r.stderr

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from retrieval.embedders import create_embedder, list_embedders
+from retrogen.retrieval.embedders import create_embedder, list_embedders
 from retrogen.errors import InvalidInputError, NotFoundError, UnknownComponentError
 from tests.conftest import colour_image
 

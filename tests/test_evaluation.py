@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation import EvaluationConfig, FeatureCache, InvalidEvaluationError, LeakageError, evaluate
-from evaluation.stats import paired_bootstrap_gain
+from retrogen.evaluation import EvaluationConfig, FeatureCache, InvalidEvaluationError, LeakageError, evaluate
+from retrogen.evaluation.stats import paired_bootstrap_gain
 from retrogen.provenance import OutputWriter
 
 CLASSES = ("a", "b", "c")

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte
 
 
 def _has_index_builder() -> bool:
-    return importlib.util.find_spec("index_builder.build") is not None and \
-        importlib.util.find_spec("retrieval.index") is not None
+    return importlib.util.find_spec("retrogen.index_builder.build") is not None and \
+        importlib.util.find_spec("retrogen.retrieval.index") is not None
 
 
 def test_evidence_toy_end_to_end(tmp_path, tiny_sd_dir, tiny_open_clip_dir, capsys):

@@ -104,7 +104,7 @@ def test_output_writer_summary_last_and_refuses_to_clobber(tmp_path):
 
 def test_importing_a_library_sets_passive_openmp_before_torch_or_faiss():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = "import retrieval, os, sys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    code = "import retrogen.retrieval, os, sys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["PASSIVE", "False"]
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # an explicit user choice wins

@@ -13,7 +13,7 @@ import pytest
 from fastapi import APIRouter, HTTPException, Response
 from fastapi.testclient import TestClient
 
-from service.api.routes.gallery import router as gallery_router
+from retrogen.service.api.routes.gallery import router as gallery_router
 from tests.conftest import ThreadedUvicorn, colour_image, make_router_app
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,7 +30,7 @@ def _png(rgb) -> bytes:
 
 def _manifest():
     """Built with the jobs API's own response model, so the page is tested against the real shape."""
-    from service.schemas import ResultItem, ResultsPublic
+    from retrogen.service.schemas import ResultItem, ResultsPublic
 
     items = []
     for label, method, n in (("cat", "retrieval:image", 3), ("cat", "generation:text", 2),
@@ -150,7 +150,7 @@ def test_page_and_assets_are_served_with_a_strict_policy():
 
 def test_gallery_of_a_real_retrieval_job_with_api_keys(page, tmp_path, service_index_dir):
     """The whole service on uvicorn: a retrieval job run by the worker, browsed with a key in the fragment."""
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
     from tests.conftest import SERVICE_FAMILIES, png_bytes
     from tests.service_fakes import make_settings, zip_bytes
 
@@ -190,7 +190,7 @@ def test_gallery_of_a_real_retrieval_job_with_api_keys(page, tmp_path, service_i
 def test_gallery_shows_the_evaluation_chart_next_to_the_images(page, tmp_path):
     """An augmentation job's page shows the chart of an evaluation that used it; the evaluation's own page
     shows the chart with a link to each augmentation's gallery (fake augmentation runner, pixel features)."""
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
     from tests.service_fakes import dataset_files, make_settings
     from tests.test_service_evaluations import held_out_files, registry, upload
 

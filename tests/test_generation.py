@@ -39,7 +39,7 @@ def dataset(tmp_path):
 
 
 def run(dataset, out, model, method, per_class=3, artifacts_dir=None, progress=None, should_cancel=None, **cfg):
-    from generation import GenerationConfig, augment_by_generation
+    from retrogen.generation import GenerationConfig, augment_by_generation
 
     return augment_by_generation(dataset, out, model=str(model), method=method, per_class=per_class,
                                  config=GenerationConfig(**(FAST | cfg)), artifacts_dir=artifacts_dir,
@@ -47,14 +47,14 @@ def run(dataset, out, model, method, per_class=3, artifacts_dir=None, progress=N
 
 
 def test_list_methods():
-    from generation import list_methods
+    from retrogen.generation import list_methods
 
     assert list_methods() == ["dreambooth", "img2img", "prompt", "textual-inversion", "variation"]
 
 
 @pytest.mark.parametrize("method", ["prompt", "img2img", "variation"])
 def test_method_end_to_end_with_provenance(method, dataset, tmp_path, tiny_sd_dir):
-    from generation import derive_seed
+    from retrogen.generation import derive_seed
 
     events = []
     out = tmp_path / "out"
@@ -120,7 +120,7 @@ def _no_output(out: Path) -> bool:
 
 
 def test_errors_are_named_and_write_nothing(dataset, tmp_path, tiny_sd_dir):
-    from generation import (
+    from retrogen.generation import (
         MethodNeedsImagesError,
         ModelKindError,
         UnknownMethodError,
@@ -170,7 +170,7 @@ def test_prompt_method_accepts_empty_class_folders(tmp_path, tiny_sd_dir):
 
 
 def test_existing_output_is_never_overwritten(dataset, tmp_path, tiny_sd_dir):
-    from generation import OutputExistsError
+    from retrogen.generation import OutputExistsError
 
     out = tmp_path / "out"
     run(dataset, out, tiny_sd_dir, "prompt", per_class=1)
@@ -196,20 +196,20 @@ def test_cancel_between_batches_leaves_no_summary(dataset, tmp_path, tiny_sd_dir
 def test_gpu_out_of_memory_names_the_setting(dataset, tmp_path, tiny_sd_dir, monkeypatch):
     import torch
 
-    import generation.augment
-    from generation import GpuOutOfMemoryError
+    import retrogen.generation.augment
+    from retrogen.generation import GpuOutOfMemoryError
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(generation.augment, "generate_batch", oom)
+    monkeypatch.setattr(retrogen.generation.augment, "generate_batch", oom)
     with pytest.raises(GpuOutOfMemoryError, match="--batch-size, now 2") as e:
         run(dataset, tmp_path / "out", tiny_sd_dir, "prompt")
     assert "--size, now 64" in str(e.value) and e.value.http_status == 507
 
 
 def test_weights_hash_is_cached_and_tracks_changes(tmp_path):
-    from generation.models import _file_hashes, weights_hash
+    from retrogen.generation.models import _file_hashes, weights_hash
 
     d = tmp_path / "m"
     (d / "unet").mkdir(parents=True)
@@ -224,7 +224,7 @@ def test_weights_hash_is_cached_and_tracks_changes(tmp_path):
 
 
 def test_config_from_dict_rejects_unknown_keys():
-    from generation import GenerationConfig, InvalidConfigError
+    from retrogen.generation import GenerationConfig, InvalidConfigError
 
     cfg = GenerationConfig.from_dict({"num_inference_steps": 3, "prompt_templates": ["a {}"]})
     assert cfg.prompt_templates == ("a {}",) and GenerationConfig.from_dict(cfg.to_dict()) == cfg
@@ -235,8 +235,8 @@ def test_config_from_dict_rejects_unknown_keys():
 
 
 def test_ip_adapter_spec_resolution(tmp_path, tiny_sd_dir):
-    from generation import GenerationError
-    from generation.methods.variation import resolve_ip_adapter
+    from retrogen.generation import GenerationError
+    from retrogen.generation.methods.variation import resolve_ip_adapter
 
     assert resolve_ip_adapter(None, tiny_sd_dir, "sd") == (str(tiny_sd_dir), "ip_adapter", "ip-adapter.safetensors")
     assert resolve_ip_adapter(None, tmp_path, "sd") == ("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors")
@@ -249,7 +249,7 @@ def test_ip_adapter_spec_resolution(tmp_path, tiny_sd_dir):
 
 
 def test_sdxl_runs_inference_methods_and_refuses_personalisation(dataset, tmp_path, tiny_sdxl_dir):
-    from generation import InvalidConfigError
+    from retrogen.generation import InvalidConfigError
 
     pipelines = {}
     for method in ("prompt", "img2img", "variation"):

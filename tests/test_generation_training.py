@@ -38,8 +38,8 @@ def test_textual_inversion_moves_the_token_and_lowers_its_loss(pipe, tmp_path):
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file
 
-    from generation.training.common import denoising_loss, encode_latents
-    from generation.training.textual_inversion import TextualInversionConfig, train_textual_inversion
+    from retrogen.generation.training.common import denoising_loss, encode_latents
+    from retrogen.generation.training.textual_inversion import TextualInversionConfig, train_textual_inversion
 
     images, events = _red_images(), []
     cfg = TextualInversionConfig(placeholder_token="<red>", initializer="cat", num_train_steps=30, learning_rate=0.1,
@@ -77,7 +77,7 @@ def test_saved_embedding_reloads_through_diffusers_and_changes_outputs(pipe, tmp
     import torch
     from safetensors.torch import save_file
 
-    from generation.training.textual_inversion import TextualInversionConfig, train_textual_inversion
+    from retrogen.generation.training.textual_inversion import TextualInversionConfig, train_textual_inversion
 
     cfg = TextualInversionConfig(placeholder_token="<obj>", initializer="dog", num_vectors=2, num_train_steps=3,
                                  learning_rate=0.5, resolution=64)
@@ -99,7 +99,7 @@ def test_saved_embedding_reloads_through_diffusers_and_changes_outputs(pipe, tmp
 def test_dreambooth_lora_reloads_and_changes_outputs(pipe, tmp_path):
     from safetensors.torch import load_file
 
-    from generation.training.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, train_dreambooth
+    from retrogen.generation.training.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, train_dreambooth
 
     cfg = DreamBoothConfig(instance_prompt="a photo of sks thing", class_prompt="a photo of thing", num_train_steps=3,
                            learning_rate=1e-2, resolution=64, train_text_encoder=True, prior_preservation=True)
@@ -153,7 +153,7 @@ def test_personalisation_end_to_end_and_artifact_reuse(method, extra, tmp_path, 
 
 
 def test_artifact_store_is_atomic(tmp_path):
-    from generation.artifacts import ArtifactStore, artifact_key
+    from retrogen.generation.artifacts import ArtifactStore, artifact_key
 
     store = ArtifactStore(tmp_path)
     key = artifact_key(kind="k", base_weights_hash="b", image_sha256s=["2", "1"], hyperparameters={"x": 1})

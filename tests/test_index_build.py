@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from index_builder.build import STATE_FILE, build_index
-from index_builder.errors import BuildMismatchError, MemoryBudgetError, SourceError
-from index_builder.faiss_build import parse_memory, plan_index
-from index_builder.importer import import_clip_retrieval
-from retrieval.errors import EmbedderMismatchError
-from retrieval.index import CorpusIndex
+from retrogen.index_builder.build import STATE_FILE, build_index
+from retrogen.index_builder.errors import BuildMismatchError, MemoryBudgetError, SourceError
+from retrogen.index_builder.faiss_build import parse_memory, plan_index
+from retrogen.index_builder.importer import import_clip_retrieval
+from retrogen.retrieval.errors import EmbedderMismatchError
+from retrogen.retrieval.index import CorpusIndex
 from retrogen.imageio import decode_image
 
 
@@ -283,7 +283,7 @@ def test_clip_retrieval_import_without_reembedding(tmp_path):
 
 
 def test_real_efficientnet_lite0_on_ten_images(tmp_path):
-    from retrieval.embedders import create_embedder
+    from retrogen.retrieval.embedders import create_embedder
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.augment import RetrievalConfig, augment_by_retrieval
-from retrieval.embedders import create_embedder
+from retrogen.retrieval.augment import RetrievalConfig, augment_by_retrieval
+from retrogen.retrieval.embedders import create_embedder
 from retrogen.cli import app
 from retrogen.errors import InvalidInputError
 from retrogen.imagefolder import sha256_bytes
@@ -64,7 +64,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_index(tmp_path_factory, corpus_tar, tiny_open_clip_dir):
-    from index_builder.build import build_index
+    from retrogen.index_builder.build import build_index
 
     out = tmp_path_factory.mktemp("idx_clip") / "index"
     build_index([str(corpus_tar)], out, embedder=create_embedder(f"open_clip:local-dir:{tiny_open_clip_dir}"))
@@ -73,7 +73,7 @@ def clip_index(tmp_path_factory, corpus_tar, tiny_open_clip_dir):
 
 @pytest.fixture(scope="module")
 def effnet_index(tmp_path_factory, corpus_tar):
-    from index_builder.build import build_index
+    from retrogen.index_builder.build import build_index
 
     out = tmp_path_factory.mktemp("idx_eff") / "index"
     build_index([str(corpus_tar)], out, embedder=create_embedder("efficientnet-lite0"))
@@ -121,7 +121,7 @@ def test_fewer_than_n_with_a_reason_when_the_corpus_runs_out(effnet_index, datas
 
 
 def test_leakage_filter_removes_user_images_planted_in_the_corpus(tmp_path, corpus_tar):
-    from index_builder.build import build_index
+    from retrogen.index_builder.build import build_index
 
     # the user's training images are themselves in the corpus: retrieval must never hand them back
     root = tmp_path / "ds"
@@ -155,8 +155,8 @@ def test_text_mode_and_label_check_with_tiny_clip(clip_index, dataset, tmp_path)
     # with random weights, zero-shot predictions disagree with some labels: the check must have removed them,
     # and every survivor must be predicted as its own class
     assert checked.summary["removed"]["label_check"] > 0
-    from retrieval.index import CorpusIndex
-    from retrieval.prompts import class_prompts, class_text_embeddings
+    from retrogen.retrieval.index import CorpusIndex
+    from retrogen.retrieval.prompts import class_prompts, class_text_embeddings
 
     embedder = create_embedder(CorpusIndex.open(clip_index).manifest.embedder["name"])
     classes = sorted(FAMILIES)
@@ -167,7 +167,7 @@ def test_text_mode_and_label_check_with_tiny_clip(clip_index, dataset, tmp_path)
 
 
 def test_embedder_mismatch_and_bad_input_are_refused(effnet_index, clip_index, dataset, tmp_path, tiny_open_clip_dir):
-    from retrieval.errors import EmbedderMismatchError
+    from retrogen.retrieval.errors import EmbedderMismatchError
 
     with pytest.raises(EmbedderMismatchError, match="efficientnet-lite0"):
         augment_by_retrieval(dataset, tmp_path / "x", index=effnet_index, per_class=2,

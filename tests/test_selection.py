@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from retrieval.selection import Candidate, SelectionPolicy, round_robin, select
+from retrogen.retrieval.selection import Candidate, SelectionPolicy, round_robin, select
 
 
 def unit(v):

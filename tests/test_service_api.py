@@ -15,7 +15,7 @@ from tests.service_fakes import dataset_files, fake_registry, make_settings, zip
 
 @pytest.fixture()
 def app(tmp_path):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     return create_app(make_settings(tmp_path / "data", indexes={"tiny": {"path": str(tmp_path / "idx")}}),
                       methods=fake_registry(), start_worker=False)
@@ -162,7 +162,7 @@ def test_openapi_docs(client):
 
 
 def test_api_keys_isolate_owners(tmp_path):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     app = create_app(make_settings(tmp_path / "data", api_keys=["key-alice-123", "key-bob-4567"]),
                      methods=fake_registry(), start_worker=False)
@@ -195,7 +195,7 @@ def test_api_keys_isolate_owners(tmp_path):
 def test_settings_from_env_and_file(tmp_path, monkeypatch):
     from pydantic import ValidationError
 
-    from service.config import Settings
+    from retrogen.service.config import Settings
 
     f = tmp_path / "settings.json"
     f.write_text(json.dumps({"data_dir": str(tmp_path / "fromfile"), "max_per_class": 7,

@@ -66,7 +66,7 @@ def stopper():
 
 
 def test_kill9_worker_mid_job_then_restart(tmp_path, stopper):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     cfg = {"data_dir": str(tmp_path / "data"), "job_lease_s": 1.5, "poll_interval_s": 0.1, "enable_worker": False}
     app = create_app(make_settings(**cfg), methods=fake_registry(), start_worker=False)

@@ -20,7 +20,7 @@ def _dataset(client):
 
 
 def test_retrieval_job_end_to_end(tmp_path, service_index_dir):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     app = create_app(make_settings(tmp_path / "data", indexes={"tiny": {"path": str(service_index_dir)}}),
                      start_worker=False)
@@ -50,7 +50,7 @@ def test_retrieval_job_end_to_end(tmp_path, service_index_dir):
 
 @pytest.mark.timeout(300)
 def test_generation_prompt_job_end_to_end(tmp_path, tiny_sd_dir):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     app = create_app(make_settings(tmp_path / "data", models={"tiny-sd": str(tiny_sd_dir)}), start_worker=False)
     client = TestClient(app)

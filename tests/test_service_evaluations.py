@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service import evaluations
+from retrogen.service import evaluations
 from tests.conftest import colour_image, png_bytes
 from tests.service_fakes import COLOURS, dataset_files, fake_registry, make_settings, zip_bytes
 
@@ -29,7 +29,7 @@ def registry():
 
 
 def app_for(data_dir):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     return create_app(make_settings(data_dir, api_keys=[KEY_A, KEY_B]), methods=registry(), start_worker=False)
 
@@ -182,7 +182,7 @@ def test_failures_name_ids_not_server_folders(setup):
 
 
 def test_a_server_without_the_evaluation_method_refuses_before_queueing(tmp_path):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     client = TestClient(create_app(make_settings(tmp_path / "data"), methods=fake_registry(), start_worker=False))
     train, test = upload(client, dataset_files(per_class=3)), upload(client, held_out_files())

@@ -9,14 +9,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from service import jobs
-from service.models import Job
+from retrogen.service import jobs
+from retrogen.service.models import Job
 from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
 
 
 @pytest.fixture()
 def app(tmp_path):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     return create_app(make_settings(tmp_path / "data", job_lease_s=1.0, job_max_attempts=2),
                       methods=fake_registry(), start_worker=False)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.routes.knn import dedup_keep
-from service.api.routes.knn import router as knn_router
-from service.api.routes.retrieve import router as retrieve_router
-from service.indexes import IndexConfig, IndexRegistry
+from retrogen.service.api.routes.knn import dedup_keep
+from retrogen.service.api.routes.knn import router as knn_router
+from retrogen.service.api.routes.retrieve import router as retrieve_router
+from retrogen.service.indexes import IndexConfig, IndexRegistry
 from tests.conftest import SERVICE_FAMILIES, ThreadedUvicorn, colour_image, make_router_app, png_bytes
 
 
@@ -166,7 +166,7 @@ def test_clip_client_wire_format_over_real_http(app):
 
 
 def test_api_keys_guard_retrieval_and_clip_client_can_pass_one_in_the_url(registry):
-    from service.config import Settings, get_settings
+    from retrogen.service.config import Settings, get_settings
 
     app = make_router_app(knn_router, retrieve_router, index_registry=registry)
     app.dependency_overrides[get_settings] = lambda: Settings(api_keys=["k-0123456789"])
@@ -187,8 +187,8 @@ def test_api_keys_guard_retrieval_and_clip_client_can_pass_one_in_the_url(regist
 
 def test_full_app_lets_clip_client_pass_its_key_in_the_url(registry, tmp_path):
     """Through the real app factory (not just the router): the global key check must not block ?api_key=."""
-    from service.api.main import create_app
-    from service.config import Settings
+    from retrogen.service.api.main import create_app
+    from retrogen.service.config import Settings
 
     settings = Settings(api_keys=["k-0123456789"], data_dir=tmp_path)
     with TestClient(create_app(settings, index_registry=registry, start_worker=False)) as c:

@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrogen.imagefolder import sha256_bytes
-from service.api.routes.retrieve import router as retrieve_router
-from service.indexes import IndexConfig, IndexRegistry, sniff_media_type
+from retrogen.service.api.routes.retrieve import router as retrieve_router
+from retrogen.service.indexes import IndexConfig, IndexRegistry, sniff_media_type
 from tests.conftest import SERVICE_FAMILIES, colour_image, make_router_app, png_bytes
 
 
@@ -194,8 +194,8 @@ def test_media_type_sniffing_prefers_magic_and_never_says_svg():
 
 def test_the_service_app_serves_retrieval_with_its_settings(service_index_dir, tmp_path):
     """The real app factory: index from Settings, limits from Settings, the same answers as the router alone."""
-    from service.api.main import create_app
-    from service.config import Settings
+    from retrogen.service.api.main import create_app
+    from retrogen.service.config import Settings
 
     settings = Settings(data_dir=tmp_path / "data", indexes={"corpus": IndexConfig(path=service_index_dir)},
                         max_queries=2, enable_worker=False)

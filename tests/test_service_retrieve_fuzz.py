@@ -12,9 +12,9 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from service.api.routes.knn import router as knn_router  # noqa: E402
-from service.api.routes.retrieve import router as retrieve_router  # noqa: E402
-from service.indexes import IndexConfig, IndexRegistry  # noqa: E402
+from retrogen.service.api.routes.knn import router as knn_router  # noqa: E402
+from retrogen.service.api.routes.retrieve import router as retrieve_router  # noqa: E402
+from retrogen.service.indexes import IndexConfig, IndexRegistry  # noqa: E402
 from tests.conftest import make_router_app  # noqa: E402
 
 REGISTRY = IndexRegistry({})

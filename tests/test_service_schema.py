@@ -21,7 +21,7 @@ _DATA = Path(tempfile.mkdtemp(prefix="retrogen-schema-"))
 
 
 def _app():
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     return create_app(make_settings(_DATA / "data", max_upload_bytes=100_000), methods=fake_registry(),
                       start_worker=False)

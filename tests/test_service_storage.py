@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrogen.errors import NotFoundError
-from service.storage import Store, tree_hash
+from retrogen.service.storage import Store, tree_hash
 from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
 
 
@@ -50,7 +50,7 @@ def test_put_read_and_cache(tmp_path, url):
 
 
 def test_service_on_an_object_store_url(tmp_path):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     url = f"memory://retrogen-{uuid.uuid4().hex}"
     app = create_app(make_settings(tmp_path / "data", storage_url=url), methods=fake_registry(), start_worker=False)

@@ -19,7 +19,7 @@ from tests.service_fakes import dataset_files, fake_registry, make_settings, tar
 
 @pytest.fixture()
 def env(tmp_path):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     (tmp_path / "root" / "cat").mkdir(parents=True)
     (tmp_path / "root" / "cat" / "a.png").write_bytes(png_bytes(colour_image((1, 2, 3))))
@@ -158,7 +158,7 @@ def test_manifest_base64_and_server_paths(env):
 
 
 def test_server_paths_off_without_root(tmp_path):
-    from service.api.main import create_app
+    from retrogen.service.api.main import create_app
 
     client = TestClient(create_app(make_settings(tmp_path / "data"), methods=fake_registry(), start_worker=False))
     (tmp_path / "x.png").write_bytes(GOOD["cat/0.png"])

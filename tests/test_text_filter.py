@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from retrieval.embedders import create_embedder
-from retrieval.prompts import class_prompts, class_text_embeddings
-from retrieval.text_filter import filter_by_text_similarity
+from retrogen.retrieval.embedders import create_embedder
+from retrogen.retrieval.prompts import class_prompts, class_text_embeddings
+from retrogen.retrieval.text_filter import filter_by_text_similarity
 from retrogen.errors import InvalidInputError
 from retrogen.provenance import OutputWriter, read_provenance
 from tests.conftest import colour_image

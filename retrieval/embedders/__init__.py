@@ -18,9 +18,9 @@ __all__ = ["Embedder", "create_embedder", "list_embedders", "register_embedder",
 _FACTORIES: dict[str, Callable[..., Embedder]] = {}
 # family -> module that registers it; imported lazily (open_clip/transformers imports cost seconds)
 _BUILTIN_MODULES = {
-    "open_clip": "retrieval.embedders.open_clip_embedder",
-    "hf": "retrieval.embedders.hf_clip",
-    "efficientnet-lite0": "retrieval.embedders.efficientnet",
+    "open_clip": ".open_clip_embedder",
+    "hf": ".hf_clip",
+    "efficientnet-lite0": ".efficientnet",
 }
 EXAMPLES = {
     "open_clip": "open_clip:ViT-B-32:laion2b_s34b_b79k | open_clip:ViT-L-14:/path/to/ckpt.pt | open_clip:local-dir:/path",
@@ -58,7 +58,7 @@ def create_embedder(name: str, *, device: str = "cpu", **kwargs) -> Embedder:
     """
     family, spec = split_name(name)
     if family not in _FACTORIES and family in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[family])
+        importlib.import_module(_BUILTIN_MODULES[family], __name__)
     if family not in _FACTORIES:
         raise UnknownComponentError("embedder", name, [f"{f} ({EXAMPLES.get(f, f)})" for f in list_embedders()])
     return _FACTORIES[family](spec, device=device, **kwargs)

@@ -9,12 +9,12 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.config import Settings, get_settings
-from service.db import Database
-from service.errors import UnauthorizedError
-from service.methods import MethodRegistry
-from service.models import Job
-from service.storage import Store
+from retrogen.service.config import Settings, get_settings
+from retrogen.service.db import Database
+from retrogen.service.errors import UnauthorizedError
+from retrogen.service.methods import MethodRegistry
+from retrogen.service.models import Job
+from retrogen.service.storage import Store
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
@@ -66,7 +66,7 @@ DatasetId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="d
 
 
 def get_job_dep(job_id: JobId, owner: CurrentKey, db: DbDep) -> Job:
-    from service.jobs import get_job
+    from retrogen.service.jobs import get_job
 
     return get_job(db, owner, job_id)
 

@@ -12,15 +12,15 @@ from fastapi.responses import JSONResponse
 
 from retrogen import __version__
 from retrogen.errors import RetrogenError
-from service.api.deps import current_key
-from service.api.routes import datasets, evaluations, health, jobs, models
-from service.config import Settings, get_settings
-from service.db import Database
-from service.indexes import QueryLimits, get_index_registry, get_query_limits, registry_for_settings
-from service.methods import MethodRegistry, default_registry
-from service.metrics import Metrics
-from service.storage import Store
-from service.worker import Worker
+from retrogen.service.api.deps import current_key
+from retrogen.service.api.routes import datasets, evaluations, health, jobs, models
+from retrogen.service.config import Settings, get_settings
+from retrogen.service.db import Database
+from retrogen.service.indexes import QueryLimits, get_index_registry, get_query_limits, registry_for_settings
+from retrogen.service.methods import MethodRegistry, default_registry
+from retrogen.service.metrics import Metrics
+from retrogen.service.storage import Store
+from retrogen.service.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, *, methods: MethodRegistry | No
     keyed = [Depends(current_key)]
     for router in (datasets.router, jobs.router, evaluations.router, models.router, health.router):
         app.include_router(router)
-    from service.api.routes import gallery, knn, retrieve
+    from retrogen.service.api.routes import gallery, knn, retrieve
 
     app.include_router(retrieve.router, dependencies=keyed)
     # knn checks keys itself: ClipClient sends no headers, so it also accepts ?api_key= in the URL

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from service import datasets as crud
-from service.api.deps import CurrentKey, DatasetId, DbDep, SettingsDep, StoreDep
-from service.schemas import DatasetManifest, DatasetPublic, DatasetsPublic
-from service.uploads import UploadLimits, save_upload_stream, stage_archive, stage_manifest
+from retrogen.service import datasets as crud
+from retrogen.service.api.deps import CurrentKey, DatasetId, DbDep, SettingsDep, StoreDep
+from retrogen.service.schemas import DatasetManifest, DatasetPublic, DatasetsPublic
+from retrogen.service.uploads import UploadLimits, save_upload_stream, stage_archive, stage_manifest
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

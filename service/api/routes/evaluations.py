@@ -10,12 +10,12 @@ import json
 
 from fastapi import APIRouter, Response
 
-from evaluation.report import REPORT_JSON, REPORT_PNG
-from service import evaluations
-from service.api.deps import CurrentKey, DbDep, JobDep, MethodsDep, StoreDep
-from service.errors import ConflictError, NotFoundError
-from service.models import Job
-from service.schemas import EvaluationCreate, EvaluationPublic
+from retrogen.evaluation.report import REPORT_JSON, REPORT_PNG
+from retrogen.service import evaluations
+from retrogen.service.api.deps import CurrentKey, DbDep, JobDep, MethodsDep, StoreDep
+from retrogen.service.errors import ConflictError, NotFoundError
+from retrogen.service.models import Job
+from retrogen.service.schemas import EvaluationCreate, EvaluationPublic
 
 router = APIRouter(tags=["evaluations"])
 

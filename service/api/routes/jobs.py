@@ -8,14 +8,14 @@ from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from retrogen.errors import InvalidInputError, NotFoundError
-from service import datasets as dataset_crud
-from service import export
-from service import jobs as crud
-from service.api.deps import CurrentKey, DbDep, JobDep, MethodsDep, SettingsDep, StoreDep
-from service.errors import ConflictError
-from service.indexes import sniff_media_type
-from service.models import Job
-from service.schemas import JobCreate, JobEventPublic, JobPublic, JobsPublic, ResultsPublic
+from retrogen.service import datasets as dataset_crud
+from retrogen.service import export
+from retrogen.service import jobs as crud
+from retrogen.service.api.deps import CurrentKey, DbDep, JobDep, MethodsDep, SettingsDep, StoreDep
+from retrogen.service.errors import ConflictError
+from retrogen.service.indexes import sniff_media_type
+from retrogen.service.models import Job
+from retrogen.service.schemas import JobCreate, JobEventPublic, JobPublic, JobsPublic, ResultsPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

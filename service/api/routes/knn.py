@@ -23,9 +23,9 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
-from service.api.deps import SettingsDep, _api_key_header, _bearer, current_key
-from service.api.routes.retrieve import LimitsDep, item_image_url, source_uri
-from service.indexes import IndexRegistryDep, LoadedIndex, decode_base64_image
+from retrogen.service.api.deps import SettingsDep, _api_key_header, _bearer, current_key
+from retrogen.service.api.routes.retrieve import LimitsDep, item_image_url, source_uri
+from retrogen.service.indexes import IndexRegistryDep, LoadedIndex, decode_base64_image
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import CurrentKey, MethodsDep, SettingsDep
-from service.schemas import ModelsPublic
+from retrogen.service.api.deps import CurrentKey, MethodsDep, SettingsDep
+from retrogen.service.schemas import ModelsPublic
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

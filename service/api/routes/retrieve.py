@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retrogen.errors import InvalidInputError, NotFoundError
 from retrogen.imagefolder import sha256_bytes
-from service.api.deps import current_key
-from service.indexes import (
+from retrogen.service.api.deps import current_key
+from retrogen.service.indexes import (
     Hit,
     IndexRegistryDep,
     LoadedIndex,
