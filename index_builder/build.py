@@ -19,6 +19,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from retrogen import __version__
+from retrogen.imageio import DEFAULT_MAX_PIXELS
+from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
+from retrogen.provenance import now_iso
 from retrogen.retrieval.errors import IndexFormatError
 from retrogen.retrieval.index_format import (
     DTYPES,
@@ -33,10 +37,6 @@ from retrogen.retrieval.index_format import (
     write_json,
     write_manifest,
 )
-from retrogen import __version__
-from retrogen.imageio import DEFAULT_MAX_PIXELS
-from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
-from retrogen.provenance import now_iso
 
 from .embed import ShardEmbedder
 from .errors import BuildMismatchError, IndexBuildError, SourceError

@@ -34,8 +34,8 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Embed a corpus and build its index (resumable)."""
-    from retrogen.retrieval.embedders import create_embedder
     from retrogen.console import TqdmProgress
+    from retrogen.retrieval.embedders import create_embedder
 
     from .build import build_index
 

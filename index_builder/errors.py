@@ -1,7 +1,7 @@
 """Errors of the batch index builder: bad sources, refused re-runs, impossible memory budgets."""
 
-from retrogen.retrieval.errors import RetrievalError
 from retrogen.errors import InvalidInputError
+from retrogen.retrieval.errors import RetrievalError
 
 
 class IndexBuildError(RetrievalError, InvalidInputError):

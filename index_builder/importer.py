@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrogen.retrieval.index_format import DTYPES, Manifest
 from retrogen.progress import ProgressEvent, ProgressFn, emit
+from retrogen.retrieval.index_format import DTYPES, Manifest
 
 from .build import finish_index, prepare_out_dir
 from .errors import SourceError

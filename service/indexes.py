@@ -243,7 +243,9 @@ def get_index_registry(request: Request) -> IndexRegistry:
     """
     registry = getattr(request.app.state, "index_registry", None)
     if registry is None:
-        from retrogen.service.config import get_settings  # the service's one Settings (lazy: avoids an import cycle)
+        from retrogen.service.config import (
+            get_settings,  # the service's one Settings (lazy: avoids an import cycle)
+        )
 
         registry = registry_for_settings(get_settings())
     return registry

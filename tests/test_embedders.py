@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from retrogen.retrieval.embedders import create_embedder, list_embedders
 from retrogen.errors import InvalidInputError, NotFoundError, UnknownComponentError
+from retrogen.retrieval.embedders import create_embedder, list_embedders
 from tests.conftest import colour_image
 
 IMAGES = [colour_image((200, 30, 30)), colour_image((30, 200, 30)), colour_image((30, 30, 200), size=(64, 20))]

@@ -120,6 +120,7 @@ def _no_output(out: Path) -> bool:
 
 
 def test_errors_are_named_and_write_nothing(dataset, tmp_path, tiny_sd_dir):
+    from retrogen.errors import RetrogenError
     from retrogen.generation import (
         MethodNeedsImagesError,
         ModelKindError,
@@ -127,7 +128,6 @@ def test_errors_are_named_and_write_nothing(dataset, tmp_path, tiny_sd_dir):
         UnknownModelError,
         UnknownSchedulerError,
     )
-    from retrogen.errors import RetrogenError
     from retrogen.imageio import BadImageError
 
     out = tmp_path / "out"

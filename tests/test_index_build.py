@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from retrogen.imageio import decode_image
 from retrogen.index_builder.build import STATE_FILE, build_index
 from retrogen.index_builder.errors import BuildMismatchError, MemoryBudgetError, SourceError
 from retrogen.index_builder.faiss_build import parse_memory, plan_index
 from retrogen.index_builder.importer import import_clip_retrieval
 from retrogen.retrieval.errors import EmbedderMismatchError
 from retrogen.retrieval.index import CorpusIndex
-from retrogen.imageio import decode_image
 
 
 def sha(data: bytes) -> str:

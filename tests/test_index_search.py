@@ -7,12 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from retrogen.errors import InvalidInputError
 from retrogen.index_builder.build import finish_index
 from retrogen.index_builder.writer import write_shard
 from retrogen.retrieval.errors import EmbedderMismatchError, IndexFormatError, IndexNotFoundError
 from retrogen.retrieval.index import CorpusIndex
 from retrogen.retrieval.index_format import list_shard_files, read_manifest
-from retrogen.errors import InvalidInputError
 
 DIM = 16
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrogen.retrieval.augment import RetrievalConfig, augment_by_retrieval
-from retrogen.retrieval.embedders import create_embedder
 from retrogen.cli import app
 from retrogen.errors import InvalidInputError
 from retrogen.imagefolder import sha256_bytes
 from retrogen.provenance import read_provenance
+from retrogen.retrieval.augment import RetrievalConfig, augment_by_retrieval
+from retrogen.retrieval.embedders import create_embedder
 from tests.conftest import colour_image
 
 # Three colour families; each corpus item is a noisy shade of one, so its class is known.

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from retrogen.errors import InvalidInputError
+from retrogen.provenance import OutputWriter, read_provenance
 from retrogen.retrieval.embedders import create_embedder
 from retrogen.retrieval.prompts import class_prompts, class_text_embeddings
 from retrogen.retrieval.text_filter import filter_by_text_similarity
-from retrogen.errors import InvalidInputError
-from retrogen.provenance import OutputWriter, read_provenance
 from tests.conftest import colour_image
 from tests.test_foundation import encode
 
