@@ -84,8 +84,8 @@ def prepare_data(a, root: Path) -> dict:
     import numpy as np
 
     from retrogen.demo import _write_corpus_shards, _write_imagefolder
-    from retrogen.realdata import FASHION_MNIST_CLASSES as NAMES
-    from retrogen.realdata import load_fashion_mnist, stratified_indices
+    from retrogen.fashion_mnist import FASHION_MNIST_CLASSES as NAMES
+    from retrogen.fashion_mnist import load_fashion_mnist, stratified_indices
 
     rng = np.random.default_rng(a.seed)
     x_tr, y_tr = load_fashion_mnist("train")

@@ -56,7 +56,7 @@ class TrainConfig:
 
 
 def class_names() -> list[str]:
-    from retrogen.realdata import FASHION_MNIST_CLASSES
+    from retrogen.fashion_mnist import FASHION_MNIST_CLASSES
 
     return [c.replace("_", " ") for c in FASHION_MNIST_CLASSES]
 
@@ -106,7 +106,7 @@ def load_pixels(num_images: int, seed: int):
     import numpy as np
     import torch
 
-    from retrogen.realdata import load_fashion_mnist
+    from retrogen.fashion_mnist import load_fashion_mnist
 
     x, y = load_fashion_mnist("train")
     idx = np.random.default_rng(seed).permutation(len(x))[:num_images]
@@ -236,8 +236,8 @@ def sample_grid(out: Path, model_dir: Path, per_class: int = 8, steps: int = 25)
     """Generate ``per_class`` images per class through ``generation`` (method prompt) and tile them."""
     from PIL import Image
 
+    from retrogen.fashion_mnist import FASHION_MNIST_CLASSES
     from retrogen.generation import GenerationConfig, augment_by_generation
-    from retrogen.realdata import FASHION_MNIST_CLASSES
 
     with tempfile.TemporaryDirectory() as tmp:
         ds = Path(tmp) / "classes"

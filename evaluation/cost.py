@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from retrogen.provenance import PROVENANCE_FILE, SUMMARY_FILE, read_provenance
+from retrogen.outputs import OutputFolder
 
 log = logging.getLogger(__name__)
 
@@ -18,21 +17,20 @@ def augmentation_cost(set_dir: str | Path, num_images: int) -> dict:
     its records' ``device``), since one GPU was held throughout; None otherwise. Everything is None for a
     folder without ``summary.json`` (e.g. plain real images).
     """
-    d = Path(set_dir)
+    folder = OutputFolder(set_dir)
     out = {"method": None, "duration_s": None, "images_per_s": None, "seconds_per_image": None,
-           "gpu_seconds_per_image": None, "device": None, "has_provenance": (d / PROVENANCE_FILE).exists()}
-    if not (d / SUMMARY_FILE).exists():
+           "gpu_seconds_per_image": None, "device": None, "has_provenance": folder.has_provenance}
+    if not folder.is_complete:
         return out
     try:
-        summary = json.loads((d / SUMMARY_FILE).read_text())
+        summary = folder.summary()
     except ValueError as e:
-        log.warning("unreadable %s: %s; cost unknown", d / SUMMARY_FILE, e)
+        log.warning("unreadable summary in %s: %s; cost unknown", folder.path, e)
         return out
     duration = summary.get("duration_s")
     device = (summary.get("runtime") or {}).get("device")
     if device is None and out["has_provenance"]:
-        records = read_provenance(d)
-        device = records[0].get("device") if records else None
+        device = next((r.get("device") for r in folder.iter_records()), None)
     out.update(method=summary.get("method"), duration_s=duration, images_per_s=summary.get("images_per_s"),
                device=device)
     if duration is not None and num_images:

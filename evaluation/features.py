@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from retrogen.imagefolder import sha256_bytes
+from retrogen.fileio import sha256_bytes
 from retrogen.imageio import decode_image
 
 from .errors import InvalidEvaluationError

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retrogen.provenance import atomic_write_bytes, atomic_write_json
+from retrogen.fileio import atomic_write_bytes, atomic_write_json
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 

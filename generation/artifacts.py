@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retrogen.provenance import atomic_write_json, now_iso
+from retrogen.fileio import atomic_write_json
+from retrogen.provenance import now_iso
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,11 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from retrogen import __version__
-from retrogen.imagefolder import LabelledImage, safe_class_dir, scan_imagefolder, sha256_bytes
+from retrogen.fileio import sha256_bytes
+from retrogen.imagefolder import LabelledImage, safe_class_dir, scan_imagefolder
 from retrogen.imageio import decode_image
+from retrogen.outputs import SUMMARY_FILE, AugmentResult, OutputFolder
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
-from retrogen.provenance import SUMMARY_FILE, AugmentResult, OutputWriter
 
 from .artifacts import ArtifactStore
 from .config import GenerationConfig
@@ -183,7 +184,7 @@ def augment_by_generation(
     train_s = gen_s = 0.0
     total = per_class * len(by_class)
     try:
-        with OutputWriter(out_dir) as writer:
+        with OutputFolder.create(out_dir) as writer:
             # 3. Per class: prepare (train / load adapters), then batches of seeded images.
             for label, class_images in by_class.items():
                 ctx = ClassContext(label, class_images, store, images.raw, progress, should_cancel)

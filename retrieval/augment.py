@@ -16,8 +16,8 @@ import numpy as np
 from retrogen.errors import InvalidInputError
 from retrogen.imagefolder import LabelledImage, class_names, scan_imagefolder
 from retrogen.imageio import DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from retrogen.outputs import AugmentResult, OutputFolder
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
-from retrogen.provenance import AugmentResult, OutputWriter
 
 from .embedders import Embedder, create_embedder
 from .prompts import DEFAULT_TEMPLATES, class_prompts, class_text_embeddings
@@ -163,7 +163,7 @@ def augment_by_retrieval(
     # 5. Write the images exactly as stored in the corpus, with provenance, then the summary.
     total = sum(len(v) for v in selection.chosen.values())
     metas = {m["id"]: m for m in corpus.metadata(sorted({c.id for v in selection.chosen.values() for c in v}))}
-    with OutputWriter(out_dir, overwrite=overwrite) as writer:
+    with OutputFolder.create(out_dir, overwrite=overwrite) as writer:
         done = 0
         for label in classes:
             for n, cand in enumerate(selection.chosen[label]):

@@ -10,21 +10,13 @@ both backends meet.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from retrogen.errors import InvalidInputError
 from retrogen.imageio import decode_image
-from retrogen.provenance import (
-    PROVENANCE_FILE,
-    SUMMARY_FILE,
-    atomic_write_bytes,
-    atomic_write_json,
-    read_provenance,
-)
+from retrogen.outputs import OutputFolder
 
 from .embedders import Embedder
 from .prompts import DEFAULT_TEMPLATES, class_prompts, class_text_embeddings
@@ -48,11 +40,11 @@ def filter_by_text_similarity(
         raise InvalidInputError(f"text filtering needs an image-text embedder; {embedder.name!r} is image-only")
     if min_similarity is None and not require_top1:
         raise InvalidInputError("give min_similarity and/or require_top1")
-    out_dir = Path(out_dir)
-    if not (out_dir / SUMMARY_FILE).exists():
-        raise InvalidInputError(f"{out_dir} is not a finished augmentation output (no {SUMMARY_FILE})")
-    records = read_provenance(out_dir)
-    summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    folder = OutputFolder(out_dir)
+    if not folder.is_complete:
+        raise InvalidInputError(f"{folder.path} is not a finished augmentation output (no summary.json)")
+    records = folder.records()
+    summary = folder.summary()
     classes = sorted(set(summary.get("per_class", {})) | {r["label"] for r in records})
     class_vecs = class_text_embeddings(embedder, class_prompts(classes, templates))
     index_of = {c: i for i, c in enumerate(classes)}
@@ -60,7 +52,7 @@ def filter_by_text_similarity(
     sims, top = [], []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        vecs = embedder.embed_images([decode_image((out_dir / r["file"]).read_bytes()) for r in chunk])
+        vecs = embedder.embed_images([decode_image(folder.file(r).read_bytes()) for r in chunk])
         scores = vecs @ class_vecs.T
         sims.extend(scores[np.arange(len(chunk)), [index_of[r["label"]] for r in chunk]].tolist())
         top.extend(classes[j] for j in scores.argmax(axis=1))
@@ -70,19 +62,11 @@ def filter_by_text_similarity(
         r = r | {"text_similarity": round(float(s), 6), "zero_shot_label": t, "text_filter_embedder": embedder.name}
         bad = (min_similarity is not None and s < min_similarity) or (require_top1 and t != r["label"])
         (rejected if bad else kept).append(r)
-    for r in rejected:  # move the file first; the records are rewritten after, atomically
-        dst = out_dir / "rejected" / r["file"]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(out_dir / r["file"], dst)
-    if rejected:
-        with open(out_dir / "rejected" / PROVENANCE_FILE, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejected)
-    atomic_write_bytes(out_dir / PROVENANCE_FILE, "".join(json.dumps(r) + "\n" for r in kept).encode())
     report = {"embedder": embedder.name, "min_similarity": min_similarity, "require_top1": require_top1,
               "kept": len(kept), "rejected": len(rejected),
               "mean_similarity": float(np.mean(sims)) if sims else None}
     for label, c in summary.get("per_class", {}).items():
         c["returned"] = sum(r["label"] == label for r in kept)
     summary["text_filter"] = report
-    atomic_write_json(out_dir / SUMMARY_FILE, summary)
+    folder.rewrite(kept, rejected, summary)
     return report

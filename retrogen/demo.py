@@ -79,9 +79,9 @@ def demo(
     from retrogen.retrieval.index import CorpusIndex
 
     from .console import TqdmProgress
-    from .provenance import read_provenance
-    from .realdata import FASHION_MNIST_CLASSES as NAMES
-    from .realdata import load_fashion_mnist, stratified_indices
+    from .fashion_mnist import FASHION_MNIST_CLASSES as NAMES
+    from .fashion_mnist import load_fashion_mnist, stratified_indices
+    from .outputs import OutputFolder
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -118,7 +118,7 @@ def demo(
     with TqdmProgress() as bars:
         result = augment_by_retrieval(dataset, out, index=corpus, per_class=per_class, mode="image",
                                       config=RetrievalConfig(), embedder=emb, progress=bars, overwrite=True)
-    records = read_provenance(out)
+    records = OutputFolder(out).records()
 
     # 4. Report: counts and label purity per class.
     typer.echo(f"\n{'class':<12} {'retrieved':>9} {'purity':>7} {'mean sim':>9}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -70,7 +69,3 @@ def safe_class_dir(label: str) -> str:
     if not _SAFE_CLASS.match(label) or label in (".", ".."):
         raise DatasetLayoutError(f"class name {label!r} cannot be a folder name")
     return label
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -19,7 +19,8 @@ from typing import Any
 from sqlalchemy import select
 
 from retrogen.errors import InvalidInputError, RetrogenError
-from retrogen.provenance import PROVENANCE_FILE, SUMMARY_FILE, atomic_write_json
+from retrogen.fileio import atomic_write_json
+from retrogen.outputs import PROVENANCE_FILE, SUMMARY_FILE
 from retrogen.service import datasets as dataset_crud
 from retrogen.service import jobs
 from retrogen.service.db import Database

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from retrogen.errors import InvalidInputError
-from retrogen.provenance import PROVENANCE_FILE, SUMMARY_FILE
+from retrogen.outputs import PROVENANCE_FILE, SUMMARY_FILE
 from retrogen.service.storage import Store
 
 EXPORT_FORMATS = ("imagefolder", "webdataset")

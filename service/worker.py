@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from retrogen.errors import RetrogenError
+from retrogen.outputs import PROVENANCE_FILE, SUMMARY_FILE
 from retrogen.progress import CancelledError, ProgressEvent
-from retrogen.provenance import PROVENANCE_FILE, SUMMARY_FILE
 from retrogen.service import jobs
 from retrogen.service.db import Database
 from retrogen.service.methods import MethodRegistry, RunContext

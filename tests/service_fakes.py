@@ -12,8 +12,8 @@ import time
 import zipfile
 
 from retrogen.errors import InvalidInputError
+from retrogen.outputs import OutputFolder
 from retrogen.progress import ProgressEvent, check_cancel
-from retrogen.provenance import OutputWriter
 from tests.conftest import colour_image, png_bytes
 
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
@@ -28,7 +28,7 @@ def fake_runner(kind: str):
         classes = class_names(scan_imagefolder(ctx.dataset_dir))
         delay = float(ctx.params.get("delay_s", 0))
         total = ctx.per_class * len(classes)
-        with OutputWriter(ctx.out_dir) as w:
+        with OutputFolder.create(ctx.out_dir) as w:
             for ci, label in enumerate(classes):
                 for i in range(ctx.per_class):
                     check_cancel(ctx.should_cancel)

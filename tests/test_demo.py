@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from retrogen.cli import app
-from retrogen.realdata import FASHION_MNIST_DIR, load_fashion_mnist
+from retrogen.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 
 pytestmark = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
                                 reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")

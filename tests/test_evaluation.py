@@ -18,7 +18,7 @@ from PIL import Image
 
 from retrogen.evaluation import EvaluationConfig, FeatureCache, InvalidEvaluationError, LeakageError, evaluate
 from retrogen.evaluation.stats import paired_bootstrap_gain
-from retrogen.provenance import OutputWriter
+from retrogen.outputs import OutputFolder
 
 CLASSES = ("a", "b", "c")
 FAST = dict(embedder="pixels:8", num_seeds=3, num_steps=150)
@@ -121,7 +121,7 @@ def test_cap_per_class_and_unbalanced_warning(data, tmp_path):
 
 def test_cost_read_from_summary(data, tmp_path):
     out = tmp_path / "gen"
-    with OutputWriter(out) as w:
+    with OutputFolder.create(out) as w:
         for c in CLASSES:
             for i in range(4):
                 w.add(label=c, filename=f"{i}.png", image_bytes=(data["good"] / c / f"img{i + 30 * CLASSES.index(c):04d}.png")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from retrogen.realdata import FASHION_MNIST_DIR
+from retrogen.fashion_mnist import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),

@@ -12,7 +12,7 @@ from PIL import Image
 
 from retrogen.imagefolder import DatasetLayoutError, scan_imagefolder
 from retrogen.imageio import BadImageError, decode_image, probe_image
-from retrogen.provenance import OutputWriter, read_provenance
+from retrogen.outputs import OutputFolder
 
 
 def encode(im, fmt="PNG", **kw):
@@ -87,19 +87,19 @@ def test_scan_imagefolder_layout_errors(tmp_path):
 
 def test_output_writer_summary_last_and_refuses_to_clobber(tmp_path):
     out = tmp_path / "out"
-    with OutputWriter(out) as w:
+    with OutputFolder.create(out) as w:
         w.add(label="cat", filename="1.png", image_bytes=b"abc", method="m", fields={"seed": 1})
         assert not (out / "summary.json").exists()
         w.close({"per_class": {"cat": {"requested": 1, "returned": 1, "reason": None}}})
-    rec = read_provenance(out)
+    rec = OutputFolder(out).records()
     assert rec[0]["file"] == "cat/1.png" and rec[0]["seed"] == 1
     assert rec[0]["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc")
     assert json.loads((out / "summary.json").read_text())["per_class"]["cat"]["returned"] == 1
     with pytest.raises(FileExistsError):
-        OutputWriter(out)
-    assert read_provenance(out) == rec, "a refused writer leaves the existing output intact"
+        OutputFolder.create(out)
+    assert OutputFolder(out).records() == rec, "a refused writer leaves the existing output intact"
     with pytest.raises(DatasetLayoutError):
-        OutputWriter(tmp_path / "o2").add(label="../x", filename="1.png", image_bytes=b"a", method="m", fields={})
+        OutputFolder.create(tmp_path / "o2").add(label="../x", filename="1.png", image_bytes=b"a", method="m", fields={})
 
 
 def test_importing_a_library_sets_passive_openmp_before_torch_or_faiss():

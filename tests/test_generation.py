@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrogen.imagefolder import sha256_bytes
+from retrogen.fileio import sha256_bytes
+from retrogen.outputs import OutputFolder
 from retrogen.progress import CancelledError
-from retrogen.provenance import read_provenance
 
 FAST = dict(num_inference_steps=2, size=64, batch_size=2, num_train_steps=2)
 PROV_FIELDS = {
@@ -65,7 +65,7 @@ def test_method_end_to_end_with_provenance(method, dataset, tmp_path, tiny_sd_di
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["per_class"]["cat"] == {"requested": 3, "returned": 3, "reason": None}
     assert summary["images_per_s"] > 0 and summary["parameters"]["num_inference_steps"] == 2
-    records = read_provenance(out)
+    records = OutputFolder(out).records()
     assert len(records) == 6 and records == json.loads(json.dumps(result.records))
     for r in records:
         assert PROV_FIELDS <= set(r), PROV_FIELDS - set(r)
@@ -190,7 +190,7 @@ def test_cancel_between_batches_leaves_no_summary(dataset, tmp_path, tiny_sd_dir
     with pytest.raises(CancelledError):
         run(dataset, tmp_path / "out", tiny_sd_dir, "prompt", per_class=4, should_cancel=should_cancel)
     assert not (tmp_path / "out" / "summary.json").exists()
-    assert len(read_provenance(tmp_path / "out")) == 2
+    assert len(OutputFolder(tmp_path / "out").records()) == 2
 
 
 def test_gpu_out_of_memory_names_the_setting(dataset, tmp_path, tiny_sd_dir, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from retrogen.cli import app
-from retrogen.provenance import read_provenance
+from retrogen.outputs import OutputFolder
 from tests.test_generation import make_dataset
 
 FAST = ["--steps", "2", "--size", "64", "--batch-size", "2"]
@@ -28,7 +28,7 @@ def test_cli_writes_output_and_summary_line(tmp_path, tiny_sd_dir):
     assert res.exit_code == 0, res.output
     assert "generated 4 images for 2 classes by textual-inversion" in res.output
     assert "artefacts trained 2, reused 0" in res.output
-    records = read_provenance(out)
+    records = OutputFolder(out).records()
     assert len(records) == 4 and {r["negative_prompt"] for r in records} == {"blurry"}
     assert records[0]["scheduler_class"] == "UniPCMultistepScheduler"
     summary = json.loads((out / "summary.json").read_text())

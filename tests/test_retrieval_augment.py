@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from retrogen.cli import app
 from retrogen.errors import InvalidInputError
-from retrogen.imagefolder import sha256_bytes
-from retrogen.provenance import read_provenance
+from retrogen.fileio import sha256_bytes
+from retrogen.outputs import OutputFolder
 from retrogen.retrieval.augment import RetrievalConfig, augment_by_retrieval
 from retrogen.retrieval.embedders import create_embedder
 from tests.conftest import colour_image
@@ -88,7 +88,7 @@ def test_image_mode_returns_right_class_with_complete_provenance(effnet_index, d
     events = []
     result = augment_by_retrieval(dataset, tmp_path / "out", index=effnet_index, per_class=5, mode="image",
                                   config=STRICT, progress=events.append)
-    records = read_provenance(tmp_path / "out")
+    records = OutputFolder(tmp_path / "out").records()
     assert result.counts == {"blue": 5, "green": 5, "red": 5}
     # the real EfficientNet features put colour families together
     purity = np.mean([true_family(r) == r["label"] for r in records])

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 from fastapi.testclient import TestClient
 
-from retrogen.imagefolder import sha256_bytes
+from retrogen.fileio import sha256_bytes
 from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
 
 

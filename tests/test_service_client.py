@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from retrogen.imagefolder import sha256_bytes
+from retrogen.fileio import sha256_bytes
 from tests.conftest import ThreadedUvicorn
 from tests.service_fakes import dataset_files, fake_registry, make_settings
 
 
 def test_client_round_trip(tmp_path):
+    from retrogen.client import JobFailedError, RetrogenAPIError, RetrogenClient
     from retrogen.service.api.main import create_app
-    from retrogen.service.client import JobFailedError, RetrogenAPIError, RetrogenClient
 
     folder = tmp_path / "pets"
     for name, data in dataset_files(per_class=2, classes=("cat", "dog", "fox")).items():

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from retrogen.imagefolder import sha256_bytes
+from retrogen.fileio import sha256_bytes
 from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from retrogen.imagefolder import sha256_bytes
+from retrogen.fileio import sha256_bytes
 from tests.conftest import SERVICE_FAMILIES, colour_image, png_bytes
 from tests.service_fakes import make_settings, zip_bytes
 

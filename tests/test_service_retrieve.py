@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from retrogen.imagefolder import sha256_bytes
+from retrogen.fileio import sha256_bytes
 from retrogen.service.api.routes.retrieve import router as retrieve_router
 from retrogen.service.indexes import IndexConfig, IndexRegistry, sniff_media_type
 from tests.conftest import SERVICE_FAMILIES, colour_image, make_router_app, png_bytes

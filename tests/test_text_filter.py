@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from retrogen.errors import InvalidInputError
-from retrogen.provenance import OutputWriter, read_provenance
+from retrogen.outputs import OutputFolder
 from retrogen.retrieval.embedders import create_embedder
 from retrogen.retrieval.prompts import class_prompts, class_text_embeddings
 from retrogen.retrieval.text_filter import filter_by_text_similarity
@@ -17,7 +17,7 @@ from tests.test_foundation import encode
 @pytest.fixture()
 def output_folder(tmp_path):
     out = tmp_path / "gen"
-    with OutputWriter(out) as w:
+    with OutputFolder.create(out) as w:
         for label in ("cat", "dog"):
             for i in range(4):
                 w.add(label=label, filename=f"{i}.png", method="generation:prompt", fields={"seed": i},
@@ -31,20 +31,20 @@ def test_filter_moves_low_similarity_images_and_rewrites_records(output_folder, 
     emb = create_embedder(f"open_clip:local-dir:{tiny_open_clip_dir}")
     # compute the true similarities independently, then pick a threshold that splits them
     text = class_text_embeddings(emb, class_prompts(["cat", "dog"]))
-    recs = read_provenance(output_folder)
+    recs = OutputFolder(output_folder).records()
     from retrogen.imageio import decode_image
 
     vecs = emb.embed_images([decode_image((output_folder / r["file"]).read_bytes()) for r in recs])
     sims = np.array([v @ text[0 if r["label"] == "cat" else 1] for v, r in zip(vecs, recs, strict=True)])
     threshold = float(np.median(sims))
     report = filter_by_text_similarity(output_folder, emb, min_similarity=threshold)
-    kept = read_provenance(output_folder)
+    kept = OutputFolder(output_folder).records()
     expect_kept = {r["file"] for r, s in zip(recs, sims, strict=True) if s >= threshold}
     assert {r["file"] for r in kept} == expect_kept
     assert report["kept"] == len(expect_kept) and report["rejected"] == 8 - len(expect_kept)
     for r in kept:
         assert (output_folder / r["file"]).exists() and r["text_similarity"] >= threshold - 1e-6
-    rejected = read_provenance(output_folder / "rejected")
+    rejected = OutputFolder(output_folder / "rejected").records()
     assert all((output_folder / "rejected" / r["file"]).exists() for r in rejected)
     assert not any((output_folder / r["file"]).exists() for r in rejected)
     summary = json.loads((output_folder / "summary.json").read_text())

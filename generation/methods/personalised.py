@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from retrogen.imagefolder import sha256_bytes
+from retrogen.fileio import sha256_bytes
 
 from ..artifacts import artifact_key
 from ..prompts import class_prompts, class_subject, derive_seed

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrogen.errors import InvalidInputError, NotFoundError
-from retrogen.imagefolder import sha256_bytes
+from retrogen.fileio import sha256_bytes
 from retrogen.service.api.deps import current_key
 from retrogen.service.indexes import (
     Hit,

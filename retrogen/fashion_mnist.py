@@ -1,4 +1,4 @@
-"""Real labelled data that installs from a package registry, for the demo and the evidence benchmark.
+"""Fashion-MNIST, the real labelled data that installs from a package registry (the demo, the evidence benchmark).
 
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (IDX files, 60k train + 10k test, 28x28
 greyscale, MIT licence). Nothing here downloads anything.

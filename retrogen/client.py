@@ -1,6 +1,7 @@
-"""A typed Python client for the retrogen HTTP API (httpx).
+"""A typed Python client for the retrogen HTTP API (httpx). It imports no server code, and torch only
+when :meth:`RetrogenClient.as_torch_dataset` is called.
 
-    from retrogen.service.client import RetrogenClient
+    from retrogen.client import RetrogenClient
     with RetrogenClient("http://127.0.0.1:8000") as rc:
         ds = rc.upload_folder("my_dataset/")
         job = rc.wait(rc.submit(ds["id"], "retrieval", per_class=50, params={"mode": "image"})["id"])
@@ -10,7 +11,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import tarfile
 import tempfile
@@ -21,10 +21,9 @@ from typing import Any
 
 import httpx
 
-from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
-from retrogen.imageio import is_image_path
-
-log = logging.getLogger(__name__)
+from .errors import InvalidInputError, NotFoundError, RetrogenError
+from .imageio import decode_image, is_image_path
+from .outputs import OutputFolder
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -174,18 +173,15 @@ class RetrogenClient:
 
 
 def _ImageFolderDataset(folder: Path, transform):  # noqa: N802 - a factory: torch is imported on use only
-    import json
-
     from torch.utils.data import Dataset
 
-    from retrogen.imageio import decode_image
+    result = OutputFolder(folder)
 
     class ResultDataset(Dataset):
         def __init__(self) -> None:
-            prov = folder / "provenance.jsonl"
-            if not prov.is_file():
+            if not result.has_provenance:
                 raise NotFoundError(f"{folder} has no provenance.jsonl (not a downloaded retrogen result)")
-            self.provenance = [json.loads(line) for line in prov.read_text().splitlines() if line.strip()]
+            self.provenance = result.records()
             self.classes = sorted({r["label"] for r in self.provenance})
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
@@ -194,7 +190,7 @@ def _ImageFolderDataset(folder: Path, transform):  # noqa: N802 - a factory: tor
 
         def __getitem__(self, i: int):
             rec = self.provenance[i]
-            image = decode_image((folder / rec["file"]).read_bytes())
+            image = decode_image(result.file(rec).read_bytes())
             return (transform(image) if transform else image), self.class_to_idx[rec["label"]]
 
     return ResultDataset()
