@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import retrogen  # noqa: E402,F401  (OMP_WAIT_POLICY before torch)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny_sd / tests.tiny_clip
+# torch's OpenMP threads must not spin against faiss's (see retrogen/__init__.py); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 CASES = ["diffusers", "prompt", "img2img", "variation", "textual-inversion", "dreambooth"]
 
@@ -61,10 +61,10 @@ SDXL_TEXT2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, nu
 def _clip_tokenizer(tmp: Path):
     from transformers import CLIPTokenizer
 
-    from tests.tiny_clip import _write_clip_bpe_tokenizer_files
+    from tests.tiny_clip import write_clip_bpe_tokenizer_files
 
     tmp.mkdir(parents=True, exist_ok=True)
-    _write_clip_bpe_tokenizer_files(tmp)
+    write_clip_bpe_tokenizer_files(tmp)
     return CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77)
 
 

@@ -43,13 +43,13 @@ def mixture(n: int, dim: int, *, clusters: int, seed: int, centres: np.ndarray |
 
 
 def write_corpus(out: Path, vectors: np.ndarray, shard_rows: int = 100_000):
-    from retrogen.index_builder.writer import write_shard
+    from retrogen.retrieval.index_directory import IndexDirectory
 
-    shards = []
+    directory, shards = IndexDirectory(out), []
     for n, lo in enumerate(range(0, len(vectors), shard_rows)):
         hi = min(len(vectors), lo + shard_rows)
         rows = [{"key": str(i), "source": "synthetic"} for i in range(lo, hi)]
-        shards.append(write_shard(out, n, vectors[lo:hi], rows, first_id=lo, dtype="float16", start=lo, end=hi))
+        shards.append(directory.write_shard(n, vectors[lo:hi], rows, first_id=lo, dtype="float16", start=lo, end=hi))
     return shards
 
 
@@ -67,11 +67,11 @@ def bench_search(corpus, queries: np.ndarray, batch: np.ndarray, label: str, rec
 
     k = 10
     defaults = corpus.search_defaults
-    params = search_parameters(corpus.index, nprobe=defaults.get("nprobe"), ef_search=defaults.get("efSearch"))
+    params = search_parameters(corpus.faiss_index, nprobe=defaults.get("nprobe"), ef_search=defaults.get("efSearch"))
     kk = k * corpus.rerank_k_factor
     corpus.search(queries[:5], k)  # warm up (page in the mmap, thread pools)
     ours = timed_queries(lambda q: corpus.search(q, k), queries)
-    raw = timed_queries(lambda q: corpus.index.search(q, kk, params=params), queries)
+    raw = timed_queries(lambda q: corpus.faiss_index.search(q, kk, params=params), queries)
     t = time.perf_counter()
     corpus.search(batch, k)
     qps = len(batch) / (time.perf_counter() - t)
@@ -86,9 +86,10 @@ def bench_search(corpus, queries: np.ndarray, batch: np.ndarray, label: str, rec
 
 def bench_size(n: int, dim: int, kinds: list[str], workdir: Path, args) -> list[dict]:
     from retrogen.index_builder.build import finish_index
+    from retrogen.index_builder.config import IndexBuildConfig
     from retrogen.index_builder.faiss_build import measure_recall
-    from retrogen.index_builder.writer import iter_vectors
     from retrogen.retrieval.index import CorpusIndex
+    from retrogen.retrieval.index_directory import IndexDirectory
 
     print(f"\n== {n:,} vectors, dim {dim} (clustered, {args.clusters} clusters, float16 shards)", flush=True)
     t = time.perf_counter()
@@ -107,8 +108,9 @@ def bench_size(n: int, dim: int, kinds: list[str], workdir: Path, args) -> list[
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(base, out)
         t = time.perf_counter()
-        m = finish_index(out, shards, embedder_entry=entry, dtype="float16", index=kind, memory_budget=None,
-                         sources=[], params={"bench": kind}, num_recall_queries=args.recall_queries)
+        config = IndexBuildConfig(index_type=kind, dtype="float16", num_recall_queries=args.recall_queries)
+        m = finish_index(IndexDirectory(out), shards, embedder_entry=entry, config=config, sources=[],
+                         params={"bench": kind})
         build_s = time.perf_counter() - t
         corpus = CorpusIndex.open(out)
         recall = m.recall["recall_at_10"] if m.recall else 1.0
@@ -120,8 +122,10 @@ def bench_size(n: int, dim: int, kinds: list[str], workdir: Path, args) -> list[
                            f"{kind} {m.faiss['factory']}", recall)
         rows.append({**row, "n": n, "build_s": build_s})
         if corpus.rerank_k_factor > 1:  # the same index without re-rank: what PQ alone gives
-            plain = CorpusIndex(out, m.model_copy(update={"faiss": {**m.faiss, "rerank_k_factor": 1}}), corpus.index)
-            r = measure_recall(plain, lambda out=out: iter_vectors(out, shards), num_queries=args.recall_queries)
+            plain = CorpusIndex(out, m.model_copy(update={"faiss": {**m.faiss, "rerank_k_factor": 1}}),
+                                corpus.faiss_index)
+            r = measure_recall(plain, lambda out=out: IndexDirectory(out).iter_vectors(shards),
+                               num_queries=args.recall_queries)
             row = bench_search(plain, queries, batch, f"{kind} without re-rank", r["recall_at_10"])
             rows.append({**row, "n": n, "build_s": build_s})
         del corpus
@@ -134,6 +138,7 @@ def bench_embedders(workdir: Path, num_images: int, names: list[str]) -> list[di
     from PIL import Image
 
     from retrogen.index_builder.build import build_index
+    from retrogen.index_builder.config import IndexBuildConfig
     from retrogen.retrieval.embedders import create_embedder
 
     folder = workdir / "images"
@@ -156,7 +161,8 @@ def bench_embedders(workdir: Path, num_images: int, names: list[str]) -> list[di
         emb = create_embedder(spec, **kwargs)
         out = workdir / f"build-{name.replace(':', '_')}"
         t = time.perf_counter()
-        m = build_index([str(folder)], out, embedder=emb, batch_size=32, num_workers=2, overwrite=True)
+        m = build_index([str(folder)], out, embedder=emb, config=IndexBuildConfig(batch_size=32, num_workers=2),
+                        overwrite=True)
         total = time.perf_counter() - t
         row = {"embedder": name, "images_per_s": m.build["images_per_s"], "total_s": total}
         print(f"  {name:<24} embed {m.build['images_per_s']:8.1f} images/s   whole build {num_images / total:8.1f} "
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="100k vectors only.")
     p.add_argument("--sizes", default=None, help="Comma-separated corpus sizes (default 100000,1000000).")
-    p.add_argument("--kinds", default="flat,hnsw,ivfpq", help="Index kinds or factory strings.")
+    p.add_argument("--kinds", default="flat,hnsw,ivfpq", help="Index types (--index-type) or factory strings.")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--latency-queries", type=int, default=200, help="Single queries timed one by one.")

@@ -54,13 +54,11 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> Path:
 def make_app(index_dir: str, work: Path, max_concurrent_embeds: int):
     """The service's own app (middleware, metrics, error mapping), no job worker."""
     from retrogen.service.api.main import create_app
-    from retrogen.service.config import Settings
-    from retrogen.service.indexes import IndexConfig, IndexRegistry
+    from retrogen.service.core.config import IndexConfig, Settings
 
     settings = Settings(data_dir=work / "data", indexes={"bench": IndexConfig(path=Path(index_dir))},
-                        enable_worker=False)
-    registry = IndexRegistry(settings.indexes, max_concurrent_embeds=max_concurrent_embeds)
-    return create_app(settings, index_registry=registry, start_worker=False)
+                        enable_worker=False, max_concurrent_embeds=max_concurrent_embeds)
+    return create_app(settings, start_worker=False)
 
 
 def serve(index_dir: str, port: int, max_concurrent_embeds: int) -> None:
@@ -101,7 +99,7 @@ async def http_level(url: str, bodies: list[dict], concurrency: int, total: int)
 
 
 def inprocess_level(loaded, bodies: list[dict], concurrency: int, total: int, k: int) -> tuple[float, list[float]]:
-    from retrogen.service.indexes import QueryLimits, decode_base64_image
+    from retrogen.service.domain.queries import QueryLimits, decode_base64_image
 
     limits = QueryLimits()
 
@@ -137,7 +135,9 @@ def main() -> None:
         return
 
     from retrogen.index_builder.build import build_index
-    from retrogen.service.indexes import IndexConfig, IndexRegistry
+    from retrogen.index_builder.config import IndexBuildConfig
+    from retrogen.service.core.config import IndexConfig
+    from retrogen.service.domain.indexes import IndexRegistry
 
     work = Path(tempfile.mkdtemp(prefix="bench_service_"))
     embedder = args.embedder
@@ -147,7 +147,7 @@ def main() -> None:
         embedder = f"open_clip:local-dir:{build_tiny_open_clip(work / 'clip')}"
     t = time.perf_counter()
     tar = make_corpus(work / "00000.tar", args.corpus_size)
-    build_index([str(tar)], work / "index", embedder=embedder, index="flat", num_workers=1)
+    build_index([str(tar)], work / "index", embedder=embedder, config=IndexBuildConfig(index_type="flat", num_workers=1))
     print(f"corpus: {args.corpus_size} items, flat index, embedder {embedder} (built in {time.perf_counter() - t:.1f} s)")
 
     rng = np.random.default_rng(1)

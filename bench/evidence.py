@@ -25,14 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import retrogen  # noqa: E402,F401  (OMP_WAIT_POLICY before torch/faiss)
+# torch and faiss each ship an OpenMP runtime; PASSIVE keeps their idle threads from spinning against each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("evidence")
 
@@ -83,9 +84,13 @@ def prepare_data(a, root: Path) -> dict:
     """Test folder, nested shot folders per k, extra-real folders per k, and the corpus shards."""
     import numpy as np
 
-    from retrogen.demo import _write_corpus_shards, _write_imagefolder
     from retrogen.fashion_mnist import FASHION_MNIST_CLASSES as NAMES
-    from retrogen.fashion_mnist import load_fashion_mnist, stratified_indices
+    from retrogen.fashion_mnist import (
+        load_fashion_mnist,
+        stratified_indices,
+        write_corpus_shards,
+        write_imagefolder,
+    )
 
     rng = np.random.default_rng(a.seed)
     x_tr, y_tr = load_fashion_mnist("train")
@@ -99,17 +104,17 @@ def prepare_data(a, root: Path) -> dict:
     test_idx = stratified_indices(y_te, max(1, a.test_size // len(NAMES)), rng)
 
     test_dir = root / "test"
-    _write_imagefolder(x_te[test_idx], y_te[test_idx], NAMES, test_dir, "test")
+    write_imagefolder(x_te[test_idx], y_te[test_idx], test_dir, prefix="test")
     shots = {}
     for k in a.shots:
         idx = np.concatenate([by_class[c][:k] for c in range(len(NAMES))])
         shots[k] = root / f"shots-k{k}"
-        _write_imagefolder(x_tr[idx], y_tr[idx], NAMES, shots[k], "shot")
+        write_imagefolder(x_tr[idx], y_tr[idx], shots[k], prefix="shot")
     extra_dir = root / "real-extra"
-    _write_imagefolder(x_tr[extra], y_tr[extra], NAMES, extra_dir, "extra")
+    write_imagefolder(x_tr[extra], y_tr[extra], extra_dir, prefix="extra")
     keys = [f"fmnist-{i:06d}" for i in pool]
     captions = [f"a photo of a {NAMES[y].replace('_', ' ')}" for y in y_tr[pool]]
-    shards = _write_corpus_shards(x_tr[pool], captions, keys, root / "corpus")
+    shards = write_corpus_shards(x_tr[pool], captions, keys, root / "corpus")
     return {"test": test_dir, "shots": shots, "extra": extra_dir, "shards": shards, "names": NAMES,
             "corpus_size": len(pool), "test_size": len(test_idx)}
 
@@ -129,32 +134,32 @@ def build_or_open_index(a, data: dict, emb):
     from retrogen.retrieval.index import CorpusIndex
 
     index_dir = a.workdir / "index"
-    if not (index_dir / "manifest.json").exists():
-        t0 = time.perf_counter()
-        build_index([str(s) for s in data["shards"]], index_dir, embedder=emb)
-        log.info("indexed %d corpus images in %.0fs", data["corpus_size"], time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    build_index([str(s) for s in data["shards"]], index_dir, embedder=emb)  # returns at once when already built
+    log.info("index of %d corpus images ready in %.0fs", data["corpus_size"], time.perf_counter() - t0)
     return CorpusIndex.open(index_dir)
 
 
 def make_arm(arm: str, k: int, a, data: dict, emb, model: str, index) -> Path:
     """The arm's augmentation folder for shots k (reused when already complete)."""
     from retrogen.generation import GenerationConfig, augment_by_generation
-    from retrogen.retrieval.augment import RetrievalConfig, augment_by_retrieval
+    from retrogen.outputs import OutputFolder
+    from retrogen.retrieval import RetrievalConfig, augment_by_retrieval
 
     shots = data["shots"][k]
     if arm == "real-extra":
         return data["extra"]
     # The prompt arm ignores the shots: one set serves every k.
     out = a.workdir / "sets" / (arm if arm == "prompt" else f"{arm}-k{k}")
-    if (out / "summary.json").exists():
+    if OutputFolder(out).is_complete:
         return out
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
     if arm == "retrieval":
-        augment_by_retrieval(shots, out, index=index, per_class=a.per_class, mode="image",
-                             holdout_dir=data["test"], config=RetrievalConfig(dedup_threshold=a.dedup_threshold, leakage_threshold=a.leakage_threshold),
-                             embedder=emb)
+        config = RetrievalConfig(dedup_threshold=a.dedup_threshold, leakage_threshold=a.leakage_threshold)
+        augment_by_retrieval(shots, out, corpus=index, per_class=a.per_class, mode="image",
+                             holdout_dir=data["test"], config=config, embedder=emb)
     else:
         names = {c: c.replace("_", " ") for c in data["names"]}
         cfg = GenerationConfig(num_inference_steps=a.gen_steps, guidance_scale=a.guidance_scale, batch_size=10,

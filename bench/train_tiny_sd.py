@@ -22,15 +22,16 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import retrogen  # noqa: E402,F401  (OMP_WAIT_POLICY before torch)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny_clip
+# torch's OpenMP threads must not spin against faiss's (see retrogen/__init__.py); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("train_tiny_sd")
 
@@ -70,10 +71,10 @@ def build_components(cfg: TrainConfig, tokenizer_dir: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tests.tiny_clip import _write_clip_bpe_tokenizer_files
+    from tests.tiny_clip import write_clip_bpe_tokenizer_files
 
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    _write_clip_bpe_tokenizer_files(tokenizer_dir)
+    write_clip_bpe_tokenizer_files(tokenizer_dir)
     tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=16)
     torch.manual_seed(cfg.seed)
     n = len(cfg.vae_channels)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="Retrain even when a cached model matches.")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("generation").setLevel(logging.WARNING)
+    logging.getLogger("retrogen.generation").setLevel(logging.WARNING)
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
     model_dir = train(TrainConfig(**kw), a.out, force=a.force)
     rec = json.loads((a.out / "training.json").read_text())

@@ -13,8 +13,9 @@ require_namespace(__name__, "retrogen.evaluation")
 
 _EXPORTS = {
     "evaluate": ".api",
-    "EvaluationConfig": ".api",
-    "REAL_ONLY": ".api",
+    "EvaluationConfig": ".config",
+    "DEFAULT_EMBEDDER": ".config",
+    "REAL_ONLY": ".inputs",
     "EvaluationReport": ".report",
     "ArmResult": ".report",
     "FeatureCache": ".features",

@@ -8,38 +8,10 @@ uniformly from the union. Augmentation samples may get label smoothing (their la
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-
 import numpy as np
 
+from .config import CLASSIFIERS, TrainSettings
 from .errors import InvalidEvaluationError
-
-log = logging.getLogger(__name__)
-
-CLASSIFIERS = ("linear", "cnn")
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How each classifier is trained (the same for every arm, so arms differ only in their data)."""
-
-    num_steps: int = 300
-    batch_size: int = 64
-    learning_rate: float | None = None  # None: linear 1e-2, cnn 2e-3
-    weight_decay: float = 1e-4
-    ratio: float | None = None  # DA-Fusion's p: share of augmentation samples per batch; None: uniform
-    aug_label_smoothing: float = 0.0  # label smoothing applied to augmentation samples only
-
-    def check(self) -> None:
-        if self.num_steps < 1 or self.batch_size < 1:
-            raise InvalidEvaluationError("num_steps and batch_size must be >= 1")
-        if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
-            raise InvalidEvaluationError(f"ratio must be in [0, 1], got {self.ratio}")
-        if not 0.0 <= self.aug_label_smoothing < 1.0:
-            raise InvalidEvaluationError(f"aug_label_smoothing must be in [0, 1), got {self.aug_label_smoothing}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise InvalidEvaluationError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
 def _batches(n_real: int, n_aug: int, s: TrainSettings, rng: np.random.Generator):
@@ -70,12 +42,12 @@ def _cnn(torch, num_classes: int):
                          nn.Dropout(0.2), nn.Linear(128, num_classes))
 
 
-def train_and_predict(kind: str, x_real: np.ndarray, y_real: np.ndarray, x_aug: np.ndarray, y_aug: np.ndarray,
+def train_and_predict(kind: str, *, x_real: np.ndarray, y_real: np.ndarray, x_aug: np.ndarray, y_aug: np.ndarray,
                       x_test: np.ndarray, num_classes: int, settings: TrainSettings, seed: int) -> np.ndarray:
     """Train classifier ``kind`` on real (+ augmentation) samples and return predicted classes for ``x_test``.
 
     Features (linear) are standardised with the real images' statistics; pixels (cnn) are (n, 3, H, W) in
-    [0, 1]. Deterministic for a given seed.
+    [0, 1]. No augmentation: ``x_aug``/``y_aug`` empty. Deterministic for a given seed.
     """
     import torch
 

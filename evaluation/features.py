@@ -8,6 +8,7 @@ weights and is what the tests use; it is a weak feature, but a fair one to compa
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 
 from retrogen.fileio import sha256_bytes
 from retrogen.imageio import decode_image
+from retrogen.retrieval.embedders import create_embedder, l2_normalize
 
 from .errors import InvalidEvaluationError
 
@@ -38,8 +40,7 @@ class PixelEmbedder:
             return np.zeros((0, self.dim), np.float32)
         x = np.stack([np.asarray(im.convert("L").resize((self.side, self.side), Image.BILINEAR), np.float32)
                       for im in images]).reshape(len(images), -1) / 255.0
-        x -= x.mean(axis=1, keepdims=True)
-        return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)).astype(np.float32)
+        return l2_normalize(x - x.mean(axis=1, keepdims=True))
 
 
 def resolve_embedder(name_or_embedder, *, device: str = "cpu"):
@@ -52,9 +53,16 @@ def resolve_embedder(name_or_embedder, *, device: str = "cpu"):
             return PixelEmbedder(int(spec) if spec else 16)
         except ValueError:
             raise InvalidEvaluationError(f"pixels embedder takes an integer side, got {spec!r}") from None
-    from retrogen.retrieval.embedders import create_embedder
-
     return create_embedder(name_or_embedder, device=device)
+
+
+@dataclass(frozen=True)
+class Features:
+    """One image set's feature vectors (L2-normalised rows), with each image's id and sha256 in the same order."""
+
+    vecs: np.ndarray
+    ids: list[str]
+    shas: list[str]
 
 
 class FeatureCache:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
+from .features import Features
 
 log = logging.getLogger(__name__)
 
@@ -12,26 +12,25 @@ log = logging.getLogger(__name__)
 IMBALANCE_RATIO = 1.5
 
 
-def find_leaks(test_vecs: np.ndarray, test_ids: list[str], test_shas: list[str], aug_vecs: np.ndarray,
-               aug_ids: list[str], aug_shas: list[str], set_name: str, threshold: float) -> list[dict]:
+def find_leaks(test: Features, aug: Features, *, set_name: str, threshold: float) -> list[dict]:
     """Augmentation images that copy (same bytes) or near-duplicate (cosine >= threshold) a test image.
 
     Vectors are L2-normalised, so inner product = cosine. One entry per leaking augmentation image, naming the
-    most similar test image.
+    most similar test image (the copied one for a byte copy).
     """
     leaks: list[dict] = []
-    if not len(test_vecs) or not len(aug_vecs):
+    if not len(test.vecs) or not len(aug.vecs):
         return leaks
-    test_sha = {s: i for i, s in enumerate(test_shas)}
-    for start in range(0, len(aug_vecs), 1024):
-        sims = aug_vecs[start : start + 1024] @ test_vecs.T
+    test_sha = {s: i for i, s in enumerate(test.shas)}
+    for start in range(0, len(aug.vecs), 1024):  # blocks bound the (block, num_test) similarity matrix
+        sims = aug.vecs[start : start + 1024] @ test.vecs.T
         best = sims.argmax(axis=1)
         for j, (b, row) in enumerate(zip(best, sims, strict=True)):
             k = start + j
-            same = test_sha.get(aug_shas[k])
+            same = test_sha.get(aug.shas[k])
             if same is not None or row[b] >= threshold:
                 t = same if same is not None else int(b)
-                leaks.append({"set": set_name, "image": aug_ids[k], "test": test_ids[t],
+                leaks.append({"set": set_name, "image": aug.ids[k], "test": test.ids[t],
                               "similarity": 1.0 if same is not None else round(float(row[b]), 4)})
     return leaks
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,8 +56,6 @@ class EvaluationReport:
     @classmethod
     def load(cls, path: str | Path) -> EvaluationReport:
         """Read ``report.json`` (a file, or the folder holding it)."""
-        import json
-
         p = Path(path)
         return cls.from_dict(json.loads((p / REPORT_JSON if p.is_dir() else p).read_text()))
 

@@ -23,13 +23,12 @@ def paired_bootstrap_gain(base_correct: np.ndarray, arm_correct: np.ndarray, *, 
         raise ValueError(f"paired arrays differ in shape: {base.shape} vs {arm.shape}")
     diff = arm - base
     rng = np.random.default_rng(seed)
-    s, n = diff.shape
-    per_item = diff  # (seeds, items)
+    s, n = diff.shape  # (seeds, test items)
     stats = np.empty(num_resamples)
     for b in range(num_resamples):
         rows = rng.integers(0, s, s)
         cols = rng.integers(0, n, n)
-        stats[b] = per_item[rows][:, cols].mean()
+        stats[b] = diff[rows][:, cols].mean()
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(stats, [alpha, 1 - alpha])
     return {"mean": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi), "confidence": confidence,

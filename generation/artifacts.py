@@ -8,7 +8,6 @@ builder never leaves half an artefact where readers look.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retrogen.fileio import atomic_write_json
+from retrogen.fileio import atomic_write_json, sha256_bytes, sha256_tree, tree_files
 from retrogen.provenance import now_iso
 
 log = logging.getLogger(__name__)
@@ -34,15 +33,12 @@ def artifact_key(*, kind: str, base_weights_hash: str, image_sha256s: list[str],
         "images": sorted(image_sha256s),
         "hyperparameters": hyperparameters,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())
 
 
 def dir_hash(path: Path) -> str:
-    """sha256 over the artefact's files except its metadata (what a provenance record calls adapter_hash)."""
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and q.name != META_FILE):
-        h.update(p.relative_to(path).as_posix().encode() + b"\x00" + hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
+    """The artefact's tree hash without its metadata (what a provenance record calls adapter_hash)."""
+    return sha256_tree(path, tree_files(path, skip=lambda rel: Path(rel).name == META_FILE))
 
 
 class ArtifactStore:

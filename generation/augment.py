@@ -1,50 +1,60 @@
-"""``augment_by_generation``: N generated images per class by one method, with provenance for each."""
+"""``augment_by_generation``: N generated images per class by one method, with provenance for each.
+
+A call runs in four steps: check inputs (before any model loads or any file is written), load the model,
+per class prepare (train / load adapters) and generate batches of seeded images, then the summary.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
-import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 
 from retrogen import __version__
-from retrogen.fileio import sha256_bytes
+from retrogen.fileio import sha256_file
 from retrogen.imagefolder import LabelledImage, safe_class_dir, scan_imagefolder
 from retrogen.imageio import decode_image
-from retrogen.outputs import SUMMARY_FILE, AugmentResult, OutputFolder
+from retrogen.outputs import AugmentResult, OutputExistsError, OutputFolder, OutputWriter
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
 
 from .artifacts import ArtifactStore
 from .config import GenerationConfig
-from .errors import InvalidConfigError, OutputExistsError
+from .errors import InvalidConfigError
 from .methods import create_method
-from .methods.base import ClassContext, ClassPlan
+from .methods.base import ClassContext, ClassPlan, GenerationMethod
+from .models import ModelRef, resolve_model
 from .prompts import derive_seed
+from .runtime import Runtime, load_runtime, oom_guard
 from .schedulers import check_scheduler
 
-log = logging.getLogger(__name__)
+
+def _images_by_class(dataset_dir: str | os.PathLike) -> dict[str, list[LabelledImage]]:
+    """The dataset's images per class, by label; an empty class folder is a class too (``prompt`` needs none)."""
+    by_class: dict[str, list[LabelledImage]] = {}
+    for it in scan_imagefolder(dataset_dir, min_per_class=0):
+        by_class.setdefault(it.label, []).append(it)
+    for d in sorted(p.name for p in Path(dataset_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        by_class.setdefault(safe_class_dir(d), [])
+    return dict(sorted(by_class.items()))
 
 
-def _check_inputs(dataset_dir: str | os.PathLike, out_dir: Path, per_class: int, method: Any,
+def _check_inputs(dataset_dir: str | os.PathLike, out_dir: Path, *, per_class: int, method: GenerationMethod,
                   config: GenerationConfig) -> dict[str, list[LabelledImage]]:
+    """Everything that can be refused before a model loads or a file is written; returns the classes."""
     if not isinstance(per_class, int) or per_class < 1:
         raise InvalidConfigError(f"per_class={per_class!r}: must be a positive integer")
     check_scheduler(config.scheduler)
-    if (out_dir / SUMMARY_FILE).exists():
+    if OutputFolder(out_dir).is_complete:
         raise OutputExistsError(f"{out_dir} already holds an augmentation output (summary.json); choose another --out")
-    items = scan_imagefolder(dataset_dir, min_per_class=0)
-    by_class: dict[str, list[LabelledImage]] = {}
-    for it in items:
-        by_class.setdefault(it.label, [])
-        by_class[it.label].append(it)
-    root = Path(dataset_dir)
-    for d in sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        by_class.setdefault(safe_class_dir(d), [])
+    by_class = _images_by_class(dataset_dir)
     unknown = sorted(set(config.class_prompts or {}) - set(by_class))
     if unknown:
         raise InvalidConfigError(f"class_prompts names classes not in the dataset: {unknown}")
@@ -53,7 +63,24 @@ def _check_inputs(dataset_dir: str | os.PathLike, out_dir: Path, per_class: int,
         for imgs in by_class.values():
             for it in imgs:
                 decode_image(it.path.read_bytes())
-    return dict(sorted(by_class.items()))
+    return by_class
+
+
+def _load(ref: ModelRef, config: GenerationConfig, progress: ProgressFn | None) -> Runtime:
+    emit(progress, ProgressEvent("load", 0, 1, message=f"loading {ref.id}"))
+    runtime = load_runtime(ref, config)
+    emit(progress, ProgressEvent("load", 1, 1, message=f"{type(runtime.text2img).__name__} on {runtime.device}"))
+    return runtime
+
+
+@contextlib.contextmanager
+def _artifact_store(artifacts_dir: str | os.PathLike | None) -> Iterator[ArtifactStore]:
+    """The caller's store, or one in a temporary folder deleted afterwards (nothing is reused then)."""
+    if artifacts_dir is not None:
+        yield ArtifactStore(artifacts_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="retrogen-artifacts-") as tmp:
+        yield ArtifactStore(tmp)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -81,9 +108,12 @@ class _Images:
         return self._sized[it.path]
 
 
-def generate_batch(runtime: Any, plan: ClassPlan, label: str, indices: list[int],
+def generate_batch(runtime: Runtime, plan: ClassPlan, label: str, indices: list[int],
                    images: _Images) -> list[tuple[Image.Image, dict[str, Any]]]:
-    """One pipeline call for ``indices`` of ``label``; every image gets its own seeded generator."""
+    """One pipeline call for ``indices`` of ``label``; every image gets its own seeded generator.
+
+    Returns each image with its provenance fields.
+    """
     import torch
 
     c = runtime.config
@@ -107,20 +137,94 @@ def generate_batch(runtime: Any, plan: ClassPlan, label: str, indices: list[int]
     if plan.pipeline == "text2img":
         kwargs.update(height=runtime.size, width=runtime.size)
     out = pipe(**kwargs).images
-    fields = {"pipeline": type(pipe).__name__, "scheduler": c.scheduler,
+    shared = {"pipeline": type(pipe).__name__, "scheduler": c.scheduler,
               "scheduler_class": type(pipe.scheduler).__name__} | runtime.provenance()
     results = []
     for k, (im, i) in enumerate(zip(out, indices, strict=True)):
         init = inits[k] if inits else None
-        results.append((im, fields | {
+        results.append((im, shared | {
             "index": i, "prompt": prompts[k], "negative_prompt": c.negative_prompt, "seed": seeds[k],
             "num_inference_steps": c.num_inference_steps, "guidance_scale": c.guidance_scale,
             "strength": plan.call_kwargs.get("strength"), "width": im.width, "height": im.height,
             "init_image": init.image_id if init else None,
-            "init_image_sha256": sha256_bytes(init.path.read_bytes()) if init else None,
+            "init_image_sha256": sha256_file(init.path) if init else None,
             "adapter": None, "adapter_hash": None,
         } | plan.fields))
     return results
+
+
+@dataclass
+class _Call:
+    """One call's loaded state that the per-class steps share, and what they add up for the summary."""
+
+    method: GenerationMethod
+    runtime: Runtime
+    store: ArtifactStore
+    writer: OutputWriter
+    per_class: int
+    total: int  # images over all classes
+    progress: ProgressFn | None
+    should_cancel: CancelFn | None
+    timings: dict[str, float]  # seconds: load, prepare (training included), generate
+    per_class_summary: dict[str, dict[str, Any]] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    images: _Images = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images = _Images(self.runtime.size)
+
+    def prepare(self, label: str, class_images: list[LabelledImage]) -> ClassPlan:
+        """Train or reuse the class's artefact, or load its adapters: whatever the method needs."""
+        ctx = ClassContext(label, class_images, self.store, self.images.raw, self.progress, self.should_cancel)
+        t0 = time.perf_counter()
+        with oom_guard(self.runtime, f"preparing class {label!r} for {self.method.name}"):
+            plan = self.method.prepare_class(self.runtime, ctx)
+        self.timings["prepare"] += time.perf_counter() - t0
+        if plan.artifact:
+            self.artifacts[label] = plan.artifact
+        return plan
+
+    def generate(self, label: str, plan: ClassPlan) -> None:
+        """The class's images in batches, each written with its record; the plan is released after."""
+        t0, batch_size = time.perf_counter(), self.runtime.config.batch_size
+        try:
+            emit(self.progress, ProgressEvent("generate", 0, self.per_class, label))
+            for start in range(0, self.per_class, batch_size):
+                check_cancel(self.should_cancel)
+                indices = list(range(start, min(start + batch_size, self.per_class)))
+                with oom_guard(self.runtime, f"generating {len(indices)} images at {self.runtime.size}px"):
+                    batch = generate_batch(self.runtime, plan, label, indices, self.images)
+                for im, fields in batch:
+                    self.writer.add(label=label, filename=f"{fields['index']:05d}.png", image_bytes=_png(im),
+                                    method=self.method.name, fields=fields)
+                emit(self.progress, ProgressEvent("generate", indices[-1] + 1, self.per_class, label, extra={
+                    "overall_done": len(self.writer.records), "overall_total": self.total}))
+        finally:
+            if plan.release:
+                plan.release()
+        self.timings["generate"] += time.perf_counter() - t0
+        self.per_class_summary[label] = {"requested": self.per_class, "returned": self.per_class, "reason": None}
+
+    def summary(self, *, duration: float, artifacts_dir: str | os.PathLike | None) -> dict[str, Any]:
+        """summary.json: counts, timings, the model, the artefacts and every parameter of the call."""
+        runtime, ref, n = self.runtime, self.runtime.ref, len(self.writer.records)
+        return {
+            "method": self.method.name,
+            "per_class": self.per_class_summary,
+            "duration_s": round(duration, 3),
+            "images_per_s": round(n / duration, 4) if duration > 0 else None,
+            "timing_s": {stage: round(s, 3) for stage, s in self.timings.items()},
+            "model": {"id": ref.id, "revision": ref.revision, "weights_hash": runtime.weights_hash,
+                      "pipeline_class": ref.pipeline_class},
+            "artifacts": self.artifacts,
+            # "size" is listed first for its place, then set by the config's own (None: the model's native size)
+            "parameters": {"model": ref.id, "method": self.method.name, "per_class": self.per_class,
+                           "size": runtime.size, **runtime.config.to_dict(),
+                           "method_parameters": self.method.parameters(),
+                           "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None},
+            "runtime": runtime.provenance(),
+            "retrogen_version": __version__,
+        }
 
 
 def augment_by_generation(
@@ -155,87 +259,32 @@ def augment_by_generation(
 
     Raises:
         GenerationError subclasses (unknown model/scheduler/method, wrong model dir, method needs images,
-        GPU out of memory), DatasetLayoutError, BadImageError, CancelledError.
+        GPU out of memory), OutputExistsError, DatasetLayoutError, BadImageError, CancelledError.
     """
-    from .models import resolve_model
-    from .runtime import load_runtime, oom_guard
-
     t_start = time.perf_counter()
     config = config or GenerationConfig()
     out_dir = Path(out_dir)
     # 1. Check inputs (no model loaded, nothing written yet).
     gen_method = create_method(method, config)
-    by_class = _check_inputs(dataset_dir, out_dir, per_class, gen_method, config)
+    by_class = _check_inputs(dataset_dir, out_dir, per_class=per_class, method=gen_method, config=config)
     ref = resolve_model(model, revision=config.revision, local_files_only=config.local_files_only)
     gen_method.check_model(ref.family)
 
     # 2. Load the model and the method's shared parts.
-    emit(progress, ProgressEvent("load", 0, 1, message=f"loading {model}"))
-    runtime = load_runtime(ref, config)
-    emit(progress, ProgressEvent("load", 1, 1, message=f"{type(runtime.text2img).__name__} on {runtime.device}"))
-    load_s = time.perf_counter() - t_start
+    runtime = _load(ref, config, progress)
+    timings = {"load": time.perf_counter() - t_start, "prepare": 0.0, "generate": 0.0}
     gen_method.setup(runtime)
-
-    tmp_store = tempfile.TemporaryDirectory(prefix="retrogen-artifacts-") if artifacts_dir is None else None
-    store = ArtifactStore(artifacts_dir if artifacts_dir is not None else tmp_store.name)
-    images = _Images(runtime.size)
-    per_class_summary: dict[str, dict[str, Any]] = {}
-    artifacts: dict[str, Any] = {}
-    train_s = gen_s = 0.0
-    total = per_class * len(by_class)
     try:
-        with OutputFolder.create(out_dir) as writer:
+        with _artifact_store(artifacts_dir) as store, OutputFolder.create(out_dir) as writer:
+            call = _Call(gen_method, runtime, store, writer, per_class=per_class, total=per_class * len(by_class),
+                         progress=progress, should_cancel=should_cancel, timings=timings)
             # 3. Per class: prepare (train / load adapters), then batches of seeded images.
             for label, class_images in by_class.items():
-                ctx = ClassContext(label, class_images, store, images.raw, progress, should_cancel)
-                t0 = time.perf_counter()
-                with oom_guard(runtime, f"preparing class {label!r} for {method}"):
-                    plan = gen_method.prepare_class(runtime, ctx)
-                train_s += time.perf_counter() - t0
-                if plan.artifact:
-                    artifacts[label] = plan.artifact
-                t0 = time.perf_counter()
-                try:
-                    emit(progress, ProgressEvent("generate", 0, per_class, label))
-                    for start in range(0, per_class, config.batch_size):
-                        check_cancel(should_cancel)
-                        indices = list(range(start, min(start + config.batch_size, per_class)))
-                        with oom_guard(runtime, f"generating {len(indices)} images at {runtime.size}px"):
-                            batch = generate_batch(runtime, plan, label, indices, images)
-                        for im, fields in batch:
-                            writer.add(label=label, filename=f"{fields['index']:05d}.png", image_bytes=_png(im),
-                                       method=method, fields=fields)
-                        done = indices[-1] + 1
-                        emit(progress, ProgressEvent("generate", done, per_class, label, extra={
-                            "overall_done": len(writer.records), "overall_total": total}))
-                finally:
-                    if plan.release:
-                        plan.release()
-                gen_s += time.perf_counter() - t0
-                per_class_summary[label] = {"requested": per_class, "returned": per_class, "reason": None}
+                call.generate(label, call.prepare(label, class_images))
 
             # 4. Summary last: its presence marks the folder complete.
-            duration = time.perf_counter() - t_start
-            summary = {
-                "method": method,
-                "per_class": per_class_summary,
-                "duration_s": round(duration, 3),
-                "images_per_s": round(len(writer.records) / duration, 4) if duration > 0 else None,
-                "timing_s": {"load": round(load_s, 3), "prepare": round(train_s, 3), "generate": round(gen_s, 3)},
-                "model": {"id": ref.id, "revision": ref.revision, "weights_hash": runtime.weights_hash,
-                          "pipeline_class": ref.pipeline_class},
-                "artifacts": artifacts,
-                "parameters": {"model": model, "method": method, "per_class": per_class, "size": runtime.size,
-                               **config.to_dict(), "method_parameters": gen_method.parameters(),
-                               "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None},
-                "runtime": runtime.provenance(),
-                "retrogen_version": __version__,
-            }
+            summary = call.summary(duration=time.perf_counter() - t_start, artifacts_dir=artifacts_dir)
             writer.close(summary)
             return AugmentResult(out_dir, summary, list(writer.records))
     finally:
         gen_method.teardown(runtime)
-        if tmp_store is not None:
-            tmp_store.cleanup()
-
-

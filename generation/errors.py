@@ -1,8 +1,17 @@
-"""Errors the generation backend raises on purpose; each message says what to change."""
+"""Errors the generation backend raises on purpose; each message says what to change.
+
+``OutputExistsError`` is the output folder's own (:mod:`retrogen.outputs`), re-exported for old imports.
+"""
 
 from __future__ import annotations
 
 from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError, UnknownComponentError
+from retrogen.outputs import OutputExistsError
+
+__all__ = [
+    "GenerationError", "GpuOutOfMemoryError", "InvalidConfigError", "MethodNeedsImagesError", "ModelKindError",
+    "OutputExistsError", "UnknownMethodError", "UnknownModelError", "UnknownSchedulerError",
+]
 
 
 class GenerationError(RetrogenError):
@@ -48,7 +57,3 @@ class GpuOutOfMemoryError(GenerationError):
     def __init__(self, during: str, hint: str):
         self.during, self.hint = during, hint
         super().__init__(f"GPU out of memory while {during}; {hint}")
-
-
-class OutputExistsError(GenerationError, InvalidInputError):
-    """The output folder already holds a finished augmentation (summary.json); it is never overwritten."""

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelKindError, UnknownModelError
+from retrogen.fileio import sha256_file, sha256_tree
 
-log = logging.getLogger(__name__)
+from .errors import ModelKindError, UnknownModelError
 
 #: model_index.json ``_class_name`` -> family. Any of these loads through the Auto pipelines.
 SUPPORTED_PIPELINES = {
@@ -87,40 +85,38 @@ _hash_lock = threading.Lock()
 _file_hashes: dict[tuple[str, int, int], str] = {}
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's sha256, cached by (real path, size, mtime) for the process's lifetime.
+
+    A hub-cache LFS blob is named by its sha256, so it is not read at all.
+    """
     real = Path(os.path.realpath(path))
     if _LFS_BLOB.match(real.name) and real.parent.name == "blobs":
-        return real.name  # hub cache: an LFS blob's file name is its sha256
+        return real.name
     st = real.stat()
     key = (str(real), st.st_size, st.st_mtime_ns)
     with _hash_lock:
         if key in _file_hashes:
             return _file_hashes[key]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    digest = sha256_file(real, chunk_size=1 << 22)
     with _hash_lock:
-        _file_hashes[key] = h.hexdigest()
-    return _file_hashes[key]
+        _file_hashes[key] = digest
+    return digest
+
+
+def _weight_files(root: Path) -> list[str]:
+    """Relative paths of the weight files under ``root``, hidden folders left out.
+
+    Links are followed: a hub snapshot's files are links into its blob store.
+    """
+    return [p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.suffix in WEIGHT_SUFFIXES and p.is_file()
+            and not any(s.startswith(".") for s in p.relative_to(root).parts)]
 
 
 def weights_hash(path: str | os.PathLike) -> str:
-    """sha256 over (relative path, sha256) of every weight file under ``path``.
+    """The tree hash of the weight files under ``path`` (configs and tokenizers do not change it).
 
-    Per-file digests are cached by (file, size, mtime) for the process's lifetime, and hub-cache blobs use
-    their content-addressed names, so repeated calls on the same model cost a directory walk.
+    Per-file digests come from :func:`file_sha256`, so repeated calls on the same model cost a directory walk.
     """
-    root = Path(path)
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.suffix in WEIGHT_SUFFIXES and p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
-    )
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(root).as_posix()}\x00{_file_digest(p)}\n".encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return _file_digest(Path(path))
+    return sha256_tree(path, _weight_files(Path(path)), file_digest=file_sha256)

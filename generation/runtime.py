@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,8 +11,6 @@ from .config import GenerationConfig
 from .errors import GpuOutOfMemoryError, InvalidConfigError
 from .models import ModelRef, weights_hash
 from .schedulers import create_scheduler
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,7 +112,8 @@ def load_runtime(ref: ModelRef, config: GenerationConfig) -> Runtime:
     if config.enable_compile:
         pipe.unet.compile()  # in place: the module keeps its type, so adapters can still be loaded
     size = config.size or int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    return Runtime(ref, weights_hash(ref.path), config, device, dtype, pipe, size)
+    return Runtime(ref=ref, weights_hash=weights_hash(ref.path), config=config, device=device, dtype=dtype,
+                   text2img=pipe, size=size)
 
 
 @contextlib.contextmanager

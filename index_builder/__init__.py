@@ -12,6 +12,7 @@ _EXPORTS = {
     "build_index": ".build",
     "import_clip_retrieval": ".importer",
     "plan_index": ".faiss_build",
+    "IndexBuildConfig": ".config",
     "IndexBuildError": ".errors",
     "SourceError": ".errors",
     "BuildMismatchError": ".errors",

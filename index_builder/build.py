@@ -1,10 +1,11 @@
 """``build_index``: sources -> embedding shards + metadata -> FAISS index -> manifest (written last).
 
-Resumable: the arguments that shape the output (sources, corpus fingerprint, embedder, index choice, shard
-size, dtype...) are stored in ``build_state.json`` before any work. A re-run with the same arguments keeps
-every complete shard and continues from the first missing one; since shards cover fixed ranges of the
-deterministically ordered input and the FAISS index is built from the shards with a fixed seed, the result
-equals an uninterrupted build. A re-run with other arguments is refused unless ``overwrite``.
+Resumable: the arguments that shape the output (sources, corpus fingerprint, embedder, and the config's
+:meth:`~IndexBuildConfig.output_parameters`) are stored in ``build_state.json`` before any work. A re-run
+with the same arguments keeps every complete shard and continues from the first missing one; since shards
+cover fixed ranges of the deterministically ordered input and the FAISS index is built from the shards with
+a fixed seed, the result equals an uninterrupted build. A re-run with other arguments is refused unless
+``overwrite``. :func:`start_or_resume` and :func:`finish_index` are shared with ``index import``.
 """
 
 from __future__ import annotations
@@ -13,40 +14,26 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from retrogen import __version__
-from retrogen.imageio import DEFAULT_MAX_PIXELS
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
 from retrogen.provenance import now_iso
+from retrogen.retrieval.embedders import Embedder, create_embedder, l2_normalize
 from retrogen.retrieval.errors import IndexFormatError
-from retrogen.retrieval.index_format import (
-    DTYPES,
-    EMB_DIR,
-    INDEX_FILE,
-    MANIFEST_FILE,
-    META_DIR,
-    Manifest,
-    atomic_path,
-    read_manifest,
-    remove_temp_files,
-    write_json,
-    write_manifest,
-)
+from retrogen.retrieval.index_directory import IndexDirectory, Manifest, ShardInfo
 
+from .config import IndexBuildConfig
 from .embed import ShardEmbedder
 from .errors import BuildMismatchError, IndexBuildError, SourceError
-from .faiss_build import IndexPlan, build_faiss, measure_recall, plan_index, sample_ids
-from .sources import records_digest, resolve_sources, scan_sources
-from .writer import ShardInfo, complete_shards, gather_vectors, iter_vectors, normalise, write_shard
+from .faiss_build import build_faiss, measure_recall, plan_index, sample_ids
+from .sources import Record, records_digest, resolve_sources, scan_sources
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "build_state.json"
 MAX_SKIPPED_LISTED = 10_000  # the manifest lists at most this many skipped files (all are counted)
 
 
@@ -54,17 +41,9 @@ def build_index(
     sources: list[str],
     out_dir: str | os.PathLike,
     *,
-    embedder: Any,
-    index: str = "auto",
-    memory_budget: str | int | None = None,
-    shard_size: int = 10_000,
-    dtype: str = "float16",
-    batch_size: int = 32,
-    num_workers: int = 2,
+    embedder: Embedder | str,
+    config: IndexBuildConfig | None = None,
     overwrite: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    num_recall_queries: int = 1000,
-    seed: int = 0,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
 ) -> Manifest:
@@ -75,10 +54,8 @@ def build_index(
             ``{a..b}`` braces expand).
         out_dir: the index directory to write.
         embedder: an ``Embedder`` or an embedder name for ``create_embedder``.
-        index: ``auto|flat|hnsw|ivfpq`` or a FAISS factory string.
-        memory_budget: RAM the FAISS index may use (``"4G"`` or bytes); checked before any work.
-        shard_size: input records per embedding shard (the unit of resume).
-        dtype: ``float16`` or ``float32`` for the stored embeddings.
+        config: index type, memory budget, shard size, dtype... (default: ``IndexBuildConfig()``).
+        overwrite: replace a build made with other arguments (or an unrelated folder's build files).
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
@@ -88,18 +65,12 @@ def build_index(
         where possible; CancelledError when ``should_cancel()`` turns true (the build resumes later).
     """
     t0 = time.perf_counter()
-    # 1. Check inputs.
-    if dtype not in DTYPES:
-        raise IndexBuildError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    for name, value in (("shard_size", shard_size), ("batch_size", batch_size), ("num_workers", num_workers)):
-        if int(value) < 1:
-            raise IndexBuildError(f"{name} must be >= 1, got {value}")
+    # 1. Check inputs (the config checked its own values when it was built).
+    config = config or IndexBuildConfig()
     specs = resolve_sources([str(s) for s in sources])
     if isinstance(embedder, str):
-        from retrogen.retrieval.embedders import create_embedder
-
         embedder = create_embedder(embedder)
-    out_dir = Path(out_dir)
+    directory = IndexDirectory(out_dir)
 
     # 2. Scan the sources (metadata only) and choose the index: the memory budget is checked before embedding.
     emit(progress, ProgressEvent("scan", 0, len(specs)))
@@ -107,64 +78,83 @@ def build_index(
     emit(progress, ProgressEvent("scan", len(specs), len(specs), message=f"{len(records)} records"))
     if not records:
         raise SourceError(f"no images found in {', '.join(s.path for s in specs)}")
-    plan_index(len(records), embedder.dim, index=index, memory_budget=memory_budget)
+    plan_index(len(records), embedder.dim, index_type=config.index_type, memory_budget=config.memory_budget)
 
     # 3. Resume, refuse or start.
-    params = _jsonable({
-        "sources": [s.path for s in specs], "num_records": len(records), "corpus_digest": records_digest(records),
-        "embedder": embedder.name, "index": index, "memory_budget": memory_budget, "shard_size": int(shard_size),
-        "dtype": dtype, "max_pixels": int(max_pixels), "num_recall_queries": int(num_recall_queries), "seed": seed,
-    })
-    existing = prepare_out_dir(out_dir, params, overwrite)
+    params = _jsonable({"sources": [s.path for s in specs], "num_records": len(records),
+                        "corpus_digest": records_digest(records), "embedder": embedder.name,
+                        **config.output_parameters()})
+    existing = start_or_resume(directory, params, overwrite=overwrite)
     if existing is not None:
         log.info("%s is already a complete index built with these arguments", out_dir)
         return existing
 
     # 4. Embed the shards not yet on disk.
-    shards = complete_shards(out_dir, dim=embedder.dim, dtype=dtype)
-    if shards:
-        log.info("resuming: %d complete shard(s) kept, %d of %d records done", len(shards), shards[-1].end,
-                 len(records))
-    first_new = len(shards)
-    total, done_records = len(records), (shards[-1].end if shards else 0)
-    num_shards = -(-total // shard_size)
-    t_embed, embedded = time.perf_counter(), 0
-    with ShardEmbedder(embedder, batch_size=batch_size, num_workers=num_workers, max_pixels=max_pixels) as run:
-        for n in range(len(shards), num_shards):
-            check_cancel(should_cancel)
-            start, end = n * shard_size, min(total, (n + 1) * shard_size)
-
-            def on_batch(k: int) -> None:
-                nonlocal done_records, embedded
-                done_records += k
-                embedded += k
-                rate = embedded / max(1e-9, time.perf_counter() - t_embed)
-                emit(progress, ProgressEvent("embed", done_records, total, extra={"images_per_s": round(rate, 1)}))
-                check_cancel(should_cancel)
-
-            result = run(records[start:end], on_batch=on_batch)
-            first_id = sum(s.rows for s in shards)
-            shards.append(write_shard(out_dir, n, normalise(result.vectors), result.rows, first_id=first_id,
-                                      dtype=dtype, start=start, end=end, skipped=result.skipped))
-    embed_s = time.perf_counter() - t_embed
-    images_per_s = round(embedded / embed_s, 2) if embedded and embed_s > 0 else None
-    if images_per_s:
-        log.info("embedded %d images in %.1f s: %.1f images/s", embedded, embed_s, images_per_s)
+    shards, embed_stats = _embed_missing_shards(directory, records, embedder, config, progress=progress,
+                                                should_cancel=should_cancel)
 
     # 5. FAISS index, recall, manifest (last).
-    return finish_index(
-        out_dir, shards, embedder_entry=embedder.manifest_entry(), dtype=dtype, index=index,
-        memory_budget=memory_budget, sources=source_summaries, params=params, seed=seed,
-        num_recall_queries=num_recall_queries, progress=progress, started=t0,
-        extra_build={"images_per_s": images_per_s, "embed_s": round(embed_s, 3), "embedded_this_run": embedded,
-                     "resumed_from_shard": first_new or None, "batch_size": batch_size, "num_workers": num_workers},
-    )
+    return finish_index(directory, shards, embedder_entry=embedder.manifest_entry(), config=config,
+                        sources=source_summaries, params=params, progress=progress, started=t0,
+                        extra_build=embed_stats)
 
 
-def finish_index(out_dir: Path, shards: list[ShardInfo], *, embedder_entry: dict, dtype: str, index: str,
-                 memory_budget: str | int | None, sources: list[dict], params: dict, seed: int = 0,
-                 num_recall_queries: int = 1000, progress: ProgressFn | None = None, started: float | None = None,
-                 extra_build: dict | None = None) -> Manifest:
+@dataclass
+class _EmbedMeter:
+    """Counts embedded records for progress events (with the rate) and checks for cancellation per batch."""
+
+    done: int
+    total: int
+    progress: ProgressFn | None
+    should_cancel: CancelFn | None
+    embedded: int = 0
+    started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def __call__(self, k: int) -> None:
+        self.done += k
+        self.embedded += k
+        rate = self.embedded / max(1e-9, self.seconds)
+        emit(self.progress, ProgressEvent("embed", self.done, self.total, extra={"images_per_s": round(rate, 1)}))
+        check_cancel(self.should_cancel)
+
+
+def _embed_missing_shards(directory: IndexDirectory, records: list[Record], embedder: Embedder,
+                          config: IndexBuildConfig, *, progress: ProgressFn | None,
+                          should_cancel: CancelFn | None) -> tuple[list[ShardInfo], dict[str, Any]]:
+    """Keep the complete shards on disk, embed the rest; returns every shard and what this run measured."""
+    shards = directory.complete_shards(dim=embedder.dim, dtype=config.dtype)
+    first_new, total, size = len(shards), len(records), config.shard_size
+    if shards:
+        log.info("resuming: %d complete shard(s) kept, %d of %d records done", len(shards), shards[-1].end, total)
+    meter = _EmbedMeter(shards[-1].end if shards else 0, total, progress, should_cancel)
+    with ShardEmbedder(embedder, batch_size=config.batch_size, num_workers=config.num_workers,
+                       max_pixels=config.max_pixels) as run:
+        for n in range(first_new, -(-total // size)):
+            check_cancel(should_cancel)
+            start, end = n * size, min(total, (n + 1) * size)
+            result = run(records[start:end], on_batch=meter)
+            shards.append(directory.write_shard(n, l2_normalize(result.vectors), result.rows,
+                                                first_id=sum(s.rows for s in shards), dtype=config.dtype,
+                                                start=start, end=end, skipped=result.skipped))
+    embed_s = meter.seconds
+    images_per_s = round(meter.embedded / embed_s, 2) if meter.embedded and embed_s > 0 else None
+    if images_per_s:
+        log.info("embedded %d images in %.1f s: %.1f images/s", meter.embedded, embed_s, images_per_s)
+    return shards, {"images_per_s": images_per_s, "embed_s": round(embed_s, 3), "embedded_this_run": meter.embedded,
+                    "resumed_from_shard": first_new or None, "batch_size": config.batch_size,
+                    "num_workers": config.num_workers}
+
+
+def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder_entry: dict,
+                 config: IndexBuildConfig, sources: list[dict], params: dict, progress: ProgressFn | None = None,
+                 started: float | None = None, extra_build: dict | None = None) -> Manifest:
     """Train + fill the FAISS index from the shards, measure recall, and write the manifest (last)."""
     import faiss
 
@@ -178,20 +168,19 @@ def finish_index(out_dir: Path, shards: list[ShardInfo], *, embedder_entry: dict
         raise IndexBuildError(f"no image could be read: all {len(skipped)} skipped "
                               f"({', '.join(f'{r} {n}' for r, n in reasons.most_common())})")
     dim = int(embedder_entry["dim"])
-    plan: IndexPlan = plan_index(count, dim, index=index, memory_budget=memory_budget)
-    train_ids = sample_ids(count, plan.train_size, seed) if plan.train_size else None
-    train = gather_vectors(out_dir, shards, train_ids) if train_ids is not None else None
+    plan = plan_index(count, dim, index_type=config.index_type, memory_budget=config.memory_budget)
+    train_ids = sample_ids(count, plan.train_size, config.seed) if plan.train_size else None
+    train = directory.gather_vectors(shards, train_ids) if train_ids is not None else None
     log.info("building FAISS %s over %d vectors", plan.factory, count)
-    chunks = lambda: iter_vectors(out_dir, shards)  # noqa: E731
+    chunks = lambda: directory.iter_vectors(shards)  # noqa: E731
     faiss_index = build_faiss(plan, dim, count, chunks, train_vectors=train, progress=progress)
-    with atomic_path(out_dir / INDEX_FILE, suffix=".index") as tmp:
-        faiss.write_index(faiss_index, str(tmp))
+    directory.write_faiss_index(faiss_index)
 
     digest = hashlib.sha256(f"{params.get('corpus_digest')}|{embedder_entry.get('name')}|{plan.factory}|{count}"
                             .encode()).hexdigest()[:12]
     manifest = Manifest(
-        index_id=f"{out_dir.name}-{digest}", embedder=embedder_entry, dtype=dtype, count=count, dim=dim,
-        faiss={**plan.manifest_entry(), "ntotal": count}, recall=None,
+        index_id=f"{directory.path.name}-{digest}", embedder=embedder_entry, dtype=config.dtype, count=count,
+        dim=dim, faiss={**plan.manifest_entry(), "ntotal": count}, recall=None,
         shards=[s.manifest_entry() for s in shards], sources=sources,
         skipped={"count": len(skipped), "by_reason": dict(Counter(f["reason"] for f in skipped)),
                  "files": skipped[:MAX_SKIPPED_LISTED], "truncated": len(skipped) > MAX_SKIPPED_LISTED},
@@ -199,28 +188,33 @@ def finish_index(out_dir: Path, shards: list[ShardInfo], *, embedder_entry: dict
     )
     if plan.kind != "flat":
         emit(progress, ProgressEvent("recall", 0, 1))
-        corpus = CorpusIndex(out_dir, manifest, faiss_index)
-        manifest.recall = measure_recall(corpus, chunks, num_queries=num_recall_queries, seed=seed, exclude=train_ids)
+        corpus = CorpusIndex(directory, manifest, faiss_index)
+        manifest.recall = measure_recall(corpus, chunks, num_queries=config.num_recall_queries, seed=config.seed,
+                                         exclude=train_ids)
         emit(progress, ProgressEvent("recall", 1, 1, extra={"recall_at_10": manifest.recall["recall_at_10"]}))
         log.info("recall@10 against exact search: %.3f", manifest.recall["recall_at_10"])
     duration = time.perf_counter() - started
     manifest.build.update({"created": now_iso(), "duration_s": round(duration, 3), **(extra_build or {})})
-    write_manifest(out_dir, manifest)
-    (out_dir / STATE_FILE).unlink(missing_ok=True)
+    directory.write_manifest(manifest)
+    directory.remove_build_state()
     return manifest
 
 
 def _jsonable(obj: Any) -> Any:
+    """As it will read back from JSON, so a resume compares like with like."""
     return json.loads(json.dumps(obj, default=str))
 
 
-def prepare_out_dir(out_dir: Path, params: dict, overwrite: bool) -> Manifest | None:
-    """Return the existing manifest when the same build is already complete; else make ``out_dir`` ready."""
-    state_path = out_dir / STATE_FILE
+def start_or_resume(directory: IndexDirectory, params: dict, *, overwrite: bool) -> Manifest | None:
+    """The existing manifest when the same build is already complete; else make the directory ready to write.
+
+    A build (finished or not) made with other ``params`` is refused unless ``overwrite``, and so is a folder
+    holding anything but a build: nothing the user put there is ever deleted without asking.
+    """
     previous: dict | None = None
-    if (out_dir / MANIFEST_FILE).exists():
+    if directory.has_manifest():
         try:
-            manifest = read_manifest(out_dir)
+            manifest = directory.read_manifest()
         except IndexFormatError as e:  # a corrupt manifest: only overwrite may replace it
             log.info("existing manifest unreadable: %s", e)
             previous = {"manifest": "unreadable"}
@@ -228,34 +222,24 @@ def prepare_out_dir(out_dir: Path, params: dict, overwrite: bool) -> Manifest | 
             previous = manifest.build.get("parameters")
             if previous == params and not overwrite:
                 return manifest
-    elif state_path.exists():
+    elif directory.has_build_state():
         try:
-            previous = json.loads(state_path.read_text())["parameters"]
-        except (OSError, ValueError, KeyError):
+            previous = directory.read_build_parameters()
+        except IndexFormatError:
             previous = {"build_state": "unreadable"}
-    elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise BuildMismatchError(f"{str(out_dir)!r} is not empty and holds no index build; choose another --out "
-                                 "or pass --overwrite")
-    if previous is not None and previous != params:
-        if not overwrite:
-            diff = sorted(k for k in set(previous) | set(params) if previous.get(k) != params.get(k))
-            why = " (the sources' files changed since)" if "corpus_digest" in diff else ""
-            raise BuildMismatchError(
-                f"{str(out_dir)!r} holds a build made with other arguments (differs in: {', '.join(diff)}){why}; "
-                "re-run with the same arguments to resume, or pass --overwrite to replace it"
-            )
-    if overwrite or (previous is not None and previous != params):
-        _clear(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temp_files(out_dir)
-    if not state_path.exists():
-        write_json(state_path, {"parameters": params, "started": now_iso()})
+    elif not directory.is_empty() and not overwrite:
+        raise BuildMismatchError(f"{str(directory.path)!r} is not empty and holds no index build; choose another "
+                                 "--out or pass --overwrite")
+    if previous is not None and previous != params and not overwrite:
+        diff = sorted(k for k in set(previous) | set(params) if previous.get(k) != params.get(k))
+        why = " (the sources' files changed since)" if "corpus_digest" in diff else ""
+        raise BuildMismatchError(
+            f"{str(directory.path)!r} holds a build made with other arguments (differs in: {', '.join(diff)}){why}; "
+            "re-run with the same arguments to resume, or pass --overwrite to replace it"
+        )
+    if overwrite:
+        directory.clear()
+    directory.prepare()
+    if not directory.has_build_state():
+        directory.write_build_state(params)
     return None
-
-
-def _clear(out_dir: Path) -> None:
-    """Remove what a build writes (and nothing else the folder may hold)."""
-    for name in (MANIFEST_FILE, INDEX_FILE, STATE_FILE):
-        (out_dir / name).unlink(missing_ok=True)
-    for sub in (EMB_DIR, META_DIR):
-        shutil.rmtree(out_dir / sub, ignore_errors=True)

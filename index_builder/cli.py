@@ -1,6 +1,7 @@
 """``retrogen index build | info | import``: the batch CLI of the index builder (registered by retrogen/cli.py).
 
-Only typer is imported at the top so ``retrogen --help`` stays fast; the work loads on demand.
+The settings' options are derived from :class:`IndexBuildConfig`; the work (torch, faiss) loads on demand,
+so ``retrogen --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,28 +11,26 @@ from pathlib import Path
 
 import typer
 
+from retrogen.config_cli import config_options
+
+from .config import IndexBuildConfig
+
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Build, import and inspect corpus indexes (embeddings + metadata + FAISS).")
 
-INDEX_HELP = "auto | flat | hnsw | ivfpq | a FAISS factory string (e.g. 'IVF1024,PQ64np')."
-BUDGET_HELP = "RAM the FAISS index may use, e.g. 4G or 512M; checked before any work."
-
 
 @app.command("build")
+@config_options(IndexBuildConfig)
 def build(
+    *,
     source: list[str] = typer.Option(..., "--source", help="Image folder, .tar shard(s), or .parquet/.csv listing; "
                                      "repeatable; globs and {00000..00009} braces expand."),
     out: Path = typer.Option(..., "--out", help="Index directory to write (an interrupted build resumes here)."),
     embedder: str = typer.Option(..., "--embedder", help="e.g. open_clip:ViT-B-32:laion2b_s34b_b79k, efficientnet-lite0."),
-    index: str = typer.Option("auto", "--index", help=INDEX_HELP),
-    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
-    shard_size: int = typer.Option(10_000, "--shard-size", help="Input images per embedding shard (unit of resume)."),
-    dtype: str = typer.Option("float16", "--dtype", help="Stored embedding dtype: float16 or float32."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
-    num_workers: int = typer.Option(2, "--num-workers", help="Threads reading and decoding images."),
     device: str = typer.Option("cpu", "--device", help="Embedder device (cpu, cuda)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a build made with other arguments."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    config: IndexBuildConfig,
 ) -> None:
     """Embed a corpus and build its index (resumable)."""
     from retrogen.console import TqdmProgress
@@ -42,23 +41,22 @@ def build(
     _quiet_faiss_logs()
     emb = create_embedder(embedder, device=device)
     with TqdmProgress(disable=True if quiet else None) as bars:
-        manifest = build_index(source, out, embedder=emb, index=index, memory_budget=memory_budget,
-                               shard_size=shard_size, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
-                               overwrite=overwrite, progress=bars)
+        manifest = build_index(source, out, embedder=emb, config=config, overwrite=overwrite, progress=bars)
     typer.echo(_summary_line(out, manifest))
 
 
 @app.command("import")
+@config_options(IndexBuildConfig, exclude=(*IndexBuildConfig.EMBEDDING_FIELDS, "dtype"))
 def import_(
+    *,
     from_dir: Path = typer.Option(..., "--from", help="clip-retrieval output: img_emb/*.npy + metadata/*.parquet."),
     out: Path = typer.Option(..., "--out", help="Index directory to write."),
     embedder: str | None = typer.Option(None, "--embedder", help="Name of the model that made the embeddings "
                                         "(recorded; queries must match it), e.g. open_clip:ViT-B-32:openai."),
-    index: str = typer.Option("auto", "--index", help=INDEX_HELP),
-    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
-    dtype: str | None = typer.Option(None, "--dtype", help="Stored dtype (default: the input's)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Stored dtype: float16 or float32 (default: the input's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    config: IndexBuildConfig,
 ) -> None:
     """Build an index from precomputed clip-retrieval embeddings, without re-embedding."""
     from retrogen.console import TqdmProgress
@@ -67,20 +65,21 @@ def import_(
 
     _quiet_faiss_logs()
     with TqdmProgress(disable=True if quiet else None) as bars:
-        manifest = import_clip_retrieval(from_dir, out, embedder=embedder, index=index, memory_budget=memory_budget,
-                                         dtype=dtype, overwrite=overwrite, progress=bars)
+        manifest = import_clip_retrieval(from_dir, out, embedder=embedder, config=config, dtype=dtype,
+                                         overwrite=overwrite, progress=bars)
     typer.echo(_summary_line(out, manifest))
 
 
 @app.command("info")
 def info(
+    *,
     directory: Path = typer.Argument(..., help="Index directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
     """Print what an index's manifest holds."""
-    from retrogen.retrieval.index_format import read_manifest
+    from retrogen.retrieval.index_directory import IndexDirectory
 
-    m = read_manifest(directory)
+    m = IndexDirectory(directory).read_manifest()
     if as_json:
         typer.echo(json.dumps(m.model_dump(mode="json"), indent=2))
         return

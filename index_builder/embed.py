@@ -7,7 +7,6 @@ on batch ``i`` the thread pool already loads batch ``i + 1``, so decoding overla
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Callable
@@ -16,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrogen.imageio import DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from retrogen.fileio import sha256_bytes
+from retrogen.imageio import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, BadImageError, decode_image
 
 from .sources import Record
 
@@ -51,7 +51,7 @@ def _load(record: Record, preprocess: Callable, max_pixels: int, max_bytes: int)
                       "reason": "preprocess_failed", "detail": f"{type(e).__name__}: {e}"[:200]}
     row = {"key": record.key, "source": record.source, "member": record.member, "offset": record.offset,
            "size": len(data), "caption": record.caption, "url": record.url, "licence": record.licence,
-           "width": image.width, "height": image.height, "sha256": hashlib.sha256(data).hexdigest()}
+           "width": image.width, "height": image.height, "sha256": sha256_bytes(data)}
     return array, row
 
 
@@ -59,7 +59,7 @@ class ShardEmbedder:
     """Embeds lists of records with one embedder and one thread pool (reused across shards)."""
 
     def __init__(self, embedder, *, batch_size: int = 32, num_workers: int = 2,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = 64 * 1024 * 1024):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES):
         self.embedder = embedder
         self.batch_size = max(1, int(batch_size))
         self.max_pixels = max_pixels

@@ -1,14 +1,11 @@
-"""Errors of the batch index builder: bad sources, refused re-runs, impossible memory budgets."""
+"""Errors of the batch index builder: bad settings or sources, refused re-runs, impossible memory budgets."""
 
 from retrogen.errors import InvalidInputError
 from retrogen.retrieval.errors import RetrievalError
 
 
 class IndexBuildError(RetrievalError, InvalidInputError):
-    """Base of every index-build error (exit code 2: the operator's input needs fixing)."""
-
-    exit_code = 2
-    http_status = 422
+    """Base of every index-build error (an InvalidInputError: exit code 2, the operator's input needs fixing)."""
 
 
 class SourceError(IndexBuildError):

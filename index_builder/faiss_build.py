@@ -1,6 +1,6 @@
 """Choose, train and fill the FAISS index, and measure its recall against exact search.
 
-``--index auto`` picks by corpus size and memory budget, checked before any work (as autofaiss does):
+``--index-type auto`` picks by corpus size and memory budget, checked before any work (as autofaiss does):
 exact ``Flat`` inner product up to ``FLAT_MAX`` vectors; ``HNSW32,Flat`` up to ``HNSW_MAX`` when it fits;
 otherwise IVF-PQ. PQ factories always carry the ``np`` suffix: a plain ``PQ64`` triggers polysemous
 training (measured here: 100 s vs 2.9 s on 20k vectors). PQ alone is coarse (recall@10 ~0.25 on clustered
@@ -20,6 +20,7 @@ import numpy as np
 
 from retrogen.progress import ProgressEvent, ProgressFn, emit
 
+from .config import parse_memory
 from .errors import IndexBuildError, MemoryBudgetError
 
 log = logging.getLogger(__name__)
@@ -47,19 +48,6 @@ class IndexPlan:
         return d
 
 
-def parse_memory(text: str | int | None) -> int | None:
-    """``"4G"``, ``"512M"``, ``"1.5GB"``, ``"1000000"`` -> bytes (powers of 1024)."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)I?B?\s*", str(text).upper())
-    if not m:
-        raise IndexBuildError(f"memory budget {text!r} is not a size like 4G, 512M or 1.5G")
-    value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
-    if value <= 0:
-        raise IndexBuildError(f"memory budget must be positive, got {text!r}")
-    return int(value)
-
-
 def _fmt(nbytes: int) -> str:
     for unit in ("B", "K", "M", "G", "T"):
         if nbytes < 1024 or unit == "T":
@@ -80,7 +68,7 @@ def _hnsw(count: int, dim: int) -> IndexPlan:
 
 def _ivfpq(count: int, dim: int, budget: int | None) -> IndexPlan:
     if count < 64:
-        raise IndexBuildError(f"ivfpq needs at least 64 vectors to train, the corpus has {count}; use --index flat")
+        raise IndexBuildError(f"ivfpq needs at least 64 vectors to train, the corpus has {count}; use --index-type flat")
     nbits = 8 if count >= 256 * 39 else 4
     nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(count)))))
     nlist = max(1, min(nlist, count // 39))
@@ -98,7 +86,8 @@ def _ivfpq(count: int, dim: int, budget: int | None) -> IndexPlan:
                             f"{_fmt(budget)}; the smallest needs about {_fmt(smallest)}")
 
 
-def plan_index(count: int, dim: int, *, index: str = "auto", memory_budget: str | int | None = None) -> IndexPlan:
+def plan_index(count: int, dim: int, *, index_type: str = "auto",
+               memory_budget: str | int | None = None) -> IndexPlan:
     """Choose the index for ``count`` vectors of ``dim`` within ``memory_budget`` (bytes or ``"4G"``).
 
     Raises:
@@ -108,7 +97,7 @@ def plan_index(count: int, dim: int, *, index: str = "auto", memory_budget: str 
     budget = parse_memory(memory_budget)
     if count < 1:
         raise IndexBuildError("the corpus has no vectors to index")
-    kind = (index or "auto").strip()
+    kind = (index_type or "auto").strip()
     if kind == "auto":
         for make, limit in ((_flat, FLAT_MAX), (_hnsw, HNSW_MAX)):
             plan = make(count, dim)
@@ -119,7 +108,7 @@ def plan_index(count: int, dim: int, *, index: str = "auto", memory_budget: str 
         plan = (_flat if kind == "flat" else _hnsw)(count, dim)
         if budget is not None and plan.memory_bytes > budget:
             raise MemoryBudgetError(f"a {kind} index of {count} vectors (dim {dim}) needs about "
-                                    f"{_fmt(plan.memory_bytes)}, over the budget {_fmt(budget)}; use --index "
+                                    f"{_fmt(plan.memory_bytes)}, over the budget {_fmt(budget)}; use --index-type "
                                     "ivfpq or auto, or raise --memory-budget")
         return plan
     if kind == "ivfpq":
@@ -135,7 +124,7 @@ def _custom(factory: str, count: int, dim: int, budget: int | None) -> IndexPlan
     try:
         probe = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise IndexBuildError(f"--index {factory!r} is neither {'|'.join(KINDS)} nor a valid FAISS factory string "
+        raise IndexBuildError(f"--index-type {factory!r} is neither {'|'.join(KINDS)} nor a valid FAISS factory string "
                               f"(e.g. 'IVF256,PQ32np' or 'HNSW32,Flat'): {str(e).splitlines()[-1][:160]}") from None
     defaults: dict = {}
     inner = probe.index if isinstance(probe, faiss.IndexPreTransform) else probe

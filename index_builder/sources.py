@@ -17,7 +17,9 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from retrogen.fileio import read_source_bytes
 from retrogen.imageio import IMAGE_EXTENSIONS, is_image_path
 
 from .errors import SourceError
@@ -46,25 +48,13 @@ class Record:
     licence: str | None = None
 
     def read(self) -> bytes:
-        """The stored bytes (raises OSError when the file is gone or short)."""
-        if "://" in self.source:
-            import fsspec
+        """The stored bytes (raises OSError when the file is gone, or a tar member is short).
 
-            with fsspec.open(self.source, "rb") as f:
-                return f.read()
-        with open(self.source, "rb") as f:
-            if self.offset is None:
-                return f.read()
-            f.seek(self.offset)
-            data = f.read(self.size)
-        if self.size is not None and len(data) != self.size:
-            raise OSError(f"{self.source}: member {self.member} is truncated")
-        return data
-
-    @property
-    def where(self) -> str:
-        """A readable location for logs and the manifest's skipped list."""
-        return f"{self.source}#{self.member}" if self.member else self.source
+        A whole file is read as it is now; only a tar member, addressed by offset, must have its recorded size.
+        """
+        if self.offset is None:
+            return read_source_bytes(self.source)
+        return read_source_bytes(self.source, offset=self.offset, size=self.size)
 
 
 @dataclass(frozen=True)
@@ -197,19 +187,26 @@ def _tar_group(tar: tarfile.TarFile, path: str, key: str, group: dict[str, tarfi
         except (ValueError, UnicodeDecodeError):
             meta = {}
         if isinstance(meta, dict):
-            url = _first(meta, URL_COLUMNS)
-            licence = _first(meta, LICENCE_COLUMNS)
-            caption = caption if caption is not None else _first(meta, CAPTION_COLUMNS)
+            url = first_text(meta, URL_COLUMNS)
+            licence = first_text(meta, LICENCE_COLUMNS)
+            caption = caption if caption is not None else first_text(meta, CAPTION_COLUMNS)
     yield Record(key=os.path.basename(key), source=path, member=image.name, offset=image.offset_data,
                  size=image.size, caption=caption, url=url, licence=licence)
 
 
-def _first(row: dict, names: tuple[str, ...]) -> str | None:
+def first_present(row: dict, names: tuple[str, ...]) -> Any:
+    """The value of the first of ``names`` that ``row`` has (None and NaN count as absent), else None."""
     for n in names:
         v = row.get(n)
         if v is not None and v == v:  # skips NaN
-            return str(v)
+            return v
     return None
+
+
+def first_text(row: dict, names: tuple[str, ...]) -> str | None:
+    """:func:`first_present` as a string."""
+    v = first_present(row, names)
+    return None if v is None else str(v)
 
 
 def _listing_records(path: str) -> Iterator[Record]:
@@ -238,6 +235,6 @@ def _listing_records(path: str) -> Iterator[Record]:
         if "://" not in p and not os.path.isabs(p):
             p = str((base / p).resolve())
         size = os.path.getsize(p) if "://" not in p and os.path.isfile(p) else None
-        key = _first(row, KEY_COLUMNS) or f"{Path(path).stem}/{i:09d}"
-        yield Record(key=key, source=p, size=size, caption=_first(row, CAPTION_COLUMNS),
-                     url=_first(row, URL_COLUMNS), licence=_first(row, LICENCE_COLUMNS))
+        key = first_text(row, KEY_COLUMNS) or f"{Path(path).stem}/{i:09d}"
+        yield Record(key=key, source=p, size=size, caption=first_text(row, CAPTION_COLUMNS),
+                     url=first_text(row, URL_COLUMNS), licence=first_text(row, LICENCE_COLUMNS))

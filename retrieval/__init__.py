@@ -1,4 +1,4 @@
-"""retrogen retrieval: embedders, the on-disk index, search, and per-class selection with provenance.
+"""retrogen retrieval: embedders, the index directory, search, and per-class selection with provenance.
 
 Public names load lazily so ``import retrogen.retrieval`` stays cheap (torch, faiss and open_clip load on first use).
 """
@@ -13,13 +13,16 @@ _EXPORTS = {
     "list_embedders": ".embedders",
     "Embedder": ".embedders",
     "CorpusIndex": ".index",
-    "Manifest": ".index_format",
-    "read_manifest": ".index_format",
+    "IndexDirectory": ".index_directory",
+    "Manifest": ".index_directory",
     "RetrievalError": ".errors",
+    "InvalidRetrievalConfigError": ".errors",
     "IndexFormatError": ".errors",
     "IndexNotFoundError": ".errors",
     "EmbedderMismatchError": ".errors",
     "augment_by_retrieval": ".augment",
-    "RetrievalConfig": ".augment",
+    "RetrievalConfig": ".config",
+    "retrieved_item_fields": ".provenance",
+    "source_uri": ".provenance",
 }
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,4 +1,8 @@
-"""``retrogen augment retrieve``: augment an ImageFolder dataset from a corpus index."""
+"""``retrogen augment retrieve`` and ``retrogen augment filter``: the retrieval package's commands.
+
+The retrieval settings' options are derived from :class:`RetrievalConfig` (one flag per field); the work
+itself (torch, faiss) loads on demand, so ``retrogen --help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +10,34 @@ from pathlib import Path
 
 import typer
 
+from retrogen.config_cli import config_options
 
+from .config import RetrievalConfig
+
+
+@config_options(RetrievalConfig)
 def retrieve(
-    index: Path = typer.Option(..., "--index", help="Index directory (built by `retrogen index build`)."),
+    *,
+    index_dir: Path = typer.Option(..., "--index-dir", help="Index directory (built by `retrogen index build`)."),
     dataset: Path = typer.Option(..., "--dataset", help="Labelled dataset: class_name/*.jpg"),
     per_class: int = typer.Option(..., "--per-class", min=1, help="Images to retrieve per class."),
     out: Path = typer.Option(..., "--out", help="Output folder: ImageFolder + provenance.jsonl + summary.json"),
     mode: str = typer.Option("image", "--mode", help="image | text | mixed"),
     holdout: Path | None = typer.Option(None, "--holdout", help="Held-out images (ImageFolder) to protect from leakage."),
     embedder: str | None = typer.Option(None, "--embedder", help="Query embedder; default: the index's."),
-    dedup_threshold: float | None = typer.Option(0.97, help="Cosine above which two results are near-duplicates."),
-    leakage_threshold: float | None = typer.Option(0.95, help="Cosine above which a result leaks a user image."),
-    min_similarity: float | None = typer.Option(None, help="Drop results less similar than this to their query."),
-    conflict: str = typer.Option("assign", help="Item wanted by two classes: assign (to the closer) | drop."),
-    label_check: bool = typer.Option(False, "--label-check", help="Keep only results whose zero-shot class matches."),
-    label_check_embedder: str | None = typer.Option(None, help="Image-text embedder for --label-check."),
-    nprobe: int | None = typer.Option(None, help="IVF lists probed per query (approximate indexes)."),
-    ef_search: int | None = typer.Option(None, help="HNSW efSearch per query."),
-    batch_size: int = typer.Option(32, help="Images per embedding batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder's results."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    config: RetrievalConfig,
 ) -> None:
     """Retrieve N corpus images per class, filtered (dedup, conflicts, leakage, label check), with provenance."""
     from retrogen.console import TqdmProgress
 
-    from .augment import RetrievalConfig, augment_by_retrieval
+    from .augment import augment_by_retrieval
     from .embedders import create_embedder
 
-    config = RetrievalConfig(
-        dedup_threshold=dedup_threshold, leakage_threshold=leakage_threshold, min_similarity=min_similarity,
-        conflict=conflict, label_check=label_check, label_check_embedder=label_check_embedder, nprobe=nprobe,
-        ef_search=ef_search, batch_size=batch_size,
-    )
     with TqdmProgress(disable=quiet or None) as bars:
         result = augment_by_retrieval(
-            dataset, out, index=index, per_class=per_class, mode=mode, holdout_dir=holdout, config=config,
+            dataset, out, corpus=index_dir, per_class=per_class, mode=mode, holdout_dir=holdout, config=config,
             embedder=create_embedder(embedder) if embedder else None, progress=bars, overwrite=overwrite,
         )
     s = result.summary
@@ -57,6 +54,7 @@ def retrieve(
 
 
 def text_filter(
+    *,
     out: Path = typer.Argument(..., help="An augmentation output folder (any backend)."),
     embedder: str = typer.Option(..., "--embedder", help="Image-text embedder, e.g. open_clip:ViT-B-32:laion2b_s34b_b79k"),
     min_similarity: float | None = typer.Option(None, help="Reject images less similar than this to their class prompts."),

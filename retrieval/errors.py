@@ -1,4 +1,7 @@
-"""Errors the retrieval package raises on purpose; the CLI prints one line, the service maps them to HTTP."""
+"""Errors the retrieval package raises on purpose; the CLI prints one line, the service maps them to HTTP.
+
+Those that derive from ``InvalidInputError`` inherit its exit code 2 and HTTP 422.
+"""
 
 from retrogen.errors import InvalidInputError, RetrogenError
 
@@ -7,11 +10,12 @@ class RetrievalError(RetrogenError):
     """Base of every retrieval error."""
 
 
+class InvalidRetrievalConfigError(RetrievalError, InvalidInputError):
+    """A retrieval setting has a bad value, or is unknown; the message names it."""
+
+
 class IndexFormatError(RetrievalError, InvalidInputError):
     """An index directory is missing, incomplete, of another format version, or corrupt."""
-
-    exit_code = 2
-    http_status = 422
 
 
 class IndexNotFoundError(IndexFormatError):
@@ -22,6 +26,3 @@ class IndexNotFoundError(IndexFormatError):
 
 class EmbedderMismatchError(RetrievalError, InvalidInputError):
     """The query embedder is not the one the index was built with; the message names both."""
-
-    exit_code = 2
-    http_status = 422

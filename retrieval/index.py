@@ -2,7 +2,8 @@
 
 One ``CorpusIndex`` is shared by concurrent requests in the service, so nothing here mutates shared state
 per call: search parameters (``nprobe``, ``efSearch``) travel in a per-call ``faiss.SearchParameters``,
-never by setting them on the index (clip-retrieval's ``knn_search`` does the latter and races).
+never by setting them on the index (clip-retrieval's ``knn_search`` does the latter and races). Every file
+is read through :class:`~retrogen.retrieval.index_directory.IndexDirectory`.
 """
 
 from __future__ import annotations
@@ -10,41 +11,26 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retrogen.errors import InvalidInputError
+from retrogen.fileio import read_source_bytes
 
 from .errors import EmbedderMismatchError, IndexFormatError
-from .index_format import INDEX_FILE, Manifest, read_manifest
+from .index_directory import INDEX_FILE, IndexDirectory, Manifest, take_rows
 
 log = logging.getLogger(__name__)
 
 RERANK_CHUNK = 256  # queries re-ranked at a time (bounds the gathered candidate matrix)
 
 
-def read_faiss_index(path: str | os.PathLike):
-    """Load a FAISS index memory-mapped read-only where its type supports it, else normally."""
+def search_parameters(faiss_index, *, nprobe: int | None = None, ef_search: int | None = None):
+    """A per-call ``faiss.SearchParameters`` for ``faiss_index``, or None. Parameters the index has no use for are ignored."""
     import faiss
 
-    path = str(path)
-    try:
-        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError as e:
-        log.debug("cannot mmap %s (%s); reading it into memory", path, e)
-    try:
-        return faiss.read_index(path)
-    except RuntimeError as e:
-        raise IndexFormatError(f"{path} is not a readable FAISS index: {str(e).splitlines()[0]}") from None
-
-
-def search_parameters(index, *, nprobe: int | None = None, ef_search: int | None = None):
-    """A per-call ``faiss.SearchParameters`` for ``index``, or None. Parameters the index has no use for are ignored."""
-    import faiss
-
-    inner = index.index if isinstance(index, faiss.IndexPreTransform) else index
+    inner = faiss_index.index if isinstance(faiss_index, faiss.IndexPreTransform) else faiss_index
     params = None
     if nprobe is not None and faiss.try_extract_index_ivf(inner) is not None:
         params = faiss.SearchParametersIVF(nprobe=int(nprobe))
@@ -52,7 +38,7 @@ def search_parameters(index, *, nprobe: int | None = None, ef_search: int | None
         params = faiss.SearchParametersHNSW(efSearch=int(ef_search))
     elif nprobe is not None or ef_search is not None:
         log.debug("index %s ignores nprobe/ef_search", type(inner).__name__)
-    if params is not None and inner is not index:
+    if params is not None and inner is not faiss_index:
         params = faiss.SearchParametersPreTransform(index_params=params)
     return params
 
@@ -60,31 +46,21 @@ def search_parameters(index, *, nprobe: int | None = None, ef_search: int | None
 class CorpusIndex:
     """A read-only view of an index directory. Thread-safe for concurrent searches and reads."""
 
-    def __init__(self, directory: str | os.PathLike, manifest: Manifest, faiss_index: Any):
-        self.directory = Path(directory)
+    def __init__(self, directory: IndexDirectory | str | os.PathLike, manifest: Manifest, faiss_index: Any):
+        self.directory = directory if isinstance(directory, IndexDirectory) else IndexDirectory(directory)
         self.manifest = manifest
-        self.index = faiss_index
+        self.faiss_index = faiss_index
         if faiss_index.ntotal != manifest.count or faiss_index.d != manifest.dim:
             raise IndexFormatError(
-                f"{self.directory / INDEX_FILE} holds {faiss_index.ntotal} vectors of dim {faiss_index.d}; "
+                f"{self.directory.path / INDEX_FILE} holds {faiss_index.ntotal} vectors of dim {faiss_index.d}; "
                 f"the manifest says {manifest.count} of dim {manifest.dim}"
             )
-        self._emb: list[np.ndarray] = []
-        for s in manifest.shards:
-            try:
-                arr = np.load(self.directory / s["emb"], mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise IndexFormatError(f"embedding shard {s['emb']} is unreadable: {e}") from None
-            if arr.ndim != 2 or arr.shape != (s["rows"], manifest.dim):
-                raise IndexFormatError(f"embedding shard {s['emb']} has shape {arr.shape}, "
-                                       f"expected ({s['rows']}, {manifest.dim})")
-            self._emb.append(arr)
+        self._emb = self.directory.open_embeddings(manifest)
         self._starts = np.cumsum([0] + [int(s["rows"]) for s in manifest.shards])
         self._meta: dict[int, Any] = {}
         self._lock = threading.Lock()
-        faiss_cfg = manifest.faiss
-        self.search_defaults: dict[str, Any] = dict(faiss_cfg.get("search_defaults") or {})
-        self.rerank_k_factor = int(faiss_cfg.get("rerank_k_factor") or 1)
+        self.search_defaults: dict[str, Any] = dict(manifest.faiss.get("search_defaults") or {})
+        self.rerank_k_factor = int(manifest.faiss.get("rerank_k_factor") or 1)
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> CorpusIndex:
@@ -93,11 +69,9 @@ class CorpusIndex:
         Raises:
             IndexNotFoundError / IndexFormatError: missing, incomplete or corrupt index.
         """
-        manifest = read_manifest(directory)
-        path = Path(directory) / INDEX_FILE
-        if not path.is_file():
-            raise IndexFormatError(f"{str(directory)!r} has a manifest but no {INDEX_FILE}")
-        return cls(directory, manifest, read_faiss_index(path))
+        folder = IndexDirectory(directory)
+        manifest = folder.read_manifest()
+        return cls(folder, manifest, folder.read_faiss_index())
 
     @property
     def ntotal(self) -> int:
@@ -131,11 +105,11 @@ class CorpusIndex:
         k = int(k)
         nprobe = nprobe if nprobe is not None else self.search_defaults.get("nprobe")
         ef_search = ef_search if ef_search is not None else self.search_defaults.get("efSearch")
-        params = search_parameters(self.index, nprobe=nprobe, ef_search=ef_search)
+        params = search_parameters(self.faiss_index, nprobe=nprobe, ef_search=ef_search)
         kk = min(self.ntotal, k * self.rerank_k_factor) if self.rerank_k_factor > 1 else min(self.ntotal, k)
         if len(q) == 0 or kk == 0:
             return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
-        scores, ids = self.index.search(q, kk, params=params)
+        scores, ids = self.faiss_index.search(q, kk, params=params)
         if self.rerank_k_factor > 1:
             scores, ids = self._rerank(q, ids, k)
         if ids.shape[1] < k:  # pad to k so callers always get (n, k)
@@ -174,33 +148,13 @@ class CorpusIndex:
 
     def embeddings(self, ids) -> np.ndarray:
         """Stored vectors of ``ids`` (stored dtype, float16 or float32), in the order given."""
-        shard, local = self._locate(ids)
-        out = np.empty((len(shard), self.dim), dtype=self._emb[0].dtype if self._emb else np.float32)
-        for s in np.unique(shard):
-            sel = shard == s
-            rows = local[sel]
-            order = np.argsort(rows, kind="stable")  # sorted reads are kinder to the page cache
-            got = np.empty((len(rows), self.dim), out.dtype)
-            got[order] = self._emb[s][rows[order]]
-            out[sel] = got
-        return out
+        return take_rows(self._emb, *self._locate(ids))
 
     def _meta_table(self, s: int):
         with self._lock:
-            table = self._meta.get(s)
-            if table is None:
-                import pyarrow.parquet as pq
-
-                path = self.directory / self.manifest.shards[s]["meta"]
-                try:
-                    table = pq.read_table(path, memory_map=True)
-                except (OSError, ValueError) as e:
-                    raise IndexFormatError(f"metadata shard {path} is unreadable: {e}") from None
-                if table.num_rows != self.manifest.shards[s]["rows"]:
-                    raise IndexFormatError(f"metadata shard {path} has {table.num_rows} rows, "
-                                           f"expected {self.manifest.shards[s]['rows']}")
-                self._meta[s] = table
-            return table
+            if s not in self._meta:
+                self._meta[s] = self.directory.read_metadata(self.manifest.shards[s])
+            return self._meta[s]
 
     def metadata_table(self, ids, columns: list[str] | None = None):
         """Metadata rows of ``ids`` as a ``pyarrow.Table`` in the order given."""
@@ -228,24 +182,19 @@ class CorpusIndex:
     def read_bytes(self, id: int) -> bytes:
         """The item's bytes exactly as stored in the corpus: a file, or a tar member read at its data offset."""
         (row,) = self.metadata([int(id)], ["source", "member", "offset", "size"])
-        source = row["source"]
+        source, member = row["source"], row["member"]
         if source is None:
             raise IndexFormatError(f"row {id} has no stored source (its metadata names no file)")
+        if member is not None and (row["offset"] is None or row["size"] is None):
+            raise IndexFormatError(f"row {id}: tar member {member!r} has no offset/size")
+        at = {"offset": int(row["offset"]), "size": int(row["size"])} if member is not None else {}
         try:
-            if row["member"] is not None:
-                if row["offset"] is None or row["size"] is None:
-                    raise IndexFormatError(f"row {id}: tar member {row['member']!r} has no offset/size")
-                with _open_source(source) as f:
-                    f.seek(int(row["offset"]))
-                    data = f.read(int(row["size"]))
-                if len(data) != row["size"]:
-                    raise IndexFormatError(f"row {id}: {source} is shorter than recorded ({row['member']})")
-                return data
-            with _open_source(source) as f:
-                return f.read()
+            return read_source_bytes(source, **at)
         except FileNotFoundError:
             raise IndexFormatError(f"row {id}: corpus file {source!r} is gone (moved or deleted since the build)"
                                    ) from None
+        except OSError as e:  # shorter than recorded, or unreadable
+            raise IndexFormatError(f"row {id} ({member or source}): {e}") from None
 
     def check_embedder(self, name: str) -> None:
         """Raise ``EmbedderMismatchError`` unless ``name`` is the embedder the index was built with."""
@@ -253,13 +202,6 @@ class CorpusIndex:
         if name != built:
             raise EmbedderMismatchError(
                 f"query embedder {name!r} does not match the index's embedder {built!r} "
-                f"(index {str(self.directory)!r}); query with {built!r} or rebuild the index with {name!r}"
+                f"(index {str(self.directory.path)!r}); query with {built!r} or rebuild the index with {name!r}"
             )
 
-
-def _open_source(source: str):
-    if "://" in source:  # object stores and URLs go through fsspec
-        import fsspec
-
-        return fsspec.open(source, "rb").open()
-    return open(source, "rb")

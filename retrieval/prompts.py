@@ -1,32 +1,21 @@
-"""Class-name prompts for text queries and zero-shot label checks (CLIP-style template ensembles)."""
+"""Class-name prompts for text queries and zero-shot label checks (CLIP-style template ensembles).
+
+The templates themselves are :data:`retrogen.prompts.ZERO_SHOT_TEMPLATES`; this module turns them into
+text embeddings per class.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from retrogen.prompts import ZERO_SHOT_TEMPLATES, fill, readable
+
 from .embedders.base import Embedder, l2_normalize
-
-#: A short ensemble from CLIP's ImageNet templates; averaging several is more robust than "a photo of a {}".
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a cropped photo of a {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of a {}.",
-    "a good photo of a {}.",
-)
-
-
-def readable(class_name: str) -> str:
-    """Folder names like ``golden_retriever`` -> ``golden retriever``."""
-    return class_name.replace("_", " ").replace("-", " ").strip()
 
 
 def class_prompts(
     classes: list[str],
-    templates: tuple[str, ...] | list[str] = DEFAULT_TEMPLATES,
+    templates: tuple[str, ...] | list[str] = ZERO_SHOT_TEMPLATES,
     class_descriptions: dict[str, list[str]] | None = None,
 ) -> dict[str, list[str]]:
     """Prompts per class: user descriptions when given for a class, else templates x readable name."""
@@ -35,7 +24,7 @@ def class_prompts(
         if class_descriptions and class_descriptions.get(c):
             out[c] = list(class_descriptions[c])
         else:
-            out[c] = [t.format(readable(c)) for t in templates]
+            out[c] = fill(templates, readable(c))
     return out
 
 

@@ -84,7 +84,8 @@ def select(
             best[label][c.id] = max(c.similarity, best[label].get(c.id, -np.inf))
     lost: dict[str, set[int]] = {label: set() for label in candidates}
     while True:
-        sel = _select_once(candidates, per_class, embeddings, policy, leak_sims, predicted_label, lost)
+        sel = _select_once(candidates, per_class, embeddings=embeddings, policy=policy, leak_sims=leak_sims,
+                           predicted_label=predicted_label, lost=lost)
         owners: dict[int, list[str]] = {}
         for label, chosen in sel.chosen.items():
             for c in chosen:
@@ -99,7 +100,10 @@ def select(
                     lost[label].add(i)
 
 
-def _select_once(candidates, per_class, embeddings, policy, leak_sims, predicted_label, lost) -> Selection:
+def _select_once(candidates: dict[str, list[Candidate]], per_class: int, *, embeddings: dict[int, np.ndarray],
+                 policy: SelectionPolicy, leak_sims: dict[int, float], predicted_label: dict[int, str] | None,
+                 lost: dict[str, set[int]]) -> Selection:
+    """One pass of selection with the ``lost`` conflicts excluded."""
     sel = Selection(chosen={label: [] for label in candidates})
     dim = next(iter(embeddings.values())).shape[0] if embeddings else 0
     taken = np.zeros((0, dim), np.float32)

@@ -17,9 +17,10 @@ import numpy as np
 from retrogen.errors import InvalidInputError
 from retrogen.imageio import decode_image
 from retrogen.outputs import OutputFolder
+from retrogen.prompts import ZERO_SHOT_TEMPLATES
 
 from .embedders import Embedder
-from .prompts import DEFAULT_TEMPLATES, class_prompts, class_text_embeddings
+from .prompts import class_prompts, class_text_embeddings
 
 
 def filter_by_text_similarity(
@@ -28,7 +29,7 @@ def filter_by_text_similarity(
     *,
     min_similarity: float | None = None,
     require_top1: bool = False,
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+    templates: tuple[str, ...] = ZERO_SHOT_TEMPLATES,
     batch_size: int = 32,
 ) -> dict:
     """Score, annotate and filter the images of ``out_dir`` in place. Returns the filter's summary.

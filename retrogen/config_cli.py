@@ -3,7 +3,7 @@
 ``@config_options(RetrievalConfig)`` on a typer command replaces its ``config`` parameter by one option per
 field (``--dedup-threshold``, help = the field's description, default = the field's default) and calls the
 command with the built config. Types map to the command line as follows: numbers, strings and booleans as
-themselves (``--flag/--no-flag``); ``tuple[str, ...]`` as a repeatable option; mappings (per-class prompts,
+themselves (booleans as ``--flag/--no-flag``); ``tuple[str, ...]`` as a repeatable option; mappings (per-class prompts,
 names, descriptions) as the path of a JSON file. A field may add short historical flags through
 ``json_schema_extra={"cli": ["--steps"]}``.
 """
@@ -32,7 +32,9 @@ def config_options(config_cls: type[LibraryConfig], *, param: str = "config",
 
     def deco(command: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(command)
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != param]
+        hints = typing.get_type_hints(command)  # the command's own annotations, resolved in its own module
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+               for p in sig.parameters.values() if p.name != param]
         derived = [_option(name, f) for name, f in fields.items()]
 
         @functools.wraps(command)
@@ -54,8 +56,9 @@ def _flag(name: str) -> str:
 
 def _option(name: str, field: FieldInfo) -> inspect.Parameter:
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    decls = [_flag(name), *extra.get("cli", [])]
     annotation, default = _cli_type(field.annotation), field.get_default(call_default_factory=True)
+    flag = _flag(name)
+    decls = [f"{flag}/--no-{flag[2:]}" if annotation is bool else flag, *extra.get("cli", [])]
     if annotation is list:
         annotation, default = list[str], list(default or [])
     elif annotation is Path:

@@ -1,37 +1,40 @@
-"""``retrogen serve`` and ``retrogen worker`` (registered by ``retrogen/cli.py``). Only typer at the top."""
+"""``retrogen serve`` and ``retrogen worker`` (registered by ``retrogen/cli.py``). Only typer at the top, so
+``retrogen --help`` stays fast."""
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .core.config import Settings
 
 
-def _use_settings_file(settings_file: Path | None) -> None:
+def _settings(settings_file: Path | None) -> Settings:
+    """The process's settings: environment (RETROGEN_*) > the settings file > defaults, read once here."""
+    from .core.config import SETTINGS_FILE_ENV, Settings
+
     if settings_file is not None:
-        from retrogen.service.config import SETTINGS_FILE_ENV
-
         os.environ[SETTINGS_FILE_ENV] = str(settings_file)
+    return Settings()
 
 
 def serve(
+    *,
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(8000, help="Port to bind."),
     settings_file: Path = typer.Option(None, "--settings-file", help="JSON settings file (RETROGEN_* env wins)."),
     worker: bool = typer.Option(True, "--worker/--no-worker", help="Run a job worker inside the web process."),
 ) -> None:
     """Serve the HTTP API (and, by default, an in-process job worker)."""
-    _use_settings_file(settings_file)
     import uvicorn
 
-    from retrogen.service.api.main import create_app
-    from retrogen.service.config import get_settings
+    from .api.main import create_app
 
-    settings = get_settings()
+    settings = _settings(settings_file)
     app = create_app(settings, start_worker=worker)
     typer.echo(f"retrogen serving on http://{host}:{port} (data: {Path(settings.data_dir).resolve()}, "
                f"worker: {'in-process' if worker else 'external'})")
@@ -39,26 +42,18 @@ def serve(
 
 
 def worker(
+    *,
     settings_file: Path = typer.Option(None, "--settings-file", help="JSON settings file (RETROGEN_* env wins)."),
 ) -> None:
     """Run a job worker outside the web process (same database and store settings as the server)."""
-    _use_settings_file(settings_file)
     import signal
-    from pathlib import Path as P
 
-    from retrogen.service.config import get_settings
-    from retrogen.service.db import Database
-    from retrogen.service.indexes import registry_for_settings
-    from retrogen.service.methods import default_registry
-    from retrogen.service.storage import Store
-    from retrogen.service.worker import Worker
+    from .wiring import Services
 
-    settings = get_settings()
-    db = Database(settings.resolved_database_url)
-    store = Store(settings.resolved_storage_url, P(settings.data_dir) / "cache")
-    w = Worker(settings, db, store, default_registry(), registry_for_settings(settings))
+    services = Services.from_settings(_settings(settings_file))
+    w = services.worker
     signal.signal(signal.SIGTERM, lambda *_: w.request_stop())
-    typer.echo(f"retrogen worker {w.name} polling {settings.resolved_database_url}")
+    typer.echo(f"retrogen worker {w.name} polling {services.db.display_url}")
     try:
         w.run_forever()
     except KeyboardInterrupt:

@@ -97,15 +97,18 @@ class ThreadedUvicorn:
         self.sock.close()
 
 
-def make_router_app(*routers, index_registry=None):
+def make_router_app(*routers, index_registry=None, settings=None):
     """A bare FastAPI app with the given routers, ``RetrogenError`` mapped to ``{"detail": message}`` + its
-    ``http_status`` (as the service app does), and optionally ``app.state.index_registry``."""
+    ``http_status`` (as the service app does), ``app.state.settings`` (default ``Settings()``) and optionally
+    ``app.state.index_registry``."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
     from retrogen.errors import RetrogenError
+    from retrogen.service.core.config import Settings
 
     app = FastAPI()
+    app.state.settings = settings or Settings()
     for router in routers:
         app.include_router(router)
 
@@ -157,12 +160,13 @@ def write_service_corpus_tar(path):
 def service_index_dir(tmp_path_factory, tiny_open_clip_dir):
     """A flat index (tiny open_clip, 18 items in 3 colour families) built by ``index_builder.build``."""
     from retrogen.index_builder.build import build_index
+    from retrogen.index_builder.config import IndexBuildConfig
     from retrogen.retrieval.embedders import create_embedder
 
     root = tmp_path_factory.mktemp("service_index")
     tar = write_service_corpus_tar(root / "00000.tar")
     build_index([str(tar)], root / "index", embedder=create_embedder(f"open_clip:local-dir:{tiny_open_clip_dir}"),
-                index="flat", num_workers=1)
+                config=IndexBuildConfig(index_type="flat", num_workers=1))
     return root / "index"
 
 

@@ -47,7 +47,7 @@ def fake_runner(kind: str):
 
 
 def fake_registry():
-    from retrogen.service.methods import MethodRegistry, MethodSpec
+    from retrogen.service.domain.runners import MethodRegistry, MethodSpec
 
     def validate(params):
         unknown = set(params) - {"delay_s", "mode"}
@@ -69,7 +69,7 @@ def fake_registry():
 
 
 def make_settings(data_dir, **overrides):
-    from retrogen.service.config import Settings
+    from retrogen.service.core.config import Settings
 
     base = dict(data_dir=data_dir, poll_interval_s=0.05, job_lease_s=2.0, enable_worker=False)
     return Settings(**(base | overrides))
@@ -108,18 +108,14 @@ def _main() -> None:
     """``python -m tests.service_fakes worker|serve SETTINGS_JSON [PORT]``."""
     import logging
 
-    from retrogen.service.config import Settings
+    from retrogen.service.core.config import Settings
 
     logging.basicConfig(level=logging.INFO)
     what, settings = sys.argv[1], Settings(**json.loads(sys.argv[2]))
     if what == "worker":
-        from retrogen.service.db import Database
-        from retrogen.service.storage import Store
-        from retrogen.service.worker import Worker
+        from retrogen.service.wiring import Services
 
-        w = Worker(settings, Database(settings.resolved_database_url),
-                   Store(settings.resolved_storage_url, settings.data_dir / "cache"), fake_registry(), None)
-        w.run_forever()
+        Services.from_settings(settings, methods=fake_registry()).worker.run_forever()
     else:
         import uvicorn
 

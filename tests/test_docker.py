@@ -72,6 +72,10 @@ def test_image_shape():
     builder_runs = " ".join(rest for word, rest in dockerfile_instructions("builder") if word == "RUN")
     assert "-c constraints.txt" in builder_runs and "pip check" in builder_runs
     assert "uv " not in builder_runs and "poetry" not in builder_runs
+    # the smoke import checks the installed wheel under its one namespace, away from the source folders
+    builder = dockerfile_instructions("builder")
+    smoke = next(i for i, (word, rest) in enumerate(builder) if word == "RUN" and "import retrogen.service" in rest)
+    assert builder[smoke - 1] == ("WORKDIR", "/"), "the smoke import runs outside /src"
     assert image_env()["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
@@ -88,7 +92,7 @@ def _index(root: Path, name: str) -> Path:
 
 
 def test_entrypoint_configures_indexes_and_the_settings_accept_the_image_env(tmp_path):
-    from retrogen.service.config import Settings
+    from retrogen.service.core.config import Settings
 
     indexes = tmp_path / "indexes"
     _index(indexes, "laion-subset")
@@ -96,7 +100,7 @@ def test_entrypoint_configures_indexes_and_the_settings_accept_the_image_env(tmp
     _index(indexes, "bad name")  # skipped, with a message
     (indexes / "incomplete").mkdir()  # no manifest: an interrupted build, not configured
     env = image_env() | {"RETROGEN_INDEX_ROOT": str(indexes), "RETROGEN_DATA_DIR": str(tmp_path / "data")}
-    code = ("from retrogen.service.config import Settings; import json; s = Settings(); "
+    code = ("from retrogen.service.core.config import Settings; import json; s = Settings(); "
             "print(json.dumps({'indexes': {k: str(v.path) for k, v in s.indexes.items()}, 'data': str(s.data_dir)}))")
     r = run_entrypoint(sys.executable, "-c", code, env=env)
     assert r.returncode == 0, r.stderr

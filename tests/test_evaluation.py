@@ -82,6 +82,14 @@ def test_report_files_complete(report):
         assert im.format == "PNG" and im.width > 400
 
 
+def test_sets_named_train_or_test_do_not_replace_the_real_sets(data, report):
+    r = evaluate(data["train"], data["test"], {"train": data["good"], "test": data["bad"]},
+                 config=EvaluationConfig(**FAST))
+    same = report[0]
+    assert r.arm("real-only").accuracy == same.arm("real-only").accuracy
+    assert r.arm("train").accuracy == same.arm("good").accuracy and r.arm("test").gain == same.arm("bad").gain
+
+
 def test_leaking_set_is_refused_and_named(data, tmp_path):
     leak = make_set(tmp_path / "leak", 5, 7)
     src = data["test"] / "b" / "img0045.png"
@@ -148,9 +156,12 @@ def test_bad_input_is_a_clear_error(data, tmp_path):
         evaluate(data["train"], data["test"], {"other": other}, config=EvaluationConfig(**FAST))
     with pytest.raises(InvalidEvaluationError, match="reserved"):
         evaluate(data["train"], data["test"], {"real-only": data["good"]}, config=EvaluationConfig(**FAST))
+    # Settings are checked when the config is built (by the CLI, the service or a caller), naming the field.
     for bad in (dict(classifier="svm"), dict(ratio=1.5), dict(num_seeds=0), dict(aug_label_smoothing=1.0)):
-        with pytest.raises(InvalidEvaluationError):
-            evaluate(data["train"], data["test"], {}, config=EvaluationConfig(**FAST | bad))
+        with pytest.raises(InvalidEvaluationError, match=next(iter(bad))):
+            EvaluationConfig(**FAST | bad)
+    with pytest.raises(InvalidEvaluationError, match="unknown evaluation setting.*'seeds'"):
+        EvaluationConfig.from_dict({"seeds": 3})
 
 
 def test_feature_cache_embeds_each_image_once(data):

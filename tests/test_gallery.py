@@ -30,7 +30,7 @@ def _png(rgb) -> bytes:
 
 def _manifest():
     """Built with the jobs API's own response model, so the page is tested against the real shape."""
-    from retrogen.service.schemas import ResultItem, ResultsPublic
+    from retrogen.service.api.schemas import ResultItem, ResultsPublic
 
     items = []
     for label, method, n in (("cat", "retrieval:image", 3), ("cat", "generation:text", 2),

@@ -170,8 +170,10 @@ def test_prompt_method_accepts_empty_class_folders(tmp_path, tiny_sd_dir):
 
 
 def test_existing_output_is_never_overwritten(dataset, tmp_path, tiny_sd_dir):
+    import retrogen.outputs
     from retrogen.generation import OutputExistsError
 
+    assert OutputExistsError is retrogen.outputs.OutputExistsError  # the output folder's own, re-exported
     out = tmp_path / "out"
     run(dataset, out, tiny_sd_dir, "prompt", per_class=1)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -209,6 +211,7 @@ def test_gpu_out_of_memory_names_the_setting(dataset, tmp_path, tiny_sd_dir, mon
 
 
 def test_weights_hash_is_cached_and_tracks_changes(tmp_path):
+    from retrogen.fileio import sha256_tree
     from retrogen.generation.models import _file_hashes, weights_hash
 
     d = tmp_path / "m"
@@ -216,6 +219,7 @@ def test_weights_hash_is_cached_and_tracks_changes(tmp_path):
     (d / "unet" / "w.safetensors").write_bytes(b"a" * 100)
     (d / "unet" / "config.json").write_text("{}")
     h1 = weights_hash(d)
+    assert h1 == sha256_tree(d, ["unet/w.safetensors"])  # the shared tree hash, over the weight files only
     assert weights_hash(d) == h1 and any(k[0].endswith("w.safetensors") for k in _file_hashes)
     (d / "unet" / "config.json").write_text('{"x": 1}')  # not a weight file
     assert weights_hash(d) == h1
@@ -223,15 +227,75 @@ def test_weights_hash_is_cached_and_tracks_changes(tmp_path):
     assert weights_hash(d) != h1
 
 
+def test_weights_hash_takes_hub_blob_digests_from_their_names(tmp_path):
+    from retrogen.fileio import sha256_tree
+    from retrogen.generation.models import file_sha256, weights_hash
+
+    # The hub cache: snapshot files are links to blobs named by their sha256, which is not recomputed.
+    name = "ab" * 32
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / name).write_bytes(b"weights")
+    snapshot = tmp_path / "snapshots" / "c0ffee" / "unet"
+    snapshot.mkdir(parents=True)
+    (snapshot / "w.safetensors").symlink_to(tmp_path / "blobs" / name)
+    assert file_sha256(snapshot / "w.safetensors") == name
+    assert weights_hash(snapshot.parent) == sha256_tree(snapshot.parent, ["unet/w.safetensors"], file_digest=lambda p: name)
+
+
 def test_config_from_dict_rejects_unknown_keys():
     from retrogen.generation import GenerationConfig, InvalidConfigError
 
     cfg = GenerationConfig.from_dict({"num_inference_steps": 3, "prompt_templates": ["a {}"]})
     assert cfg.prompt_templates == ("a {}",) and GenerationConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(InvalidConfigError, match="unknown generation setting"):
+    with pytest.raises(InvalidConfigError, match="unknown generation setting.*valid: .*num_inference_steps"):
         GenerationConfig.from_dict({"steps": 3})
     with pytest.raises(InvalidConfigError, match="exactly once"):
         GenerationConfig(prompt_templates=("no placeholder",))
+
+
+@pytest.mark.parametrize("bad,field", [
+    ({"num_inference_steps": 0}, "num_inference_steps=0"), ({"batch_size": -1}, "batch_size=-1"),
+    ({"strength": 0}, "strength=0"), ({"guidance_scale": -1}, "guidance_scale=-1"), ({"size": 60}, "size=60"),
+    ({"train_size": 4}, "train_size=4"), ({"dtype": "float8"}, "dtype='float8'"), ({"device": "tpu"}, "device='tpu'"),
+    ({"prompt_templates": []}, "prompt_templates=[]"), ({"learning_rate": 0}, "learning_rate=0"),
+    ({"instance_token": " "}, "instance_token=' '"), ({"lora_rank": 0}, "lora_rank=0"),
+])
+def test_config_names_the_bad_setting(bad, field):
+    from retrogen.generation import GenerationConfig, InvalidConfigError
+
+    with pytest.raises(InvalidConfigError) as e:
+        GenerationConfig.from_dict(bad)
+    assert str(e.value).startswith(field) and len(str(e.value).splitlines()) == 1
+    with pytest.raises(InvalidConfigError):
+        GenerationConfig().replace(**bad)  # a copy is validated like a new config
+
+
+def test_config_normalises_json_shapes():
+    from retrogen.config import LibraryConfig
+    from retrogen.generation import GenerationConfig
+
+    cfg = GenerationConfig(class_prompts={"dog": "a dog", "cat": ["a cat", "cats"]}, class_names={"cat": "tabby"},
+                           prompt_templates=["a {}", "ensemble"])
+    assert isinstance(cfg, LibraryConfig) and cfg.prompt_templates == ("a {}", "ensemble")
+    assert cfg.class_prompts == {"dog": ("a dog",), "cat": ("a cat", "cats")}
+    d = cfg.to_dict()
+    assert d["class_prompts"] == {"dog": ["a dog"], "cat": ["a cat", "cats"]} and d["prompt_templates"] == ["a {}", "ensemble"]
+    assert list(d)[:3] == ["num_inference_steps", "guidance_scale", "strength"]  # summary.json's parameter order
+    assert cfg.replace(seed=3).seed == 3 and cfg.replace(seed=3).class_prompts == cfg.class_prompts
+
+
+def test_seeds_and_templates_are_pinned():
+    from retrogen.generation import GenerationConfig, derive_seed
+    from retrogen.generation.prompts import class_prompts, class_subject
+    from retrogen.prompts import GENERATION_TEMPLATES
+
+    # Fixed values: a change here changes every generated image.
+    assert derive_seed(0, "cat", 0) == 5535844496924067164 and derive_seed(7, "dog", 12) == 829483658064576643
+    cfg = GenerationConfig(prompt_templates=("ensemble", "a photo of a {}", "art of {}"))
+    assert class_prompts("golden_retriever", cfg) == [t.format("golden retriever") for t in GENERATION_TEMPLATES] + [
+        "art of golden retriever"]
+    assert class_prompts("cat", cfg, subject="<tok>")[0] == "a photo of a <tok>"
+    assert class_subject("sea-lion", GenerationConfig(class_names={"cat": "tabby"})) == "sea lion"
 
 
 def test_ip_adapter_spec_resolution(tmp_path, tiny_sd_dir):

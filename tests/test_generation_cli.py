@@ -41,6 +41,8 @@ def test_cli_writes_output_and_summary_line(tmp_path, tiny_sd_dir):
     (["--method", "prompt", "--scheduler", "fast"], "UnknownSchedulerError", "unknown scheduler 'fast'"),
     (["--method", "prompt", "--strength", "2"], "InvalidConfigError", "strength=2.0"),
     (["--method", "prompt", "--model", "/no/such/model"], "UnknownModelError", "neither an existing directory"),
+    (["--method", "prompt", "--size", "60"], "InvalidConfigError", "size=60"),
+    (["--method", "prompt", "--class-prompts", "/no/such.json"], "InvalidConfigError", "--class-prompts: cannot read"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(args, error, text, tmp_path, tiny_sd_dir, monkeypatch, capsys):
     from retrogen.cli import main
@@ -68,3 +70,34 @@ def test_installed_command_runs_variation(tmp_path, tiny_sd_dir):
     assert "generated 4 images for 2 classes by variation" in proc.stdout
     assert "generating cat" in proc.stderr  # tqdm bars
     assert sorted(p.name for p in out.iterdir()) == ["cat", "dog", "provenance.jsonl", "summary.json"]
+
+
+@pytest.mark.parametrize("spelling", ["historical", "derived"])
+def test_cli_options_build_the_config(spelling, tmp_path, monkeypatch):
+    """Every GenerationConfig field is an option named after it; the historical short flags still work."""
+    import retrogen.generation.augment
+    from retrogen.generation import GenerationConfig
+    from retrogen.outputs import AugmentResult
+
+    seen = {}
+
+    def fake(dataset, out, **kwargs):
+        seen.update(kwargs, dataset=dataset, out=out)
+        return AugmentResult(out, {"per_class": {}, "artifacts": {}, "duration_s": 1.0, "images_per_s": 0.0})
+
+    monkeypatch.setattr(retrogen.generation.augment, "augment_by_generation", fake)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"dog": "a dog", "cat": ["a cat", "cats"]}))
+    names = {"historical": ["--steps", "3", "--guidance", "2", "--train-steps", "5", "--prompt-template", "a {}",
+                            "--prompt-template", "ensemble"],
+             "derived": ["--num-inference-steps", "3", "--guidance-scale", "2", "--num-train-steps", "5",
+                         "--prompt-templates", "a {}", "--prompt-templates", "ensemble"]}[spelling]
+    res = CliRunner().invoke(app, ["augment", "generate", "--model", "m", "--dataset", str(tmp_path), "--method",
+                                   "prompt", "--per-class", "2", "--out", str(tmp_path / "out"), *names,
+                                   "--class-prompts", str(prompts), "--enable-img2img", "--prior-loss-weight", "0.5",
+                                   "--artifacts-dir", str(tmp_path / "arts")])
+    assert res.exit_code == 0, res.output
+    assert seen["config"] == GenerationConfig(
+        num_inference_steps=3, guidance_scale=2.0, num_train_steps=5, prompt_templates=("a {}", "ensemble"),
+        class_prompts={"dog": ("a dog",), "cat": ("a cat", "cats")}, enable_img2img=True, prior_loss_weight=0.5)
+    assert seen["model"] == "m" and seen["per_class"] == 2 and seen["artifacts_dir"] == tmp_path / "arts"

@@ -33,6 +33,14 @@ def _generate(pipe, prompt, seed=0):
                 output_type="np").images[0]
 
 
+def test_trainer_hyperparameters_cover_the_shared_templates():
+    from retrogen.generation.training.textual_inversion import TextualInversionConfig
+    from retrogen.prompts import TEXTUAL_INVERSION_TEMPLATES
+
+    hp = TextualInversionConfig(placeholder_token="<a>", initializer="cat").hyperparameters()
+    assert hp["templates"] == list(TEXTUAL_INVERSION_TEMPLATES) and "placeholder_token" not in hp
+
+
 def test_textual_inversion_moves_the_token_and_lowers_its_loss(pipe, tmp_path):
     import torch
     from diffusers import DDPMScheduler
@@ -153,11 +161,14 @@ def test_personalisation_end_to_end_and_artifact_reuse(method, extra, tmp_path, 
 
 
 def test_artifact_store_is_atomic(tmp_path):
+    from retrogen.fileio import sha256_tree
     from retrogen.generation.artifacts import ArtifactStore, artifact_key
 
     store = ArtifactStore(tmp_path)
     key = artifact_key(kind="k", base_weights_hash="b", image_sha256s=["2", "1"], hyperparameters={"x": 1})
     assert key == artifact_key(kind="k", base_weights_hash="b", image_sha256s=["1", "2"], hyperparameters={"x": 1})
+    # Pinned: a changed key format would orphan every stored artefact (they would all train again).
+    assert key == "bd526cf93303b2992a332667305bed32977209b632ec55ca0563e5e8cd2fcc12"
 
     def failing(tmp):
         (tmp / "half.bin").write_bytes(b"x")
@@ -169,6 +180,7 @@ def test_artifact_store_is_atomic(tmp_path):
     built = []
     meta, reused = store.get_or_build("k", key, lambda tmp: built.append((tmp / "w.bin").write_bytes(b"w")) or {"n": 1},
                                       description={"label": "cat"})
-    assert not reused and meta["n"] == 1 and meta["label"] == "cat" and len(meta["hash"]) == 64
+    assert not reused and meta["n"] == 1 and meta["label"] == "cat"
+    assert meta["hash"] == sha256_tree(meta["path"], ["w.bin"])  # the shared tree hash, without artifact.json
     meta2, reused2 = store.get_or_build("k", key, lambda tmp: built.append(1) or {}, description={})
     assert reused2 and meta2["hash"] == meta["hash"] and len(built) == 1

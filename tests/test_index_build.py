@@ -14,12 +14,14 @@ import pytest
 from PIL import Image
 
 from retrogen.imageio import decode_image
-from retrogen.index_builder.build import STATE_FILE, build_index
-from retrogen.index_builder.errors import BuildMismatchError, MemoryBudgetError, SourceError
-from retrogen.index_builder.faiss_build import parse_memory, plan_index
+from retrogen.index_builder.build import build_index
+from retrogen.index_builder.config import IndexBuildConfig, parse_memory
+from retrogen.index_builder.errors import BuildMismatchError, IndexBuildError, MemoryBudgetError, SourceError
+from retrogen.index_builder.faiss_build import plan_index
 from retrogen.index_builder.importer import import_clip_retrieval
 from retrogen.retrieval.errors import EmbedderMismatchError
 from retrogen.retrieval.index import CorpusIndex
+from retrogen.retrieval.index_directory import STATE_FILE
 
 
 def sha(data: bytes) -> str:
@@ -73,8 +75,8 @@ def image_folder(tmp_path_factory):
 
 def test_folder_source_skips_bad_files_and_accepts_odd_modes(image_folder, tmp_path, mean_colour_embedder):
     events = []
-    m = build_index([str(image_folder)], tmp_path / "idx", embedder=mean_colour_embedder, shard_size=5,
-                    batch_size=4, progress=events.append)
+    m = build_index([str(image_folder)], tmp_path / "idx", embedder=mean_colour_embedder,
+                    config=IndexBuildConfig(shard_size=5, batch_size=4), progress=events.append)
     assert m.count == 15 and m.dtype == "float16" and m.embedder["name"] == "meancolour"
     reasons = {f["path"].rsplit("/", 1)[-1]: f["reason"] for f in m.skipped["files"]}
     assert m.skipped["count"] == 3
@@ -125,7 +127,8 @@ def wds_tar(tmp_path_factory):
 
 def test_webdataset_tar_with_captions_and_json(wds_tar, tmp_path, mean_colour_embedder):
     path, images = wds_tar
-    m = build_index([str(path)], tmp_path / "idx", embedder=mean_colour_embedder, shard_size=4)
+    m = build_index([str(path)], tmp_path / "idx", embedder=mean_colour_embedder,
+                    config=IndexBuildConfig(shard_size=4))
     assert m.count == 9 and m.skipped["count"] == 0 and len(m.shards) == 3
     corpus = CorpusIndex.open(tmp_path / "idx")
     rows = corpus.metadata(range(9))
@@ -154,7 +157,7 @@ def test_parquet_and_csv_listings_in_one_build(image_folder, wds_tar, tmp_path, 
     csv.write_text("image_path,caption\n" + "".join(f"{p},csv {p.name}\n" for p in files[:2])
                    + f"{tmp_path / 'missing.png'},gone\n")
     m = build_index([str(image_folder.parent / "list.parquet"), str(csv), str(wds_tar[0])], tmp_path / "idx",
-                    embedder=mean_colour_embedder, dtype="float32")
+                    embedder=mean_colour_embedder, config=IndexBuildConfig(dtype="float32"))
     assert [s["kind"] for s in m.sources] == ["listing", "listing", "webdataset"]
     assert [s["records"] for s in m.sources] == [len(files), 3, 9]
     assert m.count == len(files) + 2 + 9 and m.skipped["by_reason"] == {"unreadable": 1}
@@ -172,7 +175,7 @@ class Crash(Exception):
 
 
 def test_interrupted_build_resumes_to_the_same_index(image_folder, tmp_path, mean_colour_embedder):
-    kwargs = dict(embedder=mean_colour_embedder, shard_size=4, batch_size=2)
+    kwargs = dict(embedder=mean_colour_embedder, config=IndexBuildConfig(shard_size=4, batch_size=2))
     full = build_index([str(image_folder)], tmp_path / "full", **kwargs)
 
     def crash_midway(event):
@@ -208,13 +211,15 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(image_folder, tm
     build_index([str(image_folder)], out, embedder=mean_colour_embedder)
     before = (out / "manifest.json").read_bytes()
     with pytest.raises(BuildMismatchError, match="differs in: dtype.*--overwrite"):
-        build_index([str(image_folder)], out, embedder=mean_colour_embedder, dtype="float32")
+        build_index([str(image_folder)], out, embedder=mean_colour_embedder, config=IndexBuildConfig(dtype="float32"))
     assert (out / "manifest.json").read_bytes() == before
-    events = []
-    again = build_index([str(image_folder)], out, embedder=mean_colour_embedder, progress=events.append)
+    events = []  # batch size and workers change a build's speed, not its output: still the same build
+    again = build_index([str(image_folder)], out, embedder=mean_colour_embedder, progress=events.append,
+                        config=IndexBuildConfig(batch_size=7, num_workers=1))
     assert not [e for e in events if e.stage == "embed"] and (out / "manifest.json").read_bytes() == before
     assert again.count == 15
-    m = build_index([str(image_folder)], out, embedder=mean_colour_embedder, dtype="float32", overwrite=True)
+    m = build_index([str(image_folder)], out, embedder=mean_colour_embedder, config=IndexBuildConfig(dtype="float32"),
+                    overwrite=True)
     assert m.dtype == "float32" and CorpusIndex.open(out).embeddings([0]).dtype == np.float32
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -226,12 +231,16 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(image_folder, tm
 
 def test_memory_budget_and_index_choice_are_checked_before_work(image_folder, tmp_path, mean_colour_embedder):
     with pytest.raises(MemoryBudgetError, match="over the budget"):
-        build_index([str(image_folder)], tmp_path / "idx", embedder=mean_colour_embedder, index="flat",
-                    memory_budget="100")
+        build_index([str(image_folder)], tmp_path / "idx", embedder=mean_colour_embedder,
+                    config=IndexBuildConfig(index_type="flat", memory_budget="100"))
     assert not (tmp_path / "idx").exists()
     with pytest.raises(SourceError, match="does not exist"):
         build_index([str(tmp_path / "nope")], tmp_path / "idx", embedder=mean_colour_embedder)
     assert parse_memory("4G") == 4 * 1024 ** 3 and parse_memory("512M") == 512 * 1024 ** 2
+    for bad, field in (({"memory_budget": "lots"}, "memory_budget"), ({"dtype": "int8"}, "dtype"),
+                       ({"shard_size": 0}, "shard_size"), ({"index": "flat"}, "unknown index build setting")):
+        with pytest.raises(IndexBuildError, match=field):
+            IndexBuildConfig(**bad)
     assert plan_index(50_000, 512).kind == "flat"
     assert plan_index(500_000, 512).kind == "hnsw"
     big = plan_index(5_000_000, 512)
@@ -241,8 +250,8 @@ def test_memory_budget_and_index_choice_are_checked_before_work(image_folder, tm
     with pytest.raises(MemoryBudgetError):
         plan_index(5_000_000, 512, memory_budget="1M")
     with pytest.raises(Exception, match="valid FAISS factory"):
-        plan_index(1000, 16, index="NotAnIndex")
-    assert plan_index(1000, 16, index="IVF16,PQ4np").search_defaults == {"nprobe": 4}
+        plan_index(1000, 16, index_type="NotAnIndex")
+    assert plan_index(1000, 16, index_type="IVF16,PQ4np").search_defaults == {"nprobe": 4}
 
 
 def test_clip_retrieval_import_without_reembedding(tmp_path):
@@ -290,7 +299,7 @@ def test_real_efficientnet_lite0_on_ten_images(tmp_path):
     for i in range(10):
         noise_image(300 + i, (48, 48)).save(folder / f"{i}.jpg", quality=95)
     emb = create_embedder("efficientnet-lite0")
-    m = build_index([str(folder)], tmp_path / "idx", embedder=emb, batch_size=5)
+    m = build_index([str(folder)], tmp_path / "idx", embedder=emb, config=IndexBuildConfig(batch_size=5))
     assert m.count == 10 and m.dim == 1280 and m.build["images_per_s"] > 0
     corpus = CorpusIndex.open(tmp_path / "idx")
     corpus.check_embedder(emb.name)
@@ -311,6 +320,6 @@ def test_threaded_decoding_leaves_warning_filters_alone(tmp_path, mean_colour_em
         noise_image(i, (64, 64)).save(folder / f"{i:03d}.jpg")
     before = list(warnings.filters)
     for run in range(2):
-        build_index([str(folder)], tmp_path / f"idx{run}", embedder=mean_colour_embedder, num_workers=4,
-                    batch_size=8)
+        build_index([str(folder)], tmp_path / f"idx{run}", embedder=mean_colour_embedder,
+                    config=IndexBuildConfig(num_workers=4, batch_size=8))
         assert warnings.filters == before

@@ -45,6 +45,7 @@ def test_info_text_and_json(built):
     assert info["faiss"]["factory"] == "Flat" and info["recall"] is None
     assert info["skipped"]["count"] == 1 and info["skipped"]["files"][0]["path"].endswith("broken.png")
     assert info["sources"][0]["path"] == str(root) and info["build"]["parameters"]["shard_size"] == 4
+    assert info["build"]["parameters"]["index_type"] == "auto" and info["build"]["parameters"]["dtype"] == "float32"
     text = runner.invoke(cli.app, ["index", "info", str(out)])
     assert text.exit_code == 0
     for needle in ("meancolour", "6 in 2 shard(s), float32", "Flat (flat)", "exact (flat index)", "skipped     1"):
@@ -59,7 +60,7 @@ def test_import_command(tmp_path):
     np.save(src / "img_emb" / "img_emb_0.npy", x / np.linalg.norm(x, axis=1, keepdims=True))
     pq.write_table(pa.table({"image_path": [f"/d/{i}.jpg" for i in range(80)]}), src / "metadata" / "metadata_0.parquet")
     res = runner.invoke(cli.app, ["index", "import", "--from", str(src), "--out", str(tmp_path / "idx"),
-                                  "--embedder", "hf:openai/clip-vit-base-patch32", "--index", "hnsw", "--quiet"])
+                                  "--embedder", "hf:openai/clip-vit-base-patch32", "--index-type", "hnsw", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "80 vectors (dim 8), HNSW32,Flat, recall@10" in res.output
     info = json.loads(runner.invoke(cli.app, ["index", "info", str(tmp_path / "idx"), "--json"]).output)
@@ -69,8 +70,10 @@ def test_import_command(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["index", "build", "--source", "{missing}", "--out", "{out}", "--embedder", "meancolour"], "does not exist"),
     (["index", "info", "{missing}"], "does not exist"),
-    (["index", "build", "--source", "{src}", "--out", "{out}", "--embedder", "meancolour", "--index", "flat",
+    (["index", "build", "--source", "{src}", "--out", "{out}", "--embedder", "meancolour", "--index-type", "flat",
       "--memory-budget", "10"], "over the budget"),
+    (["index", "build", "--source", "{src}", "--out", "{out}", "--embedder", "meancolour", "--dtype", "int8"],
+     "dtype='int8'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(built, tmp_path, monkeypatch, capsys, args, message):
     root, _, _ = built

@@ -9,10 +9,10 @@ import pytest
 
 from retrogen.errors import InvalidInputError
 from retrogen.index_builder.build import finish_index
-from retrogen.index_builder.writer import write_shard
+from retrogen.index_builder.config import IndexBuildConfig
 from retrogen.retrieval.errors import EmbedderMismatchError, IndexFormatError, IndexNotFoundError
 from retrogen.retrieval.index import CorpusIndex
-from retrogen.retrieval.index_format import list_shard_files, read_manifest
+from retrogen.retrieval.index_directory import STATE_FILE, IndexDirectory, Manifest
 
 DIM = 16
 
@@ -25,16 +25,22 @@ def clustered(n, dim=DIM, clusters=6, seed=0):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_index(out, vectors, *, index="flat", shard_rows=128, dtype="float32", name="vec"):
-    """Write shards + FAISS index + manifest through the same functions build and import use."""
+def write_shards(directory, vectors, *, shard_rows=128, dtype="float32"):
     shards = []
     for n, lo in enumerate(range(0, len(vectors), shard_rows)):
         hi = min(len(vectors), lo + shard_rows)
         rows = [{"key": f"k{i}", "source": f"/nowhere/{i}.jpg", "caption": f"item {i}"} for i in range(lo, hi)]
-        shards.append(write_shard(out, n, vectors[lo:hi], rows, first_id=lo, dtype=dtype, start=lo, end=hi))
+        shards.append(directory.write_shard(n, vectors[lo:hi], rows, first_id=lo, dtype=dtype, start=lo, end=hi))
+    return shards
+
+
+def make_index(out, vectors, *, index_type="flat", shard_rows=128, dtype="float32", name="vec"):
+    """Write shards + FAISS index + manifest through the same functions build and import use."""
+    directory = IndexDirectory(out)
+    shards = write_shards(directory, vectors, shard_rows=shard_rows, dtype=dtype)
     entry = {"name": name, "dim": vectors.shape[1], "normalized": True, "modalities": ["image"]}
-    finish_index(out, shards, embedder_entry=entry, dtype=dtype, index=index, memory_budget=None, sources=[],
-                 params={"test": True}, num_recall_queries=100)
+    config = IndexBuildConfig(index_type=index_type, dtype=dtype, num_recall_queries=100)
+    finish_index(directory, shards, embedder_entry=entry, config=config, sources=[], params={"test": True})
     return CorpusIndex.open(out)
 
 
@@ -89,7 +95,7 @@ def test_k_beyond_corpus_pads_and_bad_queries_are_refused(flat):
 
 @pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
 def test_approximate_recall_is_what_the_manifest_says(tmp_path, vectors, kind):
-    index = make_index(tmp_path / kind, vectors, index=kind, dtype="float16")
+    index = make_index(tmp_path / kind, vectors, index_type=kind, dtype="float16")
     m = index.manifest
     assert m.faiss["kind"] == kind and m.recall["num_queries"] == 100
     qids = np.random.default_rng(42).choice(300, 100, replace=False)  # not the builder's sample
@@ -105,15 +111,15 @@ def test_approximate_recall_is_what_the_manifest_says(tmp_path, vectors, kind):
         assert (np.diff(scores, axis=1) <= 1e-6).all()
         # without re-rank, PQ alone is no better: re-rank is what the recall rests on
         raw = CorpusIndex(index.directory, m.model_copy(update={"faiss": {**m.faiss, "rerank_k_factor": 1}}),
-                          index.index)
+                          index.faiss_index)
         assert recall_at_10(raw, vectors, qids) <= measured
 
 
 def test_per_call_parameters_never_touch_the_shared_index(tmp_path, vectors):
     import faiss
 
-    index = make_index(tmp_path / "ivf", vectors, index="IVF8,Flat")
-    ivf = faiss.extract_index_ivf(index.index)
+    index = make_index(tmp_path / "ivf", vectors, index_type="IVF8,Flat")
+    ivf = faiss.extract_index_ivf(index.faiss_index)
     before = ivf.nprobe
     queries = clustered(40, seed=9)
     expected = {p: index.search(queries, 10, nprobe=p)[1] for p in (1, 8)}
@@ -145,13 +151,13 @@ def test_manifest_errors_are_clear(tmp_path, flat):
         ("json", None, "not readable JSON"),
     ]:
         bad = tmp_path / name
-        shutil.copytree(flat.directory, bad)
+        shutil.copytree(flat.directory.path, bad)
         manifest = json.loads((bad / "manifest.json").read_text())
         (bad / "manifest.json").write_text("{ not json" if mutate is None else json.dumps(mutate(manifest)))
         with pytest.raises(IndexFormatError, match=message):
-            read_manifest(bad)
+            IndexDirectory(bad).read_manifest()
     broken = tmp_path / "broken-index"
-    shutil.copytree(flat.directory, broken)
+    shutil.copytree(flat.directory.path, broken)
     (broken / "image.index").write_bytes(b"garbage")
     with pytest.raises(IndexFormatError, match="not a readable FAISS index"):
         CorpusIndex.open(broken)
@@ -159,10 +165,46 @@ def test_manifest_errors_are_clear(tmp_path, flat):
 
 def test_shard_files_are_found_whatever_the_padding(tmp_path, flat):
     d = tmp_path / "pad"
-    shutil.copytree(flat.directory, d)
+    shutil.copytree(flat.directory.path, d)
     (d / "img_emb" / "img_emb_0001.npy").rename(d / "img_emb" / "img_emb_1.npy")
     (d / "metadata" / "metadata_0002.parquet").rename(d / "metadata" / "metadata_00002.parquet")
-    found = list_shard_files(d)
+    found = IndexDirectory(d).list_shard_files()
     assert [n for n, _, _ in found] == [0, 1, 2]
     assert all(e is not None and m is not None for _, e, m in found)
     assert found[1][1].name == "img_emb_1.npy" and found[2][2].name == "metadata_00002.parquet"
+
+
+def test_index_directory_round_trip(tmp_path, vectors):
+    """Everything a build writes reads back through IndexDirectory; a resume keeps exactly the good shards."""
+    d = IndexDirectory(tmp_path / "idx")
+    assert d.is_empty() and not d.has_manifest() and not d.has_build_state()
+    d.prepare()
+    d.write_build_state({"dtype": "float16"})
+    assert d.read_build_parameters() == {"dtype": "float16"}
+    shards = write_shards(d, vectors[:250], shard_rows=100, dtype="float16")
+    assert [(s.n, s.rows, s.start, s.end) for s in shards] == [(0, 100, 0, 100), (1, 100, 100, 200), (2, 50, 200, 250)]
+    assert d.complete_shards(dim=DIM, dtype="float16") == shards
+    # vectors come back as stored (float16), as float32, in shard order or gathered by global row id
+    stored = np.concatenate(list(d.iter_vectors(shards, chunk=64)))
+    np.testing.assert_array_equal(stored, vectors[:250].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(d.gather_vectors(shards, np.array([249, 0, 150])), stored[[249, 0, 150]])
+    manifest = Manifest(index_id="t", embedder={"name": "vec"}, dtype="float16", count=250, dim=DIM, faiss={},
+                        shards=[s.manifest_entry() for s in shards])
+    assert manifest.shards[1] == {"emb": "img_emb/img_emb_0001.npy", "meta": "metadata/metadata_0001.parquet",
+                                  "rows": 100}
+    d.write_manifest(manifest)
+    assert d.read_manifest() == manifest
+    assert [a.shape for a in d.open_embeddings(manifest)] == [(100, DIM), (100, DIM), (50, DIM)]
+    assert d.read_metadata(manifest.shards[2]).column("id").to_pylist() == list(range(200, 250))
+    # a torn shard and everything after it are removed on resume; temp files of cut writes are cleaned up
+    d.meta_path(1).write_bytes(b"half a parquet file")
+    (d.path / "img_emb" / ".img_emb_0003.npy.abc.tmp.npy").write_bytes(b"cut")
+    assert d.complete_shards(dim=DIM, dtype="float16") == shards[:1]
+    assert [n for n, _, _ in d.list_shard_files()] == [0]
+    assert d.complete_shards(dim=DIM, dtype="float32") == [] and d.list_shard_files() == [], "another dtype"
+    d.prepare()
+    assert not list((d.path / "img_emb").glob(".*"))
+    # clear() removes what a build wrote and nothing else
+    (d.path / "notes.txt").write_text("mine")
+    d.clear()
+    assert sorted(p.name for p in d.path.iterdir()) == ["notes.txt"] and not (d.path / STATE_FILE).exists()

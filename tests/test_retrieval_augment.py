@@ -12,8 +12,13 @@ from retrogen.cli import app
 from retrogen.errors import InvalidInputError
 from retrogen.fileio import sha256_bytes
 from retrogen.outputs import OutputFolder
-from retrogen.retrieval.augment import RetrievalConfig, augment_by_retrieval
+from retrogen.provenance import common_fields
+from retrogen.retrieval.augment import augment_by_retrieval
+from retrogen.retrieval.config import RetrievalConfig
 from retrogen.retrieval.embedders import create_embedder
+from retrogen.retrieval.errors import InvalidRetrievalConfigError
+from retrogen.retrieval.index import CorpusIndex
+from retrogen.retrieval.provenance import retrieved_item_fields
 from tests.conftest import colour_image
 
 # Three colour families; each corpus item is a noisy shade of one, so its class is known.
@@ -86,7 +91,7 @@ def true_family(record):
 
 def test_image_mode_returns_right_class_with_complete_provenance(effnet_index, dataset, tmp_path):
     events = []
-    result = augment_by_retrieval(dataset, tmp_path / "out", index=effnet_index, per_class=5, mode="image",
+    result = augment_by_retrieval(dataset, tmp_path / "out", corpus=effnet_index, per_class=5, mode="image",
                                   config=STRICT, progress=events.append)
     records = OutputFolder(tmp_path / "out").records()
     assert result.counts == {"blue": 5, "green": 5, "red": 5}
@@ -109,10 +114,27 @@ def test_image_mode_returns_right_class_with_complete_provenance(effnet_index, d
     assert {e.stage for e in events} >= {"embed_dataset", "search", "write"}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["per_class"]["red"] == {"requested": 5, "returned": 5, "reason": None}
+    assert summary["parameters"] == {"mode": "image", "per_class": 5, **STRICT.to_dict()}
+
+
+def test_records_carry_the_shared_retrieved_item_fields(effnet_index, dataset, tmp_path):
+    """Each record is the common fields + retrieved_item_fields (what /v1/retrieve returns too) + filters."""
+    result = augment_by_retrieval(dataset, tmp_path / "out", corpus=effnet_index, per_class=2, config=STRICT)
+    corpus = CorpusIndex.open(effnet_index)
+    common = set(common_fields(label="x", method="m", image_bytes=b"", file="f"))
+    for r in result.records:
+        (meta,) = corpus.metadata([r["sample_id"]])
+        expected = retrieved_item_fields(corpus, meta, sample_id=r["sample_id"], similarity=r["similarity"],
+                                         rank=r["rank"], query=r["query"], embedder_name="efficientnet-lite0")
+        assert {k: r[k] for k in expected} == expected
+        assert set(r) == common | set(expected) | {"filters_passed", "mime_type"}
+        assert r["source_uri"] == f"{meta['source']}#{meta['member']}" and r["mime_type"] == "image/png"
+        assert (r["width"], r["height"]) == (40, 32) and r["index_version"] == corpus.manifest.build["created"]
+        assert r["filters_passed"] == ["duplicate", "conflict", "leakage", "near_duplicate"]
 
 
 def test_fewer_than_n_with_a_reason_when_the_corpus_runs_out(effnet_index, dataset, tmp_path):
-    result = augment_by_retrieval(dataset, tmp_path / "out", index=effnet_index, per_class=30, mode="image",
+    result = augment_by_retrieval(dataset, tmp_path / "out", corpus=effnet_index, per_class=30, mode="image",
                                   config=RetrievalConfig(dedup_threshold=None, leakage_threshold=None))
     total = sum(result.counts.values())
     assert total == 3 * PER_FAMILY, "every corpus item is used once, none twice"
@@ -131,31 +153,31 @@ def test_leakage_filter_removes_user_images_planted_in_the_corpus(tmp_path, corp
             (root / fam / "0.png").write_bytes(tar.extractfile(f"{fam}-000.png").read())
     index = tmp_path / "index"
     build_index([str(corpus_tar)], index, embedder=create_embedder("efficientnet-lite0"))
-    result = augment_by_retrieval(root, tmp_path / "out", index=index, per_class=3,
+    result = augment_by_retrieval(root, tmp_path / "out", corpus=index, per_class=3,
                                   config=STRICT)
     keys = {r["sample_key"] for r in result.records}
     assert not keys & {f"{fam}-000" for fam in FAMILIES}
     assert result.summary["removed"]["leakage"] >= 3
-    off = augment_by_retrieval(root, tmp_path / "out2", index=index, per_class=3,
+    off = augment_by_retrieval(root, tmp_path / "out2", corpus=index, per_class=3,
                                config=RetrievalConfig(leakage_threshold=None, dedup_threshold=0.9999))
-    assert {f"{fam}-000" for fam in FAMILIES} <= {r["sample_key"] for r in off.records}
+    got = {(r["label"], r["sample_key"], r["similarity"]) for r in off.records}
+    assert {f"{fam}-000" for fam in FAMILIES} <= {k for _, k, _ in got}, (got, off.summary["removed"])
 
 
 def test_text_mode_and_label_check_with_tiny_clip(clip_index, dataset, tmp_path):
     # a random-weight CLIP maps all these images close together: similarity filters off, the label check on
     off = RetrievalConfig(leakage_threshold=None, dedup_threshold=None)
-    result = augment_by_retrieval(dataset, tmp_path / "t", index=clip_index, per_class=4, mode="text", config=off)
+    result = augment_by_retrieval(dataset, tmp_path / "t", corpus=clip_index, per_class=4, mode="text", config=off)
     assert all(r["query"]["type"] == "text" and r["label"] in r["query"]["prompt"] for r in result.records)
     assert sum(result.counts.values()) == 12
-    mixed = augment_by_retrieval(dataset, tmp_path / "m", index=clip_index, per_class=4, mode="mixed", config=off)
+    mixed = augment_by_retrieval(dataset, tmp_path / "m", corpus=clip_index, per_class=4, mode="mixed", config=off)
     assert {r["query"]["type"] for r in mixed.records} == {"image", "text"}
-    checked = augment_by_retrieval(dataset, tmp_path / "c", index=clip_index, per_class=4, mode="image",
+    checked = augment_by_retrieval(dataset, tmp_path / "c", corpus=clip_index, per_class=4, mode="image",
                                    config=RetrievalConfig(label_check=True, leakage_threshold=None,
                                                           dedup_threshold=None))
     # with random weights, zero-shot predictions disagree with some labels: the check must have removed them,
     # and every survivor must be predicted as its own class
     assert checked.summary["removed"]["label_check"] > 0
-    from retrogen.retrieval.index import CorpusIndex
     from retrogen.retrieval.prompts import class_prompts, class_text_embeddings
 
     embedder = create_embedder(CorpusIndex.open(clip_index).manifest.embedder["name"])
@@ -170,20 +192,20 @@ def test_embedder_mismatch_and_bad_input_are_refused(effnet_index, clip_index, d
     from retrogen.retrieval.errors import EmbedderMismatchError
 
     with pytest.raises(EmbedderMismatchError, match="efficientnet-lite0"):
-        augment_by_retrieval(dataset, tmp_path / "x", index=effnet_index, per_class=2,
+        augment_by_retrieval(dataset, tmp_path / "x", corpus=effnet_index, per_class=2,
                              embedder=create_embedder(f"open_clip:local-dir:{tiny_open_clip_dir}"))
     with pytest.raises(InvalidInputError, match="image-text embedder"):
-        augment_by_retrieval(dataset, tmp_path / "x", index=effnet_index, per_class=2, mode="text")
+        augment_by_retrieval(dataset, tmp_path / "x", corpus=effnet_index, per_class=2, mode="text")
     with pytest.raises(InvalidInputError, match="mode"):
-        augment_by_retrieval(dataset, tmp_path / "x", index=effnet_index, per_class=2, mode="sideways")
+        augment_by_retrieval(dataset, tmp_path / "x", corpus=effnet_index, per_class=2, mode="sideways")
     with pytest.raises(InvalidInputError, match="class folders"):
-        augment_by_retrieval(tmp_path, tmp_path / "x", index=effnet_index, per_class=2)
+        augment_by_retrieval(tmp_path, tmp_path / "x", corpus=effnet_index, per_class=2)
 
 
 def test_cli_retrieve_and_errors(effnet_index, dataset, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli-out"
-    res = runner.invoke(app, ["augment", "retrieve", "--index", str(effnet_index), "--dataset", str(dataset),
+    res = runner.invoke(app, ["augment", "retrieve", "--index-dir", str(effnet_index), "--dataset", str(dataset),
                               "--per-class", "3", "--out", str(out), "--quiet",
                               "--leakage-threshold", "0.999", "--dedup-threshold", "0.9999"])
     assert res.exit_code == 0, res.output
@@ -191,9 +213,14 @@ def test_cli_retrieve_and_errors(effnet_index, dataset, tmp_path):
     assert "red: 3/3" in res.output and (out / "provenance.jsonl").exists()
     # a second run into the same folder is refused (nothing overwritten) unless --overwrite
     before = (out / "provenance.jsonl").read_bytes()
-    again = runner.invoke(app, ["augment", "retrieve", "--index", str(effnet_index), "--dataset", str(dataset),
+    again = runner.invoke(app, ["augment", "retrieve", "--index-dir", str(effnet_index), "--dataset", str(dataset),
                                 "--per-class", "3", "--out", str(out), "--quiet"])
     assert again.exit_code != 0 and (out / "provenance.jsonl").read_bytes() == before
+    # the settings' options come from RetrievalConfig, checked by it before any work
+    bad = runner.invoke(app, ["augment", "retrieve", "--index-dir", str(effnet_index), "--dataset", str(dataset),
+                              "--per-class", "3", "--out", str(tmp_path / "bad"), "--conflict", "sideways"])
+    assert isinstance(bad.exception, InvalidRetrievalConfigError) and "conflict='sideways'" in str(bad.exception)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_one_readable_line_and_exit_code_on_bad_input(tmp_path):
@@ -202,7 +229,7 @@ def test_cli_one_readable_line_and_exit_code_on_bad_input(tmp_path):
     from pathlib import Path
 
     exe = Path(sys.executable).parent / "retrogen"
-    proc = subprocess.run([str(exe), "augment", "retrieve", "--index", str(tmp_path / "nope"), "--dataset",
+    proc = subprocess.run([str(exe), "augment", "retrieve", "--index-dir", str(tmp_path / "nope"), "--dataset",
                            str(tmp_path), "--per-class", "3", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -195,7 +195,7 @@ def test_api_keys_isolate_owners(tmp_path):
 def test_settings_from_env_and_file(tmp_path, monkeypatch):
     from pydantic import ValidationError
 
-    from retrogen.service.config import Settings
+    from retrogen.service.core.config import Settings
 
     f = tmp_path / "settings.json"
     f.write_text(json.dumps({"data_dir": str(tmp_path / "fromfile"), "max_per_class": 7,

@@ -51,7 +51,7 @@ def test_retrogen_serve_process(tmp_path):
 
 
 def test_app_import_and_factory_load_no_torch_or_faiss(tmp_path):
-    code = ("import sys; from retrogen.service.api.main import create_app; from retrogen.service.config import Settings; "
+    code = ("import sys; from retrogen.service.api.main import create_app; from retrogen.service.core.config import Settings; "
             f"create_app(Settings(data_dir={str(tmp_path)!r}), start_worker=False); "
             "print(sorted(m for m in ('torch', 'faiss', 'diffusers', 'open_clip') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrogen.service import evaluations
+from retrogen.service.domain import evaluations
 from tests.conftest import colour_image, png_bytes
 from tests.service_fakes import COLOURS, dataset_files, fake_registry, make_settings, zip_bytes
 

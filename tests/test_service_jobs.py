@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from retrogen.service import jobs
-from retrogen.service.models import Job
+from retrogen.service.core.tables import Job
+from retrogen.service.crud import jobs
 from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
 
 

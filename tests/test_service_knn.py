@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from retrogen.service.api.routes.knn import dedup_keep
 from retrogen.service.api.routes.knn import router as knn_router
 from retrogen.service.api.routes.retrieve import router as retrieve_router
-from retrogen.service.indexes import IndexConfig, IndexRegistry
+from retrogen.service.core.config import IndexConfig
+from retrogen.service.domain.indexes import IndexRegistry
 from tests.conftest import SERVICE_FAMILIES, ThreadedUvicorn, colour_image, make_router_app, png_bytes
 
 
@@ -73,7 +74,7 @@ def test_text_query_shape_and_order(client, registry):
         assert isinstance(row["id"], int) and isinstance(row["similarity"], float)
         assert row["url"].startswith("http://example.com/")
     loaded = registry.get("corpus")
-    scores, ids = loaded.index.search(loaded.embedder.embed_texts(["a red square"]), 5)
+    scores, ids = loaded.corpus.search(loaded.embedder.embed_texts(["a red square"]), 5)
     assert [row["id"] for row in out] == [int(i) for i in ids[0]]
     np.testing.assert_allclose([row["similarity"] for row in out], scores[0], atol=1e-5)
     # flags clip-retrieval applies only when its models are loaded are accepted, and named as ignored
@@ -98,7 +99,7 @@ def test_deduplicate_drops_near_copies_like_clip_retrieval(client, registry):
     full_ids, kept_ids = [r["id"] for r in full.json()], [r["id"] for r in dedup.json()]
     assert len(full_ids) == 18 and 0 < len(kept_ids) < 18, "flat shades of one colour are near-copies"
     assert kept_ids == [i for i in full_ids if i in kept_ids], "rank order is kept"
-    emb = loaded.index.embeddings(kept_ids).astype(np.float32)
+    emb = loaded.corpus.embeddings(kept_ids).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     sims = emb @ emb.T
     assert (sims[np.triu_indices(len(kept_ids), 1)] < 0.94).all(), "no two kept items are near-copies"
@@ -166,10 +167,10 @@ def test_clip_client_wire_format_over_real_http(app):
 
 
 def test_api_keys_guard_retrieval_and_clip_client_can_pass_one_in_the_url(registry):
-    from retrogen.service.config import Settings, get_settings
+    from retrogen.service.core.config import Settings
 
-    app = make_router_app(knn_router, retrieve_router, index_registry=registry)
-    app.dependency_overrides[get_settings] = lambda: Settings(api_keys=["k-0123456789"])
+    app = make_router_app(knn_router, retrieve_router, index_registry=registry,
+                          settings=Settings(api_keys=["k-0123456789"]))
     c = TestClient(app)
     body = clip_payload(text="a red square", num_images=2)
     assert post_raw(c, "/knn-service", body).status_code == 401
@@ -188,7 +189,7 @@ def test_api_keys_guard_retrieval_and_clip_client_can_pass_one_in_the_url(regist
 def test_full_app_lets_clip_client_pass_its_key_in_the_url(registry, tmp_path):
     """Through the real app factory (not just the router): the global key check must not block ?api_key=."""
     from retrogen.service.api.main import create_app
-    from retrogen.service.config import Settings
+    from retrogen.service.core.config import Settings
 
     settings = Settings(api_keys=["k-0123456789"], data_dir=tmp_path)
     with TestClient(create_app(settings, index_registry=registry, start_worker=False)) as c:

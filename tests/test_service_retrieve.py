@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from retrogen.fileio import sha256_bytes
+from retrogen.fileio import media_type, sha256_bytes
 from retrogen.service.api.routes.retrieve import router as retrieve_router
-from retrogen.service.indexes import IndexConfig, IndexRegistry, sniff_media_type
+from retrogen.service.core.config import IndexConfig
+from retrogen.service.domain.indexes import IndexRegistry
 from tests.conftest import SERVICE_FAMILIES, colour_image, make_router_app, png_bytes
 
 
@@ -69,7 +70,7 @@ def test_search_matches_the_index_directly(client, registry):
     """The HTTP answer is exactly the embedder + CorpusIndex answer (same ids, same scores)."""
     loaded = registry.get("corpus")
     q = colour_image(SERVICE_FAMILIES["green"], noise_seed=7)
-    scores, ids = loaded.index.search(loaded.embedder.embed_images([q]), 5)
+    scores, ids = loaded.corpus.search(loaded.embedder.embed_images([q]), 5)
     r = client.post("/v1/retrieve", json={"images": [b64(png_bytes(q))], "k": 5, "index": "corpus"})
     got = r.json()["results"][0]["neighbours"]
     assert [n["sample_id"] for n in got] == [int(i) for i in ids[0]]
@@ -99,7 +100,7 @@ def test_served_image_is_the_stored_bytes(client, registry):
     assert img.status_code == 200
     assert img.headers["content-type"] == "image/png"
     assert sha256_bytes(img.content) == n["provenance"]["corpus_sha256"]
-    assert img.content == registry.get("corpus").index.read_bytes(n["sample_id"])
+    assert img.content == registry.get("corpus").corpus.read_bytes(n["sample_id"])
     assert img.headers["x-content-type-options"] == "nosniff"
     again = client.get(n["image_url"], headers={"If-None-Match": img.headers["etag"]})
     assert again.status_code == 304 and again.content == b""
@@ -114,7 +115,7 @@ def test_served_image_is_the_stored_bytes(client, registry):
     ({"texts": ["x"] * 33}, 422, "at most 32 queries"),
     ({"texts": [""]}, 422, "at least 1 character"),
     ({"texts": ["x"], "index": "nope"}, 404, "unknown index 'nope'; configured: corpus, broken"),
-    ({"texts": ["x"], "index": "broken"}, 404, "no manifest.json"),
+    ({"texts": ["x"], "index": "broken"}, 404, "index 'broken': index directory"),
     ({"texts": ["x"], "colour": "red"}, 422, "Extra inputs are not permitted"),
 ])
 def test_bad_requests_get_a_clear_4xx(client, body, status, fragment):
@@ -186,16 +187,16 @@ def test_empty_registry_says_how_to_configure():
 
 
 def test_media_type_sniffing_prefers_magic_and_never_says_svg():
-    assert sniff_media_type(b"\xff\xd8\xff\xe0....", "x.png") == "image/jpeg"
-    assert sniff_media_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ", None) == "image/webp"
-    assert sniff_media_type(b"<svg onload=alert(1)>", "evil.svg") == "application/octet-stream"
-    assert sniff_media_type(b"????", "photo.jpeg") == "image/jpeg"
+    assert media_type(b"\xff\xd8\xff\xe0....", "x.png") == "image/jpeg"
+    assert media_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ", None) == "image/webp"
+    assert media_type(b"<svg onload=alert(1)>", "evil.svg") == "application/octet-stream"
+    assert media_type(b"????", "photo.jpeg") == "image/jpeg"
 
 
 def test_the_service_app_serves_retrieval_with_its_settings(service_index_dir, tmp_path):
     """The real app factory: index from Settings, limits from Settings, the same answers as the router alone."""
     from retrogen.service.api.main import create_app
-    from retrogen.service.config import Settings
+    from retrogen.service.core.config import Settings
 
     settings = Settings(data_dir=tmp_path / "data", indexes={"corpus": IndexConfig(path=service_index_dir)},
                         max_queries=2, enable_worker=False)
@@ -205,7 +206,7 @@ def test_the_service_app_serves_retrieval_with_its_settings(service_index_dir, t
         assert r.status_code == 200, r.text
         first = r.json()["results"][0]["neighbours"][0]
         assert c.get(first["image_url"]).content == IndexRegistry(
-            {"c": IndexConfig(path=service_index_dir)}).get("c").index.read_bytes(first["sample_id"])
+            {"c": IndexConfig(path=service_index_dir)}).get("c").corpus.read_bytes(first["sample_id"])
         too_many = c.post("/v1/retrieve", json={"texts": ["a", "b", "c"]})
         assert too_many.status_code == 422 and "at most 2 queries" in too_many.json()["detail"]
         knn = c.post("/knn-service", content=json.dumps({"text": "a red square", "num_images": 3,

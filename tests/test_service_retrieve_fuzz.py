@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from retrogen.service.api.routes.knn import router as knn_router  # noqa: E402
 from retrogen.service.api.routes.retrieve import router as retrieve_router  # noqa: E402
-from retrogen.service.indexes import IndexConfig, IndexRegistry  # noqa: E402
+from retrogen.service.core.config import IndexConfig  # noqa: E402
+from retrogen.service.domain.indexes import IndexRegistry  # noqa: E402
 from tests.conftest import make_router_app  # noqa: E402
 
 REGISTRY = IndexRegistry({})

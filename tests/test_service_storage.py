@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrogen.errors import NotFoundError
-from retrogen.service.storage import Store, tree_hash
+from retrogen.service.domain.storage import Store, tree_hash
 from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
 
 

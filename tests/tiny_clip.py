@@ -35,7 +35,7 @@ def build_tiny_open_clip(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def _write_clip_bpe_tokenizer_files(path: Path) -> None:
+def write_clip_bpe_tokenizer_files(path: Path) -> None:
     """vocab.json + merges.txt in HF CLIP format, from open_clip's bundled BPE (the real CLIP vocabulary)."""
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -63,7 +63,7 @@ def build_tiny_hf_clip(path: str | Path, seed: int = 0) -> Path:
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(path)
-    _write_clip_bpe_tokenizer_files(path)
+    write_clip_bpe_tokenizer_files(path)
     tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)

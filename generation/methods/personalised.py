@@ -6,28 +6,27 @@ DA-Fusion style); ``dreambooth`` learns a per-class LoRA (or a full UNet) bound 
 
 from __future__ import annotations
 
-import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from retrogen.fileio import sha256_bytes
+from retrogen.fileio import sha256_file
 
 from ..artifacts import artifact_key
 from ..prompts import class_prompts, class_subject, derive_seed
 from . import register_method
 from .base import ClassContext, ClassPlan, GenerationMethod, artifact_path, train_size
 
-log = logging.getLogger(__name__)
 
+def _train_or_reuse(runtime: Any, ctx: ClassContext, *, kind: str, hparams: dict[str, Any],
+                    build: Callable[[str, Path], dict[str, Any]]) -> tuple[dict, dict]:
+    """Get the class's artefact from the store, training it (``build(key, tmp_dir)``) when missing.
 
-def _image_shas(ctx: ClassContext) -> list[str]:
-    return [sha256_bytes(it.path.read_bytes()) for it in ctx.images]
-
-
-def _train_or_reuse(runtime: Any, ctx: ClassContext, kind: str, hparams: dict[str, Any], build) -> tuple[dict, dict]:
-    """Get the class's artefact from the store, training it when missing. Returns (metadata, summary entry)."""
-    key = artifact_key(kind=kind, base_weights_hash=runtime.weights_hash, image_sha256s=_image_shas(ctx),
-                       hyperparameters=hparams)
+    Returns (metadata, summary entry).
+    """
+    key = artifact_key(kind=kind, base_weights_hash=runtime.weights_hash,
+                       image_sha256s=[sha256_file(it.path) for it in ctx.images], hyperparameters=hparams)
     description = {"label": ctx.label, "base_model": runtime.ref.id, "base_weights_hash": runtime.weights_hash,
                    "images": [it.image_id for it in ctx.images], "hyperparameters": hparams}
     t0 = time.perf_counter()
@@ -38,34 +37,52 @@ def _train_or_reuse(runtime: Any, ctx: ClassContext, kind: str, hparams: dict[st
     return meta, entry
 
 
-@register_method("textual-inversion")
-class TextualInversionMethod(GenerationMethod):
+class PersonalisedMethod(GenerationMethod):
+    """A per-class artefact trained from the class's images (SD 1.x/2.x); ``learning_rate`` falls back to the
+    method's own default."""
+
     needs_images = True
     trains = True
     families = ("sd",)
+
+    def default_learning_rate(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def learning_rate(self) -> float:
+        return self.config.learning_rate or self.default_learning_rate()
+
+    def training_settings(self, runtime: Any) -> dict[str, Any]:
+        """The settings every trainer shares (``TrainerConfig``), from the generation config."""
+        c = self.config
+        return {"num_train_steps": c.num_train_steps, "learning_rate": self.learning_rate,
+                "train_batch_size": c.train_batch_size, "resolution": train_size(runtime, c), "seed": c.seed}
+
+
+@register_method("textual-inversion")
+class TextualInversionMethod(PersonalisedMethod):
+    def default_learning_rate(self) -> float:
+        return 5e-3
 
     def _train_config(self, runtime: Any, label: str, token: str):
         from ..training.textual_inversion import TextualInversionConfig
 
         c = self.config
-        return TextualInversionConfig(
-            placeholder_token=token, initializer=class_subject(label, c), num_vectors=c.num_vectors,
-            num_train_steps=c.num_train_steps, learning_rate=c.learning_rate or 5e-3,
-            train_batch_size=c.train_batch_size, resolution=train_size(runtime, c), seed=c.seed,
-        )
+        return TextualInversionConfig(placeholder_token=token, initializer=class_subject(label, c),
+                                      num_vectors=c.num_vectors, **self.training_settings(runtime))
 
     def prepare_class(self, runtime: Any, ctx: ClassContext) -> ClassPlan:
         from ..training.textual_inversion import WEIGHT_NAME, token_names, train_textual_inversion
 
         hparams = self._train_config(runtime, ctx.label, "").hyperparameters()
 
-        def build(key: str, tmp):
+        def build(key: str, tmp: Path) -> dict[str, Any]:
             cfg = self._train_config(runtime, ctx.label, f"<rg-{key[:10]}>")
             images = [ctx.load_image(it) for it in ctx.images]
             return train_textual_inversion(runtime.text2img, images, cfg, tmp, label=ctx.label,
                                            progress=ctx.progress, should_cancel=ctx.should_cancel)
 
-        meta, entry = _train_or_reuse(runtime, ctx, "textual-inversion", hparams, build)
+        meta, entry = _train_or_reuse(runtime, ctx, kind="textual-inversion", hparams=hparams, build=build)
         token = f"<rg-{meta['key'][:10]}>"
         pipe = runtime.text2img
         pipe.load_textual_inversion(str(artifact_path(meta) / WEIGHT_NAME), token=token)
@@ -84,16 +101,34 @@ class TextualInversionMethod(GenerationMethod):
 
     def parameters(self) -> dict[str, Any]:
         c = self.config
-        return {"num_train_steps": c.num_train_steps, "learning_rate": c.learning_rate or 5e-3,
+        return {"num_train_steps": c.num_train_steps, "learning_rate": self.learning_rate,
                 "num_vectors": c.num_vectors, "enable_img2img": c.enable_img2img,
                 "strength": c.strength if c.enable_img2img else None}
 
 
+def _load_dreambooth(runtime: Any, meta: dict[str, Any]) -> Callable[[], None]:
+    """Put a DreamBooth artefact into the pipeline (the fine-tuned UNet, or the LoRA); returns its undo."""
+    from ..training.dreambooth import LORA_WEIGHT_NAME
+
+    pipe, path = runtime.text2img, artifact_path(meta)
+    if meta.get("format") == "unet":
+        from diffusers import UNet2DConditionModel
+
+        base_unet = pipe.unet
+        pipe.unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=runtime.dtype).to(runtime.device)
+
+        def release() -> None:
+            pipe.unet = base_unet
+
+        return release
+    pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHT_NAME, adapter_name=f"rg_{meta['key'][:10]}")
+    return pipe.unload_lora_weights
+
+
 @register_method("dreambooth")
-class DreamBoothMethod(GenerationMethod):
-    needs_images = True
-    trains = True
-    families = ("sd",)
+class DreamBoothMethod(PersonalisedMethod):
+    def default_learning_rate(self) -> float:
+        return 5e-6 if self.config.enable_full_finetune else 1e-4
 
     def _train_config(self, runtime: Any, label: str):
         from ..training.dreambooth import DreamBoothConfig
@@ -102,12 +137,10 @@ class DreamBoothMethod(GenerationMethod):
         name = class_subject(label, c)
         return DreamBoothConfig(
             instance_prompt=f"a photo of {c.instance_token} {name}", class_prompt=f"a photo of {name}",
-            rank=c.lora_rank, num_train_steps=c.num_train_steps,
-            learning_rate=c.learning_rate or (5e-6 if c.enable_full_finetune else 1e-4),
-            train_batch_size=c.train_batch_size, resolution=train_size(runtime, c), seed=c.seed,
-            train_text_encoder=c.enable_text_encoder_training, prior_preservation=c.enable_prior_preservation,
-            num_class_images=c.num_class_images, prior_loss_weight=c.prior_loss_weight,
-            full_finetune=c.enable_full_finetune,
+            rank=c.lora_rank, train_text_encoder=c.enable_text_encoder_training,
+            prior_preservation=c.enable_prior_preservation, num_class_images=c.num_class_images,
+            prior_loss_weight=c.prior_loss_weight, full_finetune=c.enable_full_finetune,
+            **self.training_settings(runtime),
         )
 
     def _class_images(self, runtime: Any, cfg, label: str) -> list:
@@ -125,30 +158,19 @@ class DreamBoothMethod(GenerationMethod):
         return out
 
     def prepare_class(self, runtime: Any, ctx: ClassContext) -> ClassPlan:
-        from ..training.dreambooth import LORA_WEIGHT_NAME, train_dreambooth
+        from ..training.dreambooth import train_dreambooth
 
         cfg = self._train_config(runtime, ctx.label)
 
-        def build(key: str, tmp):
+        def build(key: str, tmp: Path) -> dict[str, Any]:
             images = [ctx.load_image(it) for it in ctx.images]
             class_images = self._class_images(runtime, cfg, ctx.label) if cfg.prior_preservation else None
             return train_dreambooth(runtime.text2img, images, cfg, tmp, class_images=class_images, label=ctx.label,
                                     progress=ctx.progress, should_cancel=ctx.should_cancel)
 
         hparams = cfg.hyperparameters() | {"num_inference_steps": self.config.num_inference_steps}
-        meta, entry = _train_or_reuse(runtime, ctx, "dreambooth", hparams, build)
-        pipe, path = runtime.text2img, artifact_path(meta)
-        if meta.get("format") == "unet":
-            from diffusers import UNet2DConditionModel
-
-            base_unet = pipe.unet
-            pipe.unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=runtime.dtype).to(runtime.device)
-
-            def release() -> None:
-                pipe.unet = base_unet
-        else:
-            pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHT_NAME, adapter_name=f"rg_{meta['key'][:10]}")
-            release = pipe.unload_lora_weights
+        meta, entry = _train_or_reuse(runtime, ctx, kind="dreambooth", hparams=hparams, build=build)
+        release = _load_dreambooth(runtime, meta)
         subject = f"{self.config.instance_token} {class_subject(ctx.label, self.config)}"
         return ClassPlan(
             "text2img", class_prompts(ctx.label, self.config, subject=subject),
@@ -159,7 +181,7 @@ class DreamBoothMethod(GenerationMethod):
     def parameters(self) -> dict[str, Any]:
         c = self.config
         return {"num_train_steps": c.num_train_steps, "lora_rank": c.lora_rank,
-                "learning_rate": c.learning_rate or (5e-6 if c.enable_full_finetune else 1e-4),
+                "learning_rate": self.learning_rate,
                 "enable_text_encoder_training": c.enable_text_encoder_training,
                 "enable_prior_preservation": c.enable_prior_preservation, "num_class_images": c.num_class_images,
                 "enable_full_finetune": c.enable_full_finetune, "instance_token": c.instance_token}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,6 @@ from ..models import file_sha256
 from ..prompts import class_prompts
 from . import register_method
 from .base import ClassContext, ClassPlan, GenerationMethod
-
-log = logging.getLogger(__name__)
 
 #: Published IP-Adapters per model family (repo, subfolder, file): used when neither the user nor the model
 #: folder names one.

@@ -5,11 +5,23 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """What every per-class trainer takes; each trainer's config adds its own fields."""
+
+    num_train_steps: int = 400
+    learning_rate: float
+    train_batch_size: int = 1
+    resolution: int = 512
+    seed: int = 0
 
 
 def pixels(images: list[Image.Image], size: int) -> Any:

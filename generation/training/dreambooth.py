@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,24 +19,19 @@ from PIL import Image
 
 from retrogen.progress import CancelFn, ProgressFn
 
-from . import register_trainer
-from .common import autocast, denoising_loss, encode_latents, run_steps
+from .common import TrainerConfig, autocast, denoising_loss, encode_latents, run_steps
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-@dataclass(frozen=True)
-class DreamBoothConfig:
+@dataclass(frozen=True, kw_only=True)
+class DreamBoothConfig(TrainerConfig):
     instance_prompt: str  # "a photo of sks dog"
     class_prompt: str  # "a photo of dog" (prior preservation)
     rank: int = 4
-    num_train_steps: int = 400
     learning_rate: float = 1e-4
-    train_batch_size: int = 1
-    resolution: int = 512
-    seed: int = 0
     train_text_encoder: bool = False
     prior_preservation: bool = False
     num_class_images: int = 8
@@ -52,7 +48,70 @@ def _encode_prompt(tokenizer: Any, text_encoder: Any, prompt: str, n: int) -> An
     return text_encoder(ids)[0]
 
 
-@register_trainer("dreambooth")
+def _lora(cfg: DreamBoothConfig, targets: list[str]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=targets)
+
+
+def _trainable_copies(pipe: Any, cfg: DreamBoothConfig) -> tuple[Any, Any]:
+    """(UNet, text encoder) to train: copies with LoRA adapters (trainable parts in float32), or a float32 UNet
+    copy for full fine-tuning. The text encoder is the pipeline's own, frozen, unless it trains too."""
+    import torch
+    from diffusers.training_utils import cast_training_params
+
+    unet = copy.deepcopy(pipe.unet)
+    if cfg.full_finetune:
+        unet.to(torch.float32).requires_grad_(True)
+    else:
+        unet.requires_grad_(False)
+        unet.add_adapter(_lora(cfg, UNET_TARGETS))
+        cast_training_params(unet, dtype=torch.float32)
+    unet.train()
+    text_encoder = pipe.text_encoder
+    if cfg.train_text_encoder:
+        text_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
+        text_encoder.add_adapter(_lora(cfg, TEXT_TARGETS))
+        cast_training_params(text_encoder, dtype=torch.float32)
+    return unet, text_encoder
+
+
+def _prompt_states(pipe: Any, text_encoder: Any, cfg: DreamBoothConfig, *, with_class: bool) -> Callable[[], tuple]:
+    """A function giving the (instance, class or None) prompt states for a batch: encoded every step while the
+    text encoder trains, else once."""
+    import torch
+
+    bs = cfg.train_batch_size
+
+    def encode() -> tuple[Any, Any]:
+        inst = _encode_prompt(pipe.tokenizer, text_encoder, cfg.instance_prompt, bs)
+        cls = _encode_prompt(pipe.tokenizer, text_encoder, cfg.class_prompt, bs) if with_class else None
+        return inst, cls
+
+    if cfg.train_text_encoder:
+        return encode
+    with torch.no_grad():
+        fixed = encode()
+    return lambda: fixed
+
+
+def _save(unet: Any, text_encoder: Any, cfg: DreamBoothConfig, out_dir: Path, *, base_dtype: Any) -> dict[str, Any]:
+    """Save only what trained, in the layouts diffusers' loaders read; returns the format's metadata."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    if cfg.full_finetune:
+        unet.to(base_dtype).save_pretrained(out_dir / "unet", safe_serialization=True)
+        return {"format": "unet"}
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    te_layers = (convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+                 if cfg.train_text_encoder else None)
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
+                                              weight_name=LORA_WEIGHT_NAME)
+    return {"format": "lora", "weight_name": LORA_WEIGHT_NAME}
+
+
 def train_dreambooth(
     pipe: Any,
     images: list[Image.Image],
@@ -64,31 +123,16 @@ def train_dreambooth(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
 ) -> dict[str, Any]:
-    """Train on ``images`` (+ ``class_images`` for prior preservation); save LoRA or UNet to ``out_dir``."""
+    """Train on ``images`` (+ ``class_images`` for prior preservation); save LoRA or UNet to ``out_dir``.
+
+    The pipeline is never modified: training works on copies.
+    """
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from diffusers.training_utils import cast_training_params
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from diffusers import DDPMScheduler
 
     # 1. Trainable copies.
     device, base_dtype = pipe.unet.device, pipe.unet.dtype
-    unet = copy.deepcopy(pipe.unet)
-    if cfg.full_finetune:
-        unet.to(torch.float32).requires_grad_(True)
-    else:
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
-                                    target_modules=UNET_TARGETS))
-        cast_training_params(unet, dtype=torch.float32)
-    unet.train()
-    text_encoder = pipe.text_encoder
-    if cfg.train_text_encoder:
-        text_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
-        text_encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
-                                            target_modules=TEXT_TARGETS))
-        cast_training_params(text_encoder, dtype=torch.float32)
+    unet, text_encoder = _trainable_copies(pipe, cfg)
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2 if cfg.full_finetune else 0.0)
 
@@ -96,26 +140,21 @@ def train_dreambooth(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(cfg.seed)
     latents = encode_latents(pipe.vae, images, cfg.resolution, generator)
-    prior = encode_latents(pipe.vae, class_images, cfg.resolution, generator) if cfg.prior_preservation and class_images else None
+    prior = (encode_latents(pipe.vae, class_images, cfg.resolution, generator)
+             if cfg.prior_preservation and class_images else None)
+    prompt_states = _prompt_states(pipe, text_encoder, cfg, with_class=prior is not None)
     bs = cfg.train_batch_size
 
-    def prompts() -> tuple[Any, Any]:
-        inst = _encode_prompt(pipe.tokenizer, text_encoder, cfg.instance_prompt, bs)
-        cls = _encode_prompt(pipe.tokenizer, text_encoder, cfg.class_prompt, bs) if prior is not None else None
-        return inst, cls
-
-    if not cfg.train_text_encoder:
-        with torch.no_grad():
-            fixed = prompts()
-
+    # 3. Steps: random instance images (and mirrors), plus as many prior images when preserving the prior.
     def step(i: int) -> float:
         with autocast(device, base_dtype):
-            inst_h, cls_h = prompts() if cfg.train_text_encoder else fixed
+            inst_h, cls_h = prompt_states()
             idx = torch.randint(0, len(latents), (bs,), generator=generator).to(device)
             loss = denoising_loss(unet, noise_scheduler, latents[idx], inst_h, generator).mean()
             if prior is not None:
                 pidx = torch.randint(0, len(prior), (bs,), generator=generator).to(device)
-                loss = loss + cfg.prior_loss_weight * denoising_loss(unet, noise_scheduler, prior[pidx], cls_h, generator).mean()
+                prior_loss = denoising_loss(unet, noise_scheduler, prior[pidx], cls_h, generator).mean()
+                loss = loss + cfg.prior_loss_weight * prior_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -124,14 +163,7 @@ def train_dreambooth(
 
     losses = run_steps(step, cfg.num_train_steps, label=label, progress=progress, should_cancel=should_cancel)
 
-    # 3. Save only what trained, in the layouts diffusers' loaders read.
-    meta: dict[str, Any] = {"num_train_steps": cfg.num_train_steps, "loss_first": losses[0], "loss_last": losses[-1],
-                            "losses": losses, "instance_prompt": cfg.instance_prompt}
-    if cfg.full_finetune:
-        unet.to(base_dtype).save_pretrained(out_dir / "unet", safe_serialization=True)
-        return meta | {"format": "unet"}
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if cfg.train_text_encoder else None
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
-                                              weight_name=LORA_WEIGHT_NAME)
-    return meta | {"format": "lora", "weight_name": LORA_WEIGHT_NAME}
+    # 4. Save only what trained.
+    return {"num_train_steps": cfg.num_train_steps, "loss_first": losses[0], "loss_last": losses[-1],
+            "losses": losses, "instance_prompt": cfg.instance_prompt,
+            **_save(unet, text_encoder, cfg, out_dir, base_dtype=base_dtype)}

@@ -17,48 +17,51 @@ from typing import Any
 from PIL import Image
 
 from retrogen.progress import CancelFn, ProgressFn
+from retrogen.prompts import TEXTUAL_INVERSION_TEMPLATES
 
 from ..errors import GenerationError
-from . import register_trainer
-from .common import autocast, denoising_loss, encode_latents, run_steps
+from .common import TrainerConfig, autocast, denoising_loss, encode_latents, run_steps
 
 WEIGHT_NAME = "learned_embeds.safetensors"
-#: From the Textual Inversion paper's object templates (a subset).
-TEMPLATES = (
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a good photo of a {}",
-)
 
 
-@dataclass(frozen=True)
-class TextualInversionConfig:
+@dataclass(frozen=True, kw_only=True)
+class TextualInversionConfig(TrainerConfig):
     placeholder_token: str  # e.g. "<retrogen-cat>"; extra vectors are named token_1, token_2, ...
     initializer: str  # words whose first token's embedding starts the new ones (usually the class name)
     num_vectors: int = 1
-    num_train_steps: int = 400
     learning_rate: float = 5e-3
-    train_batch_size: int = 1
-    resolution: int = 512
-    seed: int = 0
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the artefact key covers (the token name is not: it only labels the result)."""
         d = dataclasses.asdict(self)
         d.pop("placeholder_token")
-        return d | {"templates": list(TEMPLATES), "trainer_version": 1}
+        return d | {"templates": list(TEXTUAL_INVERSION_TEMPLATES), "trainer_version": 1}
 
 
 def token_names(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
-@register_trainer("textual_inversion")
+def _with_new_tokens(pipe: Any, cfg: TextualInversionConfig) -> tuple[Any, Any, list[str]]:
+    """Copies of the tokenizer and text encoder (float32, on the UNet's device) with the placeholder tokens
+    added, their rows starting as the initializer's first token."""
+    import torch
+
+    tokenizer = copy.deepcopy(pipe.tokenizer)
+    text_encoder = copy.deepcopy(pipe.text_encoder).to(pipe.unet.device, torch.float32)
+    tokens = token_names(cfg.placeholder_token, cfg.num_vectors)
+    if tokenizer.add_tokens(tokens) != len(tokens):
+        raise GenerationError(f"token {cfg.placeholder_token!r} already exists in the tokenizer; pick another")
+    init_ids = (tokenizer.encode(cfg.initializer, add_special_tokens=False)
+                or tokenizer.encode("object", add_special_tokens=False))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows set below
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[tokenizer.convert_tokens_to_ids(tokens)] = table[init_ids[0]].clone()
+    return tokenizer, text_encoder, tokens
+
+
 def train_textual_inversion(
     pipe: Any,
     images: list[Image.Image],
@@ -80,19 +83,9 @@ def train_textual_inversion(
 
     # 1. Copies of what we change: the tokenizer gets new tokens, the text encoder new rows.
     device = pipe.unet.device
-    tokenizer = copy.deepcopy(pipe.tokenizer)
-    text_encoder = copy.deepcopy(pipe.text_encoder).to(device, torch.float32)
-    tokens = token_names(cfg.placeholder_token, cfg.num_vectors)
-    if tokenizer.add_tokens(tokens) != len(tokens):
-        raise GenerationError(f"token {cfg.placeholder_token!r} already exists in the tokenizer; pick another")
+    tokenizer, text_encoder, tokens = _with_new_tokens(pipe, cfg)
     new_ids = tokenizer.convert_tokens_to_ids(tokens)
-    init_ids = tokenizer.encode(cfg.initializer, add_special_tokens=False) or tokenizer.encode(
-        "object", add_special_tokens=False
-    )
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
     table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        table[new_ids] = table[init_ids[0]].clone()
     original = table.detach().clone()
     keep = torch.ones(len(tokenizer), dtype=torch.bool, device=device)
     keep[new_ids] = False
@@ -111,7 +104,8 @@ def train_textual_inversion(
     # 3. Steps: random images (and mirrors) with random templates.
     def step(i: int) -> float:
         idx = torch.randint(0, len(latents), (cfg.train_batch_size,), generator=generator)
-        prompts = [TEMPLATES[int(j)].format(subject) for j in torch.randint(0, len(TEMPLATES), (len(idx),), generator=generator)]
+        picks = torch.randint(0, len(TEXTUAL_INVERSION_TEMPLATES), (len(idx),), generator=generator)
+        prompts = [TEXTUAL_INVERSION_TEMPLATES[int(j)].format(subject) for j in picks]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         with autocast(device, pipe.unet.dtype):

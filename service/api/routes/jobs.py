@@ -8,50 +8,60 @@ from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from retrogen.errors import InvalidInputError, NotFoundError
-from retrogen.service import datasets as dataset_crud
-from retrogen.service import export
-from retrogen.service import jobs as crud
-from retrogen.service.api.deps import CurrentKey, DbDep, JobDep, MethodsDep, SettingsDep, StoreDep
-from retrogen.service.errors import ConflictError
-from retrogen.service.indexes import sniff_media_type
-from retrogen.service.models import Job
-from retrogen.service.schemas import JobCreate, JobEventPublic, JobPublic, JobsPublic, ResultsPublic
+from retrogen.fileio import media_type
+
+from ...core.config import Settings
+from ...core.errors import ConflictError
+from ...core.tables import Job
+from ...crud import datasets as dataset_rows
+from ...crud import jobs as crud
+from ...domain import export
+from ...domain.runners import MethodSpec
+from ..deps import CurrentKey, DbDep, JobDep, MethodsDep, SettingsDep, StoreDep
+from ..schemas import JobCreate, JobEventPublic, JobPublic, JobsPublic, ResultsPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202, response_model=JobPublic, summary="Submit an augmentation job")
-def create_job(body: JobCreate, response: Response, owner: CurrentKey, settings: SettingsDep, db: DbDep,
-               methods: MethodsDep) -> JobPublic:
-    # 1. Check everything a worker would trip over later, so a queued job is a runnable job.
-    dataset = dataset_crud.get_dataset(db, owner, body.dataset)
-    spec = methods.get(body.method)
+def _configured(kind: str, given: str | None, configured: dict[str, object]) -> str:
+    """The configured name a job uses: the one given, or the first configured; 404 naming the valid ones."""
+    if not configured:
+        setting = "RETROGEN_INDEXES" if kind == "index" else "RETROGEN_MODELS"
+        raise NotFoundError(f"no {'index' if kind == 'index' else 'generation model'} is configured on this server "
+                            f"(set {setting})")
+    name = given or next(iter(configured))
+    if name not in configured:
+        raise NotFoundError(f"unknown {kind} {name!r}; configured: {', '.join(configured)}")
+    return name
+
+
+def _check_job(body: JobCreate, spec: MethodSpec, settings: Settings) -> tuple[str | None, str | None]:
+    """(index name, model name) of a request, after the checks that need no worker."""
     if body.per_class > settings.max_per_class:
         raise InvalidInputError(f"per_class={body.per_class} exceeds this server's maximum of {settings.max_per_class}")
-    index = model = None
-    if spec.needs_index:
-        if not settings.indexes:
-            raise NotFoundError("no index is configured on this server (set RETROGEN_INDEXES)")
-        index = body.index or next(iter(settings.indexes))
-        if index not in settings.indexes:
-            raise NotFoundError(f"unknown index {index!r}; configured: {', '.join(settings.indexes)}")
-    if spec.needs_model:
-        if not settings.models:
-            raise NotFoundError("no generation model is configured on this server (set RETROGEN_MODELS)")
-        model = body.model or next(iter(settings.models))
-        if model not in settings.models:
-            raise NotFoundError(f"unknown model {model!r}; configured: {', '.join(settings.models)}")
+    index_name = _configured("index", body.index, settings.indexes) if spec.needs_index else None
+    model_name = _configured("model", body.model, settings.models) if spec.needs_model else None
     if spec.validate is not None:
         spec.validate(body.params)
+    return index_name, model_name
+
+
+@router.post("", status_code=202, response_model=JobPublic, summary="Submit an augmentation job")
+def create_job(*, body: JobCreate, response: Response, owner: CurrentKey, settings: SettingsDep, db: DbDep,
+               methods: MethodsDep) -> JobPublic:
+    # 1. Check everything a worker would trip over later, so a queued job is a runnable job.
+    dataset = dataset_rows.get_dataset(db, owner, body.dataset)
+    spec = methods.get(body.method)
+    index_name, model_name = _check_job(body, spec, settings)
     # 2. Queue it.
     job = crud.submit(db, owner=owner, dataset=dataset, kind=spec.kind, method=spec.name, per_class=body.per_class,
-                      index=index, model=model, params=body.params)
+                      index_name=index_name, model_name=model_name, params=body.params)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobPublic.of(job)
 
 
 @router.get("", response_model=JobsPublic, summary="Your jobs, newest first")
-def list_jobs(owner: CurrentKey, db: DbDep,
+def list_jobs(*, owner: CurrentKey, db: DbDep,
               state: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
               dataset: Annotated[str | None, Query(max_length=40)] = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -101,7 +111,7 @@ def job_image(job: JobDep, store: StoreDep, file: Annotated[str, Path(max_length
     if file.count("/") != 1 or file.endswith((".jsonl", ".json")):
         raise NotFoundError(f"no image {file!r} in job {job.id}")
     data = store.read_bytes(key, file)
-    return Response(data, media_type=sniff_media_type(data, file), headers={
+    return Response(data, media_type=media_type(data, file), headers={
         "Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff",
         "ETag": f'"{key.rsplit("/", 1)[-1][:16]}-{file}"'})
 

@@ -15,40 +15,30 @@ as JSON whatever the header says (Flask's ``get_json(force=True)``). Differences
 from __future__ import annotations
 
 import json
-import logging
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.security import HTTPAuthorizationCredentials
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
-from retrogen.service.api.deps import SettingsDep, _api_key_header, _bearer, current_key
-from retrogen.service.api.routes.retrieve import LimitsDep, item_image_url, source_uri
-from retrogen.service.indexes import IndexRegistryDep, LoadedIndex, decode_base64_image
+from retrogen.errors import InvalidInputError, NotFoundError
+from retrogen.retrieval.provenance import source_uri
 
-log = logging.getLogger(__name__)
+from ...core.errors import ForbiddenError
+from ...domain.indexes import IndexRegistry, LoadedIndex
+from ...domain.queries import QueryLimits, decode_base64_image
+from ..deps import IndexRegistryDep, QueryLimitsDep, current_key_or_query
+from .retrieve import item_image_url
 
-
-
-def knn_key(settings: SettingsDep, api_key: Annotated[str | None, Query(include_in_schema=False)] = None,
-            header_key: Annotated[str | None, Depends(_api_key_header)] = None,
-            bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
-    """The service's key check, also accepting ``?api_key=``: ClipClient sends no headers, but its URL may carry
-    a query string (``ClipClient("http://host/knn-service?api_key=...")``). Prefer a header where possible."""
-    return current_key(settings, header_key or api_key, bearer)
-
-
-router = APIRouter(tags=["clip-retrieval compatible"], dependencies=[Depends(knn_key)])
+# ClipClient sends no headers: the key may also come as ?api_key= in its URL.
+router = APIRouter(tags=["clip-retrieval compatible"], dependencies=[Depends(current_key_or_query)])
 
 #: clip-retrieval's dedup threshold (``get_non_uniques``): cosine >= 0.94 means the same image
 DEDUP_THRESHOLD = 0.94
 MAX_METADATA_IDS = 1000
 
 
-class ImageUrlRefusedError(RetrogenError):
-    http_status = 403
-    exit_code = 2
+class ImageUrlRefusedError(ForbiddenError):
+    """``image_url`` asks the server to fetch a URL on the client's behalf (SSRF)."""
 
 
 class KnnQuery(BaseModel):
@@ -105,7 +95,7 @@ def indices_list(registry: IndexRegistryDep) -> list[str]:
 @router.post("/knn-service", summary="k nearest corpus images (clip-retrieval)", openapi_extra=_schema(KnnQuery),
              response_model=list[dict[str, Any]])
 async def knn_service(request: Request, response: Response, registry: IndexRegistryDep,
-                      limits: LimitsDep) -> list[dict[str, Any]]:
+                      limits: QueryLimitsDep) -> list[dict[str, Any]]:
     from starlette.concurrency import run_in_threadpool
 
     q: KnnQuery = await _json_body(request, KnnQuery)
@@ -117,7 +107,7 @@ async def knn_service(request: Request, response: Response, registry: IndexRegis
     return await run_in_threadpool(_knn, q, request, registry, limits)
 
 
-def _knn(q: KnnQuery, request: Request, registry, limits) -> list[dict[str, Any]]:
+def _knn(q: KnnQuery, request: Request, registry: IndexRegistry, limits: QueryLimits) -> list[dict[str, Any]]:
     import numpy as np
 
     # 1. Check inputs (clip-retrieval's precedence: text, then image / image_url, then embedding_input).
@@ -152,7 +142,7 @@ def _knn(q: KnnQuery, request: Request, registry, limits) -> list[dict[str, Any]
     # 3. Search, then drop near-duplicates as clip-retrieval does.
     hits = loaded.neighbours(vec, num_result_ids)[0]
     if q.deduplicate and len(hits) > 1:
-        keep = dedup_keep(loaded.index.embeddings([h.id for h in hits]))
+        keep = dedup_keep(loaded.corpus.embeddings([h.id for h in hits]))
         hits = [h for h, k in zip(hits, keep, strict=True) if k]
     out = []
     for h in hits[: q.num_images]:
@@ -168,8 +158,9 @@ def dedup_keep(embeddings) -> list[bool]:
     """clip-retrieval's connected-components dedup: of each group linked by cosine >= 0.94, keep the best ranked."""
     import numpy as np
 
-    e = np.asarray(embeddings, np.float32)
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    from retrogen.retrieval.embedders import l2_normalize
+
+    e = l2_normalize(embeddings)
     n = len(e)
     parent = list(range(n))
 
@@ -212,11 +203,11 @@ async def metadata(request: Request, registry: IndexRegistryDep) -> list[dict[st
     return await run_in_threadpool(_metadata, q, request, registry)
 
 
-def _metadata(q: MetadataQuery, request: Request, registry) -> list[dict[str, Any]]:
+def _metadata(q: MetadataQuery, request: Request, registry: IndexRegistry) -> list[dict[str, Any]]:
     loaded: LoadedIndex = registry.get(q.indice_name)
     bad = [i for i in q.ids if not 0 <= i < loaded.ntotal]
     if bad:
         raise NotFoundError(f"index {loaded.name!r} has ids 0..{loaded.ntotal - 1}; unknown: {bad[:10]}")
-    metas = {int(m["id"]): m for m in loaded.index.metadata(sorted(set(q.ids)))}
+    metas = {int(m["id"]): m for m in loaded.corpus.metadata(sorted(set(q.ids)))}
     return [{"id": i, "metadata": _public_meta(metas.get(i, {}), item_image_url(request, loaded.name, i))}
             for i in q.ids]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from retrogen.service.api.deps import CurrentKey, MethodsDep, SettingsDep
-from retrogen.service.schemas import ModelsPublic
+from ..deps import MethodsDep, SettingsDep, current_key
+from ..schemas import ModelsPublic
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(current_key)])
 
 
 @router.get("/models", response_model=ModelsPublic, summary="Configured models, job methods and index names")
-def list_models(settings: SettingsDep, methods: MethodsDep, _owner: CurrentKey) -> ModelsPublic:
+def list_models(settings: SettingsDep, methods: MethodsDep) -> ModelsPublic:
     return ModelsPublic(models=dict(settings.models), methods={n: methods.get(n).kind for n in methods.names()},
                         indexes=list(settings.indexes))

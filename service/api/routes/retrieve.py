@@ -7,7 +7,6 @@ Handlers are plain ``def``: embedding is CPU/GPU work, so FastAPI runs them in i
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Annotated, Any
 
@@ -15,24 +14,15 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrogen.errors import InvalidInputError, NotFoundError
-from retrogen.fileio import sha256_bytes
-from retrogen.service.api.deps import current_key
-from retrogen.service.indexes import (
-    Hit,
-    IndexRegistryDep,
-    LoadedIndex,
-    QueryLimits,
-    decode_base64_image,
-    get_query_limits,
-    sniff_media_type,
-)
+from retrogen.fileio import media_type, sha256_bytes
+from retrogen.retrieval.provenance import retrieved_item_fields
 
-log = logging.getLogger(__name__)
+from ...domain.indexes import Hit, LoadedIndex
+from ...domain.queries import decode_base64_image
+from ..deps import IndexRegistryDep, QueryLimitsDep, current_key
 
 # Every route needs the caller's API key when keys are on (current_key answers 401 otherwise).
 router = APIRouter(tags=["retrieval"], dependencies=[Depends(current_key)])
-
-LimitsDep = Annotated[QueryLimits, Depends(get_query_limits)]
 
 
 class RetrieveRequest(BaseModel):
@@ -95,7 +85,7 @@ def list_indexes(registry: IndexRegistryDep) -> IndexesPublic:
 
 @router.post("/v1/retrieve", response_model=RetrieveResponse, summary="k nearest corpus images per query")
 def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep,
-             limits: LimitsDep) -> RetrieveResponse:
+             limits: QueryLimitsDep) -> RetrieveResponse:
     t0 = time.perf_counter()
     # 1. Check inputs before any model work.
     n = len(body.images) + len(body.texts)
@@ -139,32 +129,10 @@ def item_image_url(request: Request, index_name: str, item_id: int) -> str:
     return str(request.url_for("get_index_item_image", name=index_name, item_id=item_id))
 
 
-def source_uri(meta: dict[str, Any]) -> str | None:
-    source = meta.get("source")
-    return f"{source}#{meta['member']}" if meta.get("member") else source
-
-
 def _neighbour(request: Request, loaded: LoadedIndex, hit: Hit, query: dict[str, Any]) -> Neighbour:
-    meta = hit.meta
-    prov = {
-        "index": loaded.name,
-        "index_id": loaded.index_id,
-        "index_version": loaded.index_version,
-        "sample_id": hit.id,
-        "sample_key": meta.get("key"),
-        "source_uri": source_uri(meta),
-        "caption": meta.get("caption"),
-        "url": meta.get("url"),
-        "licence": meta.get("licence"),
-        "corpus_sha256": meta.get("sha256"),
-        "width": meta.get("width"),
-        "height": meta.get("height"),
-        "query": query,
-        "similarity": round(hit.similarity, 6),
-        "rank": hit.rank,
-        "embedder": loaded.embedder.name,
-        "method": f"retrieval:{query['type']}",
-    }
+    prov = {"index": loaded.name} | retrieved_item_fields(
+        loaded.corpus, hit.meta, sample_id=hit.id, similarity=hit.similarity, rank=hit.rank, query=query,
+        embedder_name=loaded.embedder.name) | {"method": f"retrieval:{query['type']}"}
     return Neighbour(rank=hit.rank, sample_id=hit.id, similarity=prov["similarity"], caption=prov["caption"],
                      url=prov["url"], source_uri=prov["source_uri"],
                      image_url=item_image_url(request, loaded.name, hit.id), provenance=prov)
@@ -178,7 +146,7 @@ def get_item_image(name: str, item_id: Annotated[int, Path(ge=0, le=2**62)], reg
     loaded = registry.get(registry.resolve(name))
     if item_id >= loaded.ntotal:
         raise NotFoundError(f"index {name!r} has items 0..{loaded.ntotal - 1}; no item {item_id}")
-    metas = loaded.index.metadata([item_id])
+    metas = loaded.corpus.metadata([item_id])
     meta = metas[0] if metas else {}
     etag = f'"{meta["sha256"]}"' if meta.get("sha256") else None
     headers = {
@@ -190,7 +158,7 @@ def get_item_image(name: str, item_id: Annotated[int, Path(ge=0, le=2**62)], reg
         headers["ETag"] = etag
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
-    data = loaded.index.read_bytes(item_id)
-    return Response(content=data, media_type=sniff_media_type(data, meta.get("member") or meta.get("source")),
+    data = loaded.corpus.read_bytes(item_id)
+    return Response(content=data, media_type=media_type(data, meta.get("member") or meta.get("source")),
                     headers=headers)
 

@@ -16,17 +16,17 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import select
+from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
+from retrogen.evaluation.inputs import REAL_ONLY
+from retrogen.outputs import OutputFolder
 
-from retrogen.errors import InvalidInputError, RetrogenError
-from retrogen.fileio import atomic_write_json
-from retrogen.outputs import PROVENANCE_FILE, SUMMARY_FILE
-from retrogen.service import datasets as dataset_crud
-from retrogen.service import jobs
-from retrogen.service.db import Database
-from retrogen.service.errors import ConflictError
-from retrogen.service.methods import MethodSpec, RunContext
-from retrogen.service.models import Job
+from ..core.db import Database
+from ..core.errors import ConflictError
+from ..core.tables import Job
+from ..crud import datasets as dataset_rows
+from ..crud import jobs
+from .runners import MethodSpec, RunContext
+from .storage import Store
 
 METHOD = "evaluation"
 MAX_AUGMENTATIONS = 8
@@ -35,7 +35,7 @@ MAX_STEPS = 20_000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 # Per-job embedders are those that name no server-side file or model: raw pixels, and the built-in default
 # (its weights ship with the install). ``open_clip:...`` / ``hf:...`` name checkpoints or hub downloads: the
-# operator's choice, refused per job like service.methods.SERVER_ONLY_PARAMS.
+# operator's choice, refused per job like service.domain.runners.SERVER_ONLY_PARAMS.
 JOB_EMBEDDERS = re.compile(r"^(pixels(:\d{1,3})?|efficientnet-lite0(:onnx)?)$")
 
 
@@ -47,19 +47,16 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     if embedder is not None and not (isinstance(embedder, str) and JOB_EMBEDDERS.match(embedder)):
         raise InvalidInputError(f"config.embedder {embedder!r} names a model or file on the server: set by the server "
                                 "operator, not per job (per job: pixels[:SIDE] or efficientnet-lite0[:onnx])")
-    try:
-        parsed = EvaluationConfig.from_dict(config)
-    except (TypeError, ValueError) as e:  # InvalidEvaluationError is a ValueError too
-        raise InvalidInputError(f"bad evaluation config: {e}") from None
+    parsed = EvaluationConfig.from_dict(config)
     if parsed.num_seeds > MAX_SEEDS or parsed.settings().num_steps > MAX_STEPS:
         raise InvalidInputError(f"config asks for more than this server's {MAX_SEEDS} seeds or {MAX_STEPS} steps")
     return dict(config)
 
 
 def _resolve_augmentation(db: Database, owner: str, name: str, job_id: Any) -> dict[str, str]:
-    if not NAME_RE.match(name) or name == "real-only":
+    if not NAME_RE.match(name) or name == REAL_ONLY:
         raise InvalidInputError(f"augmentation name {name!r} must be 1-64 letters, digits or _.+- and not "
-                                "'real-only'")
+                                f"{REAL_ONLY!r}")
     if not isinstance(job_id, str) or not re.match(r"^[A-Za-z0-9_-]{1,40}$", job_id):
         raise InvalidInputError(f"augmentations[{name!r}] must be a job id, got {job_id!r}")
     job = jobs.get_job(db, owner, job_id)  # another key's job: 404, like a missing one
@@ -73,8 +70,8 @@ def _resolve_augmentation(db: Database, owner: str, name: str, job_id: Any) -> d
 def submit(db: Database, owner: str, *, train_dataset: str, test_dataset: str, augmentations: dict[str, Any],
            config: dict[str, Any]) -> Job:
     """Check and queue an evaluation job; every error is raised before anything is written."""
-    train = dataset_crud.get_dataset(db, owner, train_dataset)
-    test = dataset_crud.get_dataset(db, owner, test_dataset)
+    train = dataset_rows.get_dataset(db, owner, train_dataset)
+    test = dataset_rows.get_dataset(db, owner, test_dataset)
     if test.content_key == train.content_key:
         raise InvalidInputError("the test dataset is the train dataset; evaluate on held-out images")
     missing = sorted(set(test.classes) - set(train.classes))
@@ -85,8 +82,8 @@ def submit(db: Database, owner: str, *, train_dataset: str, test_dataset: str, a
     resolved = {name: _resolve_augmentation(db, owner, name, jid) for name, jid in augmentations.items()}
     params = {"test_dataset": test.id, "test_dataset_key": test.content_key, "augmentations": resolved,
               "config": check_config(config)}
-    return jobs.submit(db, owner=owner, dataset=train, kind="retrieval", method=METHOD, per_class=0, index=None,
-                       model=None, params=params)
+    return jobs.submit(db, owner=owner, dataset=train, kind="retrieval", method=METHOD, per_class=0,
+                       index_name=None, model_name=None, params=params)
 
 
 def refuse_generic_submit(_params: dict[str, Any]) -> None:
@@ -116,8 +113,8 @@ def run_evaluation(ctx: RunContext) -> None:
     report = replace(report, arms=[replace(a, set_dir=augs[a.name]["job"] if a.name in augs else None)
                                    for a in report.arms])
     report.write(ctx.out_dir)
-    (ctx.out_dir / PROVENANCE_FILE).write_text("")
-    atomic_write_json(ctx.out_dir / SUMMARY_FILE, json.loads(json.dumps(summary_of(report, augs), default=str)))
+    with OutputFolder.create(ctx.out_dir) as result:  # no images: an empty provenance.jsonl, then the summary
+        result.close(json.loads(json.dumps(summary_of(report, augs), default=str)))
 
 
 def summary_of(report: Any, augs: dict[str, dict[str, str]]) -> dict[str, Any]:
@@ -130,15 +127,39 @@ def summary_of(report: Any, augs: dict[str, dict[str, str]]) -> dict[str, Any]:
             "warnings": report.warnings}
 
 
-def evaluations_using(db: Database, owner: str, job_id: str, *, limit: int = 200) -> list[Job]:
-    """The caller's succeeded evaluations that used augmentation job ``job_id``, newest first.
+def evaluations_using(db: Database, owner: str, job_id: str) -> list[Job]:
+    """The caller's succeeded evaluations that used augmentation job ``job_id``, newest first."""
+    return jobs.jobs_using(db, owner, method=METHOD, param_key="augmentations", value=job_id)
 
-    Filtered in Python over the newest ``limit`` evaluations: JSON queries differ between SQLite and Postgres.
-    """
-    with db.session() as s:
-        rows = s.scalars(select(Job).where(Job.owner == owner, Job.method == METHOD, Job.state == "succeeded")
-                         .order_by(Job.created.desc()).limit(limit)).all()
-    return [j for j in rows if any(a.get("job") == job_id for a in (j.params or {}).get("augmentations", {}).values())]
+
+def evaluation_job(job: Job) -> Job:
+    """``job`` if it is an evaluation; a 404 otherwise (an augmentation job is not an evaluation)."""
+    if job.method != METHOD:
+        raise NotFoundError(f"no evaluation {job.id!r}")
+    return job
+
+
+def _result_key(job: Job) -> str:
+    if job.state != "succeeded" or not job.result_key:
+        raise ConflictError(f"evaluation {job.id} is {job.state}; its report exists once it has succeeded"
+                            + (f" (error: {job.error})" if job.error else ""))
+    return job.result_key
+
+
+def read_report(store: Store, job: Job) -> dict[str, Any] | None:
+    """``report.json`` of a succeeded evaluation; None until then."""
+    from retrogen.evaluation.report import REPORT_JSON
+
+    if job.state != "succeeded" or not job.result_key:
+        return None
+    return json.loads(store.read_bytes(job.result_key, REPORT_JSON), parse_constant=lambda _c: None)
+
+
+def read_chart(store: Store, job: Job) -> bytes:
+    """``report.png`` of a succeeded evaluation (409 before)."""
+    from retrogen.evaluation.report import REPORT_PNG
+
+    return store.read_bytes(_result_key(evaluation_job(job)), REPORT_PNG)
 
 
 SPEC = MethodSpec(METHOD, "retrieval", run_evaluation, validate=refuse_generic_submit,

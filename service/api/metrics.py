@@ -6,8 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-from retrogen.service import jobs
-from retrogen.service.db import Database
+from ..core.db import Database
+from ..crud import jobs
 
 
 class JobCollector:

@@ -2,16 +2,16 @@
 
 The settings file is JSON, named by ``RETROGEN_SETTINGS_FILE``; nested values (``indexes``, ``models``,
 ``api_keys``) are JSON in the environment too, e.g. ``RETROGEN_INDEXES='{"laion": {"path": "/idx"}}'``.
-Libraries never read the environment; only this module does.
+Libraries never read the environment; only this module does. The settings are read once per process by the
+command (``retrogen serve`` / ``retrogen worker``) and travel from there: the app keeps them in ``app.state``.
 """
 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -19,9 +19,16 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from retrogen.service.indexes import IndexConfig
-
 SETTINGS_FILE_ENV = "RETROGEN_SETTINGS_FILE"
+
+
+class IndexConfig(BaseModel):
+    """One configured corpus index. ``embedder`` overrides the manifest's (e.g. the same model from a local dir)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    embedder: str | None = None
 
 
 class Settings(BaseSettings):
@@ -40,6 +47,7 @@ class Settings(BaseSettings):
     indexes: dict[str, IndexConfig] = Field(default_factory=dict)
     models: dict[str, str] = Field(default_factory=dict)  # name -> hub id or local diffusers dir
     device: str = "cpu"  # embedders of the index registry; generation jobs use GenerationConfig.device
+    max_concurrent_embeds: int = Field(2, ge=1)  # model calls at once per query embedder; more requests queue
     # Limits
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     max_dataset_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1)  # decompressed total of one dataset
@@ -84,9 +92,3 @@ class Settings(BaseSettings):
                 raise FileNotFoundError(f"{SETTINGS_FILE_ENV}={path}: no such settings file")
             sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
         return tuple(sources)
-
-
-@lru_cache
-def get_settings() -> Settings:
-    """The process's settings (a FastAPI dependency; tests override it or pass ``create_app(settings)``)."""
-    return Settings()

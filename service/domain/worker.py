@@ -17,17 +17,21 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from retrogen.errors import RetrogenError
-from retrogen.outputs import PROVENANCE_FILE, SUMMARY_FILE
+from retrogen.outputs import OutputFolder
 from retrogen.progress import CancelledError, ProgressEvent
-from retrogen.service import jobs
-from retrogen.service.db import Database
-from retrogen.service.methods import MethodRegistry, RunContext
-from retrogen.service.models import Job
-from retrogen.service.storage import Store
+
+from ..core.config import Settings
+from ..core.db import Database
+from ..core.tables import Job
+from ..crud import jobs
+from .indexes import IndexRegistry
+from .runners import MethodRegistry, RunContext
+from .storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +81,12 @@ class ProgressTracker:
 class Worker:
     """Claims and runs jobs. ``start()`` runs lanes in threads; ``run_once(kind)`` runs one job inline (tests)."""
 
-    def __init__(self, settings: Any, db: Database, store: Store, methods: MethodRegistry, index_registry: Any,
-                 *, name: str | None = None, device: str | None = None):
+    def __init__(self, settings: Settings, db: Database, store: Store, methods: MethodRegistry,
+                 index_registry: IndexRegistry, *, name: str | None = None, device: str | None = None):
         self.settings, self.db, self.store, self.methods = settings, db, store, methods
         self.index_registry = index_registry
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.device = device or getattr(settings, "device", "cpu")
+        self.device = device or settings.device
         self.work_root = Path(settings.data_dir) / "work"
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -141,52 +145,22 @@ class Worker:
         return job.id
 
     def _execute(self, job: Job) -> None:
-        lost = threading.Event()
-        done = threading.Event()
+        lost, done = threading.Event(), threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, lost, done), daemon=True)
         beat.start()
         work = self.work_root / job.id
         shutil.rmtree(work, ignore_errors=True)  # a previous attempt's leftovers are never reused
         tracker = ProgressTracker(self.db, job.id, self.name)
-        last_check = [0.0]
-
-        def should_cancel() -> bool:
-            if lost.is_set() or self._stop.is_set():
-                raise _Interrupted("worker stopping or lease lost")
-            now = time.monotonic()
-            if now - last_check[0] >= 0.2:
-                last_check[0] = now
-                return jobs.cancel_requested(self.db, job.id)
-            return False
-
+        should_cancel = self._cancel_check(job.id, lost)
         t0 = time.monotonic()
         try:
-            spec = self.methods.get(job.method)
-            ctx = RunContext(job_id=job.id, dataset_dir=self.store.local_dir(job.dataset_key), out_dir=work / "out",
-                             per_class=job.per_class, params=dict(job.params or {}), index=job.index, model=job.model,
-                             settings=self.settings, index_registry=self.index_registry, progress=tracker,
-                             should_cancel=should_cancel,
-                             artifacts_dir=Path(self.settings.data_dir) / "artifacts", store=self.store)
             if should_cancel():
                 raise CancelledError("cancelled")
-            spec.runner(ctx)
-            out = work / "out"
-            if not (out / SUMMARY_FILE).is_file():
-                raise RuntimeError(f"method {job.method!r} finished without writing {SUMMARY_FILE}")
-            # NaN/Infinity are not JSON: the API answers them as null rather than failing
-            summary = json.loads((out / SUMMARY_FILE).read_text(), parse_constant=lambda _c: None)
-            with open(out / PROVENANCE_FILE, encoding="utf-8") as f:
-                num_images = sum(1 for line in f if line.strip())
-            if should_cancel():  # cancelled at the last moment: do not publish
-                raise CancelledError("cancelled")
-            key = self.store.put_tree("results", out)
-            tracker.state.update(stage="done", eta_s=0)
-            ok = jobs.finish(self.db, job.id, self.name, state="succeeded", result_key=key, summary=summary,
-                             num_images=num_images, progress=tracker.state)
-            log.info("job %s succeeded: %d images in %.1fs%s", job.id, num_images, time.monotonic() - t0,
-                     "" if ok else " (but its lease was lost; result discarded)")
+            self.methods.get(job.method).runner(self._context(job, work / "out", tracker, should_cancel))
+            self._publish(job, OutputFolder(work / "out"), tracker, should_cancel, t0)
         except _Interrupted:
-            self._hand_back(job)
+            if jobs.hand_back(self.db, job.id, self.name):
+                log.info("job %s handed back to the queue", job.id)
         except CancelledError:
             jobs.finish(self.db, job.id, self.name, state="cancelled", error=None)
             log.info("job %s cancelled", job.id)
@@ -201,6 +175,44 @@ class Worker:
             beat.join(timeout=5)
             shutil.rmtree(work, ignore_errors=True)
 
+    def _cancel_check(self, job_id: str, lost: threading.Event) -> Callable[[], bool]:
+        """The runner's ``should_cancel``: raises on shutdown or a lost lease; reads the flag at most 5x a second."""
+        last_check = [0.0]
+
+        def should_cancel() -> bool:
+            if lost.is_set() or self._stop.is_set():
+                raise _Interrupted("worker stopping or lease lost")
+            now = time.monotonic()
+            if now - last_check[0] >= 0.2:
+                last_check[0] = now
+                return jobs.cancel_requested(self.db, job_id)
+            return False
+
+        return should_cancel
+
+    def _context(self, job: Job, out_dir: Path, tracker: ProgressTracker,
+                 should_cancel: Callable[[], bool]) -> RunContext:
+        return RunContext(job_id=job.id, dataset_dir=self.store.local_dir(job.dataset_key), out_dir=out_dir,
+                          per_class=job.per_class, params=dict(job.params or {}), index_name=job.index_name,
+                          model_name=job.model_name, settings=self.settings, index_registry=self.index_registry,
+                          store=self.store, progress=tracker, should_cancel=should_cancel,
+                          artifacts_dir=Path(self.settings.data_dir) / "artifacts")
+
+    def _publish(self, job: Job, out: OutputFolder, tracker: ProgressTracker, should_cancel: Callable[[], bool],
+                 t0: float) -> None:
+        """Store a finished output folder and mark the job succeeded (unless cancelled at the last moment)."""
+        if not out.is_complete:
+            raise RuntimeError(f"method {job.method!r} finished without writing its summary")
+        summary, num_images = out.summary(), out.num_records()
+        if should_cancel():
+            raise CancelledError("cancelled")
+        key = self.store.put_tree("results", out.path)
+        tracker.state.update(stage="done", eta_s=0)
+        ok = jobs.finish(self.db, job.id, self.name, state="succeeded", result_key=key, summary=summary,
+                         num_images=num_images, progress=tracker.state)
+        log.info("job %s succeeded: %d images in %.1fs%s", job.id, num_images, time.monotonic() - t0,
+                 "" if ok else " (but its lease was lost; result discarded)")
+
     def _heartbeat(self, job_id: str, lost: threading.Event, done: threading.Event) -> None:
         interval = max(0.05, self.settings.job_lease_s / 3)
         while not done.wait(interval):
@@ -211,22 +223,6 @@ class Worker:
                     return
             except Exception:
                 log.exception("job %s: heartbeat failed", job_id)
-
-    def _hand_back(self, job: Job) -> None:
-        """Return a job this worker is abandoning on purpose to the queue (its attempt is not counted)."""
-        from sqlalchemy import update
-
-        from retrogen.service.models import Job as JobRow
-
-        with self.db.session() as s:
-            n = s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.worker == self.name,
-                                               JobRow.state == "running")
-                          .values(state="queued", worker=None, lease_expires=None,
-                                  attempts=JobRow.attempts - 1)).rowcount
-            if n:
-                jobs._event(s, job.id, "state", f"handed back to the queue by {self.name} (shutting down)")
-        log.info("job %s handed back to the queue", job.id)
-
 
 def _remove_old(folder: Path, older_than_s: float) -> None:
     if not folder.is_dir():

@@ -3,17 +3,19 @@ Postgres or any SQLAlchemy URL by configuration."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from retrogen.service.models import Base
+from retrogen.errors import NotFoundError
 
-log = logging.getLogger(__name__)
+from .tables import Base
+
+T = TypeVar("T", bound=Base)
 
 
 class Database:
@@ -21,6 +23,7 @@ class Database:
 
     def __init__(self, url: str):
         self.url = url
+        self.display_url = make_url(url).render_as_string(hide_password=True)  # what logs and messages may show
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -40,6 +43,14 @@ class Database:
             except BaseException:
                 s.rollback()
                 raise
+
+    def get_owned(self, table: type[T], row_id: str, owner: str, *, what: str) -> T:
+        """The row if ``owner`` owns it; another key's row is reported as missing (no existence leak)."""
+        with self.session() as s:
+            row = s.get(table, row_id)
+            if row is None or row.owner != owner:
+                raise NotFoundError(f"no {what} {row_id!r}")
+            return row
 
     def ping(self) -> None:
         from sqlalchemy import text

@@ -1,7 +1,8 @@
-"""Database rows: datasets, augmentation jobs and their events. Every row carries its owner's key hash."""
+"""Database tables: datasets, jobs and their events. Every row carries its owner's key hash."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
@@ -10,6 +11,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 class Base(DeclarativeBase):
     pass
+
+
+def new_id(prefix: str) -> str:
+    """A row id that says what it names: ``ds_...``, ``job_...``."""
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
 class Dataset(Base):
@@ -39,8 +45,9 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(20))  # retrieval | generation: separate queues
     method: Mapped[str] = mapped_column(String(50))
     per_class: Mapped[int] = mapped_column(Integer)
-    index: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # configured names (Settings.indexes / Settings.models); the columns keep their first names
+    index_name: Mapped[str | None] = mapped_column("index", String(200), nullable=True)
+    model_name: Mapped[str | None] = mapped_column("model", String(200), nullable=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(20), default="queued")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

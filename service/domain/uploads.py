@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
+import functools
 import lzma
 import os
 import shutil
@@ -19,16 +19,18 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from retrogen.errors import InvalidInputError
+from retrogen.fileio import image_extension
 from retrogen.imagefolder import DatasetLayoutError, safe_class_dir
 from retrogen.imageio import BadImageError, decode_image, is_image_path
-from retrogen.service.errors import ForbiddenError, PayloadTooLargeError
 
-log = logging.getLogger(__name__)
+from ..core.config import Settings
+from ..core.errors import ForbiddenError, PayloadTooLargeError
 
 #: Names archivers add that are not part of the dataset and are skipped silently.
 _JUNK_DIRS = ("__MACOSX",)
@@ -43,7 +45,7 @@ class UploadLimits:
     max_images_per_dataset: int
 
     @classmethod
-    def from_settings(cls, s: Any) -> UploadLimits:
+    def from_settings(cls, s: Settings) -> UploadLimits:
         return cls(s.max_upload_bytes, s.max_dataset_bytes, s.max_image_bytes, s.max_image_pixels,
                    s.max_images_per_dataset)
 
@@ -142,11 +144,16 @@ _ARCHIVE_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFErr
                         RuntimeError, lzma.LZMAError)
 
 
-def _check_member_count(n: int, limits: UploadLimits) -> None:
-    """Millions of tiny entries cost time before any image limit triggers: refuse them up front."""
+def _check_totals(num_members: int, declared_bytes: int, limits: UploadLimits) -> None:
+    """Refuse what the archive's own directory gives away before reading a byte: millions of tiny entries
+    (they cost time before any image limit triggers), or a declared unpacked size over the limit. Declared
+    sizes can lie; each member is capped again while it is read."""
     cap = 2 * limits.max_images_per_dataset + 1000  # room for folders and skipped junk
-    if n > cap:
-        raise PayloadTooLargeError(f"archive has {n} entries; at most {cap} are accepted")
+    if num_members > cap:
+        raise PayloadTooLargeError(f"archive has {num_members} entries; at most {cap} are accepted")
+    if declared_bytes > limits.max_dataset_bytes:
+        raise PayloadTooLargeError(f"archive unpacks to {declared_bytes} bytes, over the "
+                                   f"{limits.max_dataset_bytes}-byte limit")
 
 
 def _read_capped(f: IO[bytes], cap: int, where: str) -> bytes:
@@ -170,24 +177,9 @@ def stage_zip(path: Path, stager: _Stager) -> None:
                 raise InvalidInputError(f"archive member {info.filename!r} is a link or special file; refused")
             if info.flag_bits & 0x1:
                 raise InvalidInputError(f"archive member {info.filename!r} is encrypted")
-        _check_member_count(len(infos), stager.limits)
-        declared = sum(i.file_size for i in infos)
-        if declared > stager.limits.max_dataset_bytes:
-            raise PayloadTooLargeError(f"archive unpacks to {declared} bytes, over the "
-                                       f"{stager.limits.max_dataset_bytes}-byte limit")
+        _check_totals(len(infos), sum(i.file_size for i in infos), stager.limits)
         strip = _wrapper_dir([i.filename for i in infos])
-        for info in infos:
-            if info.is_dir():
-                continue
-            split = _split_member(info.filename, strip)
-            if split is None:
-                continue
-            try:
-                with zf.open(info) as f:
-                    data = _read_capped(f, stager.limits.max_image_bytes, info.filename)
-            except _ARCHIVE_READ_ERRORS as e:
-                raise InvalidInputError(f"archive member {info.filename!r} cannot be read ({e})") from None
-            stager.add(*split, data, where=info.filename)
+        _stage_members(stager, [(i.filename, i.is_dir(), functools.partial(zf.open, i)) for i in infos], strip)
 
 
 def stage_tar(path: Path, stager: _Stager) -> None:
@@ -206,28 +198,28 @@ def stage_tar(path: Path, stager: _Stager) -> None:
                 raise InvalidInputError(f"archive member {m.name!r} is a link; refused")
             if not (m.isfile() or m.isdir()):
                 raise InvalidInputError(f"archive member {m.name!r} is a special file; refused")
-        _check_member_count(len(members), stager.limits)
-        declared = sum(m.size for m in members)
-        if declared > stager.limits.max_dataset_bytes:
-            raise PayloadTooLargeError(f"archive unpacks to {declared} bytes, over the "
-                                       f"{stager.limits.max_dataset_bytes}-byte limit")
+        _check_totals(len(members), sum(m.size for m in members), stager.limits)
         strip = _wrapper_dir([m.name + ("/" if m.isdir() else "") for m in members])
-        for m in members:
-            if m.isdir():
-                continue
-            split = _split_member(m.name, strip)
-            if split is None:
-                continue
-            if m.size > stager.limits.max_image_bytes:
-                raise PayloadTooLargeError(f"{m.name}: {m.size} bytes exceeds the per-image limit")
-            try:
-                f = tf.extractfile(m)
-                if f is None:
-                    raise InvalidInputError(f"archive member {m.name!r} cannot be read")
-                data = _read_capped(f, stager.limits.max_image_bytes, m.name)
-            except _ARCHIVE_READ_ERRORS as e:
-                raise InvalidInputError(f"archive member {m.name!r} cannot be read ({e})") from None
-            stager.add(*split, data, where=m.name)
+        _stage_members(stager, [(m.name, m.isdir(), functools.partial(tf.extractfile, m)) for m in members], strip)
+
+
+def _stage_members(stager: _Stager, members: list[tuple[str, bool, Callable[[], IO[bytes] | None]]],
+                   strip: str | None) -> None:
+    """Stage each file member (name, is a folder, opener) of a checked archive; each read is capped, since a
+    member's declared size can lie."""
+    for name, is_dir, open_member in members:
+        split = None if is_dir else _split_member(name, strip)
+        if split is None:
+            continue
+        try:
+            f = open_member()
+            if f is None:
+                raise InvalidInputError(f"archive member {name!r} cannot be read")
+            with f:
+                data = _read_capped(f, stager.limits.max_image_bytes, name)
+        except _ARCHIVE_READ_ERRORS as e:
+            raise InvalidInputError(f"archive member {name!r} cannot be read ({e})") from None
+        stager.add(*split, data, where=name)
 
 
 def stage_archive(path: Path, limits: UploadLimits, tmp_parent: Path) -> StagedDataset:
@@ -298,19 +290,12 @@ def stage_manifest(items: list[dict[str, Any]], limits: UploadLimits, tmp_parent
                     raw = base64.b64decode(data, validate=True)
                 except (binascii.Error, ValueError) as e:
                     raise InvalidInputError(f"{where}: data is not valid base64 ({e})") from None
-                name = item.get("filename") or f"{i:06d}{_ext_of(raw)}"
+                name = item.get("filename") or f"{i:06d}{image_extension(raw, default='.png')}"
                 stager.add(label, name, raw, where)
         return stager.finish()
     except BaseException:
         stager.cleanup()
         raise
-
-
-def _ext_of(data: bytes) -> str:
-    from retrogen.service.indexes import sniff_media_type
-
-    return {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/bmp": ".bmp",
-            "image/webp": ".webp", "image/tiff": ".tif"}.get(sniff_media_type(data), ".png")
 
 
 def cleanup_staged(staged: StagedDataset) -> None:

@@ -9,19 +9,18 @@ for a local store, a verified cache copy otherwise).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from retrogen.errors import NotFoundError
+from retrogen.fileio import sha256_tree, tree_files
 
 log = logging.getLogger(__name__)
 
@@ -29,29 +28,14 @@ MARKER = ".complete"
 KINDS = ("datasets", "results")
 
 
-def tree_files(root: str | os.PathLike) -> list[str]:
-    """Relative POSIX paths of the regular files under ``root`` (sorted; symlinks are never followed)."""
-    root = Path(root)
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not Path(dirpath, d).is_symlink()]
-        for name in filenames:
-            p = Path(dirpath, name)
-            if p.is_file() and not p.is_symlink() and name != MARKER:
-                out.append(p.relative_to(root).as_posix())
-    return sorted(out)
+def stored_files(root: str | os.PathLike) -> list[str]:
+    """The files of a local tree that make up its content (links never followed, the marker left out)."""
+    return tree_files(root, skip=lambda rel: rel.rsplit("/", 1)[-1] == MARKER)
 
 
 def tree_hash(root: str | os.PathLike) -> str:
-    """sha256 over (relative path, sha256 of bytes) of every file: the tree's content address."""
-    h = hashlib.sha256()
-    for rel in tree_files(root):
-        fh = hashlib.sha256()
-        with open(Path(root, rel), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                fh.update(chunk)
-        h.update(rel.encode() + b"\0" + fh.hexdigest().encode() + b"\n")
-    return h.hexdigest()
+    """The tree's content address (retrogen.fileio.sha256_tree over its stored files)."""
+    return sha256_tree(root, stored_files(root))
 
 
 class Store:
@@ -77,6 +61,10 @@ class Store:
     def _marker(self, key: str) -> str:
         return f"{self._path(key)}/{MARKER}"
 
+    def ping(self) -> None:
+        """Raise if the store does not answer (readiness)."""
+        self.fs.exists(self.root)
+
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._marker(key))
 
@@ -88,7 +76,7 @@ class Store:
         final = self._path(key)
         staging = f"{self.root}/staging/{uuid.uuid4().hex}"
         try:
-            for rel in tree_files(local_root):
+            for rel in stored_files(local_root):
                 self.fs.makedirs(f"{staging}/{rel}".rsplit("/", 1)[0], exist_ok=True)
                 self.fs.put_file(str(Path(local_root, rel)), f"{staging}/{rel}")
             if self.fs.exists(final):  # a crashed earlier attempt without its marker: replace it
@@ -120,10 +108,6 @@ class Store:
         if not self.fs.isfile(path):
             raise NotFoundError(f"no file {rel!r}")
         return self.fs.open(path, "rb")
-
-    def iter_files(self, key: str) -> Iterator[tuple[str, int]]:
-        for rel in self.files(key):
-            yield rel, int(self.fs.size(self._path(key, rel)))
 
     def local_dir(self, key: str) -> Path:
         """A local folder holding the tree (read it only). Remote trees are copied once into the cache."""
@@ -167,6 +151,3 @@ class Store:
                 mtime = mtime.timestamp()
             if time.time() - float(mtime) > older_than_s:
                 self.fs.rm(entry["name"], recursive=True)
-
-
-__all__ = ["Store", "tree_hash", "tree_files", "MARKER"]

@@ -13,27 +13,24 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from retrogen.errors import InvalidInputError
-from retrogen.outputs import PROVENANCE_FILE, SUMMARY_FILE
-from retrogen.service.storage import Store
+from retrogen.errors import InvalidInputError, RetrogenError
+from retrogen.outputs import PROVENANCE_FILE, SUMMARY_FILE, parse_records, parse_summary
+
+from .storage import Store
 
 EXPORT_FORMATS = ("imagefolder", "webdataset")
 
 
 def read_records(store: Store, key: str) -> list[dict[str, Any]]:
-    raw = store.read_bytes(key, PROVENANCE_FILE).decode("utf-8")
-    return [json.loads(line, parse_constant=_null) for line in raw.splitlines() if line.strip()]
-
-
-def _null(_constant: str) -> None:
-    """NaN/Infinity in a record are not JSON: they are served as null."""
-    return None
+    """A stored result's provenance records (NaN/Infinity served as null)."""
+    return parse_records(store.read_bytes(key, PROVENANCE_FILE))
 
 
 def read_summary(store: Store, key: str) -> dict[str, Any] | None:
+    """A stored result's summary, or None when it is missing or unreadable."""
     try:
-        return json.loads(store.read_bytes(key, SUMMARY_FILE), parse_constant=_null)
-    except Exception:
+        return parse_summary(store.read_bytes(key, SUMMARY_FILE))
+    except (RetrogenError, ValueError):
         return None
 
 

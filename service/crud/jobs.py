@@ -1,4 +1,4 @@
-"""The job store (HTTP-free): submit, atomic claim with a lease, heartbeat, progress, cancel, finish.
+"""Job rows (HTTP-free): submit, atomic claim with a lease, heartbeat, progress, cancel, finish, hand back.
 
 Crash safety rests on leases: a running job belongs to the worker whose lease is live; a worker that dies
 (``kill -9``) stops renewing it, and once it expires the next claim re-runs the job from scratch (results
@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select, update
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
-from retrogen.errors import InvalidInputError, NotFoundError
-from retrogen.service.db import Database
-from retrogen.service.errors import ConflictError
-from retrogen.service.models import Dataset, Job, JobEvent
+from retrogen.errors import InvalidInputError
+
+from ..core.db import Database
+from ..core.errors import ConflictError
+from ..core.tables import Dataset, Job, JobEvent, new_id
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +29,16 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 STATES = ACTIVE + TERMINAL
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
-
-
-def _event(s, job_id: str, kind: str, message: str | None = None, **fields: Any) -> None:
+def _event(s: Session, job_id: str, kind: str, message: str | None = None, **fields: Any) -> None:
     s.add(JobEvent(job_id=job_id, time=time.time(), kind=kind, message=message, **fields))
 
 
 def submit(db: Database, *, owner: str, dataset: Dataset, kind: str, method: str, per_class: int,
-           index: str | None, model: str | None, params: dict[str, Any]) -> Job:
+           index_name: str | None, model_name: str | None, params: dict[str, Any]) -> Job:
     now = time.time()
     job = Job(id=new_id("job"), owner=owner, dataset_id=dataset.id, dataset_key=dataset.content_key, kind=kind,
-              method=method, per_class=per_class, index=index, model=model, params=params, state="queued",
+              method=method, per_class=per_class, index_name=index_name, model_name=model_name, params=params,
+              state="queued",
               cancel_requested=False, attempts=0, progress={}, created=now)
     with db.session() as s:
         s.add(job)
@@ -52,12 +49,7 @@ def submit(db: Database, *, owner: str, dataset: Dataset, kind: str, method: str
 
 
 def get_job(db: Database, owner: str, job_id: str) -> Job:
-    """The job if ``owner`` owns it; another key's job is reported as missing (no existence leak)."""
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.owner != owner:
-            raise NotFoundError(f"no job {job_id!r}")
-        return job
+    return db.get_owned(Job, job_id, owner, what="job")
 
 
 def list_jobs(db: Database, owner: str, *, state: str | None = None, dataset_id: str | None = None,
@@ -178,7 +170,8 @@ def finish(db: Database, job_id: str, worker: str, *, state: str, error: str | N
            result_key: str | None = None, summary: dict[str, Any] | None = None,
            num_images: int | None = None, progress: dict[str, Any] | None = None) -> bool:
     """Settle a running job this worker holds. False if the lease was lost (another worker owns it now)."""
-    assert state in TERMINAL
+    if state not in TERMINAL:
+        raise ValueError(f"state must be one of {TERMINAL}, got {state!r}")
     values: dict[str, Any] = dict(state=state, error=error, result_key=result_key, summary=summary,
                                   num_images=num_images, finished=time.time(), lease_expires=None)
     if progress is not None:
@@ -189,6 +182,29 @@ def finish(db: Database, job_id: str, worker: str, *, state: str, error: str | N
         if n:
             _event(s, job_id, "state", state if not error else f"{state}: {error}")
         return n == 1
+
+
+def hand_back(db: Database, job_id: str, worker: str) -> bool:
+    """Return a job this worker abandons on purpose (shutting down) to the queue; the attempt is not counted."""
+    with db.session() as s:
+        n = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == "running")
+                      .values(state="queued", worker=None, lease_expires=None,
+                              attempts=Job.attempts - 1)).rowcount
+        if n:
+            _event(s, job_id, "state", f"handed back to the queue by {worker} (shutting down)")
+        return n == 1
+
+
+def jobs_using(db: Database, owner: str, *, method: str, param_key: str, value: str,
+               limit: int = 200) -> list[Job]:
+    """The owner's succeeded ``method`` jobs whose ``params[param_key]`` holds an entry with ``job == value``,
+    newest first, among the newest ``limit`` (filtered in Python: JSON queries differ between SQLite and
+    Postgres)."""
+    with db.session() as s:
+        rows = s.scalars(select(Job).where(Job.owner == owner, Job.method == method, Job.state == "succeeded")
+                         .order_by(Job.created.desc()).limit(limit)).all()
+    return [j for j in rows if any(isinstance(a, dict) and a.get("job") == value
+                                   for a in (j.params or {}).get(param_key, {}).values())]
 
 
 def queue_depth(db: Database) -> dict[tuple[str, str], int]:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from retrogen.service.models import Dataset, Job
+from ..core.tables import Dataset, Job
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -101,7 +101,7 @@ class JobPublic(BaseModel):
     @classmethod
     def of(cls, job: Job) -> JobPublic:
         return cls(id=job.id, dataset=job.dataset_id, method=job.method, kind=job.kind, per_class=job.per_class,
-                   index=job.index, model=job.model, params=dict(job.params or {}), state=job.state,
+                   index=job.index_name, model=job.model_name, params=dict(job.params or {}), state=job.state,
                    cancel_requested=bool(job.cancel_requested), attempts=job.attempts,
                    progress=JobProgress(**(job.progress or {})), error=job.error, num_images=job.num_images,
                    summary=job.summary, created=job.created, started=job.started, finished=job.finished,

@@ -1,0 +1,50 @@
+"""``RetrievalConfig``: everything that shapes a retrieval augmentation besides the dataset, corpus and N.
+
+A :class:`~retrogen.config.LibraryConfig`: each field's constraint is checked when the config is built, and
+its description is the help of the ``retrogen augment retrieve`` option derived from it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from retrogen.config import LibraryConfig
+from retrogen.imageio import DEFAULT_MAX_PIXELS
+from retrogen.prompts import ZERO_SHOT_TEMPLATES
+
+from .errors import InvalidRetrievalConfigError
+
+
+class RetrievalConfig(LibraryConfig):
+    """Retrieval settings. Thresholds are cosine similarities in the index embedder's space; None disables a filter."""
+
+    error: ClassVar[type[InvalidRetrievalConfigError]] = InvalidRetrievalConfigError
+    kind: ClassVar[str] = "retrieval"
+
+    dedup_threshold: float | None = Field(
+        0.97, ge=-1.0, le=1.0, description="Cosine at or above which two results are near-duplicates.")
+    leakage_threshold: float | None = Field(
+        0.95, ge=-1.0, le=1.0, description="Cosine at or above which a result leaks a training or held-out image.")
+    min_similarity: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Drop results less similar than this to their query.")
+    conflict: Literal["assign", "drop"] = Field(
+        "assign", description="An item wanted by two classes: assign (to the closer class) | drop.")
+    label_check: bool = Field(
+        False, description="Keep only results whose zero-shot class over the class names is their class.")
+    label_check_embedder: str | None = Field(
+        None, description="Image-text embedder for the label check; default: the index's own.")
+    templates: tuple[str, ...] = Field(
+        ZERO_SHOT_TEMPLATES, description="Prompt templates for text queries and the label check ({} = class name).")
+    class_descriptions: dict[str, list[str]] | None = Field(
+        None, description="Per-class prompt lists that replace the templates: {label: list of prompts}.")
+    oversample: float = Field(
+        3.0, ge=1.0, description="The first search asks each query for this many times its share of N.")
+    max_candidates_per_class: int = Field(
+        20_000, ge=1, description="Stop widening the search when a class's queries ask for this many results.")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query (approximate indexes).")
+    ef_search: int | None = Field(None, ge=1, description="HNSW efSearch per query.")
+    batch_size: int = Field(32, ge=1, description="Images per embedding batch.")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="Larger dataset or corpus images are refused as decompression bombs.")

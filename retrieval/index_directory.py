@@ -1,0 +1,394 @@
+"""The index directory on disk: its one owner, :class:`IndexDirectory` (docs/architecture.md "Index directory").
+
+```
+DIR/manifest.json                    written last: its presence means the index is complete
+DIR/img_emb/img_emb_{N}.npy          (rows, dim) float16/float32, L2-normalised, N zero-padded to 4 digits
+DIR/metadata/metadata_{N}.parquet    row-aligned with the shard
+DIR/image.index                      FAISS index over all rows in shard order (row id = global row number)
+DIR/build_state.json                 while a build runs: the arguments it was started with (for resume)
+```
+
+This is clip-retrieval's layout plus a manifest. Readers accept any zero padding of ``N``; writers use 4
+digits. Every file is written through :func:`retrogen.fileio.atomic_path`, so a crash never leaves half a
+file under a final name. A shard's parquet file is its commit: it is written after the vectors and carries,
+in its schema metadata, the input-record range it covers and the files it skipped, so a resumed build keeps
+exactly the shards whose two files agree.
+
+The builder (``index_builder``) writes only through this class, and :class:`~retrogen.retrieval.index.CorpusIndex`
+reads only through it. numpy, pyarrow and faiss load on first use: the CLI imports this module for its
+names, and reading a manifest needs none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from retrogen.fileio import atomic_path, atomic_write_json, remove_temp_files
+from retrogen.provenance import now_iso
+
+from .errors import IndexFormatError, IndexNotFoundError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "image.index"
+STATE_FILE = "build_state.json"
+EMB_DIR = "img_emb"
+META_DIR = "metadata"
+
+Dtype = Literal["float16", "float32"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+
+_EMB_RE = re.compile(r"^img_emb_(\d+)\.npy$")
+_META_RE = re.compile(r"^metadata_(\d+)\.parquet$")
+# Schema-metadata keys of a shard's parquet file (its commit record).
+_KV_RANGE = b"retrogen.records"
+_KV_SKIPPED = b"retrogen.skipped"
+
+#: Metadata columns, in order (the contract's types; nullable where the contract says so).
+METADATA_COLUMNS: dict[str, str] = {
+    "id": "int64", "key": "string", "source": "string", "member": "string", "offset": "int64",
+    "size": "int64", "caption": "string", "url": "string", "licence": "string", "width": "int32",
+    "height": "int32", "sha256": "string",
+}
+
+
+def metadata_schema():
+    """The pyarrow schema of ``metadata_{N}.parquet`` (pyarrow loads lazily: a manifest read needs none)."""
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, typ)()) for name, typ in METADATA_COLUMNS.items()])
+
+
+class Manifest(BaseModel):
+    """``manifest.json``. Sub-objects stay plain dicts so that new keys need no format bump."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = FORMAT_VERSION
+    index_id: str
+    embedder: dict[str, Any]  # the embedder's manifest_entry(): name, dim, normalized, modalities, ...
+    metric: str = "ip"
+    dtype: Dtype
+    count: int
+    dim: int
+    faiss: dict[str, Any]  # factory, kind (flat|hnsw|ivfpq|custom), search_defaults, rerank_k_factor
+    recall: dict[str, Any] | None = None  # recall_at_10, num_queries, method; None for exact indexes
+    shards: list[dict[str, Any]] = Field(default_factory=list)  # [{emb, meta, rows}]
+    sources: list[dict[str, Any]] = Field(default_factory=list)
+    skipped: dict[str, Any] = Field(default_factory=lambda: {"count": 0, "files": []})
+    build: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def version(self) -> str | None:
+        """When this build finished: what provenance calls the index version."""
+        return self.build.get("created")
+
+
+def _emb_name(n: int) -> str:
+    return f"{EMB_DIR}/img_emb_{n:04d}.npy"
+
+
+def _meta_name(n: int) -> str:
+    return f"{META_DIR}/metadata_{n:04d}.parquet"
+
+
+@dataclass
+class ShardInfo:
+    """A shard written by a build: its number, rows, and the input records it covers."""
+
+    n: int
+    rows: int
+    start: int  # first input record covered (inclusive)
+    end: int  # last input record covered (exclusive)
+    skipped: list[dict] = field(default_factory=list)
+
+    def manifest_entry(self) -> dict:
+        return {"emb": _emb_name(self.n), "meta": _meta_name(self.n), "rows": self.rows}
+
+
+def take_rows(arrays: list[np.ndarray], shard_of: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Rows ``local[i]`` of ``arrays[shard_of[i]]``, in the order given, in the arrays' dtype.
+
+    Each shard is read in sorted row order: kinder to the page cache of a memory-mapped file.
+    """
+    import numpy as np
+
+    dtype, dim = (arrays[0].dtype, arrays[0].shape[1]) if arrays else (np.float32, 0)
+    out = np.empty((len(shard_of), dim), dtype=dtype)
+    for s in np.unique(shard_of):
+        sel = shard_of == s
+        rows = local[sel]
+        order = np.argsort(rows, kind="stable")
+        got = np.empty((len(rows), dim), dtype)
+        got[order] = arrays[s][rows[order]]
+        out[sel] = got
+    return out
+
+
+class IndexDirectory:
+    """An index directory: reads and writes every file of it (see the module docstring for the layout)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"IndexDirectory({str(self.path)!r})"
+
+    def emb_path(self, n: int) -> Path:
+        return self.path / _emb_name(n)
+
+    def meta_path(self, n: int) -> Path:
+        return self.path / _meta_name(n)
+
+    def is_empty(self) -> bool:
+        """True when the folder is missing or holds nothing at all."""
+        return not self.path.exists() or not any(self.path.iterdir())
+
+    # -- manifest ---------------------------------------------------------------------------------------------
+
+    def has_manifest(self) -> bool:
+        return (self.path / MANIFEST_FILE).exists()
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Write ``manifest.json``; call it last, after every shard and the FAISS index are in place."""
+        atomic_write_json(self.path / MANIFEST_FILE, manifest.model_dump(mode="json"))
+
+    def read_manifest(self) -> Manifest:
+        """Load and check ``manifest.json``.
+
+        Raises:
+            IndexNotFoundError: no such directory, or no manifest (an incomplete or interrupted build).
+            IndexFormatError: unreadable JSON, another format version, or missing/invalid fields.
+        """
+        if not self.path.is_dir():
+            raise IndexNotFoundError(f"index directory {str(self.path)!r} does not exist")
+        path = self.path / MANIFEST_FILE
+        if not path.is_file():
+            raise IndexNotFoundError(
+                f"{str(self.path)!r} has no {MANIFEST_FILE}: not an index, or its build did not finish "
+                "(re-run `retrogen index build` with the same arguments to resume)"
+            )
+        raw = _read_json_object(path)
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{path} has format_version {version!r}; this retrogen reads version {FORMAT_VERSION} "
+                "(rebuild the index, or use the retrogen version that wrote it)"
+            )
+        try:
+            manifest = Manifest.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise IndexFormatError(f"{path}: invalid field {where!r}: {first['msg']}") from None
+        if sum(int(s.get("rows", 0)) for s in manifest.shards) != manifest.count:
+            raise IndexFormatError(f"{path}: shard rows do not add up to count {manifest.count}")
+        return manifest
+
+    # -- shards: writing and the resume scan -------------------------------------------------------------------
+
+    def write_shard(self, n: int, vectors: np.ndarray, rows: list[dict], *, first_id: int, dtype: Dtype,
+                    start: int, end: int, skipped: list[dict] | None = None) -> ShardInfo:
+        """Write shard ``n``: vectors (cast to ``dtype``), then metadata (ids from ``first_id``) as the commit.
+
+        ``start:end`` is the range of input records the shard covers (some may be ``skipped``).
+        """
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if len(vectors) != len(rows):
+            raise ValueError(f"shard {n}: {len(vectors)} vectors but {len(rows)} metadata rows")
+        skipped = list(skipped or [])
+        with atomic_path(self.emb_path(n), suffix=".npy") as tmp:
+            np.save(tmp, np.ascontiguousarray(vectors, dtype=dtype))
+        schema = metadata_schema()
+        columns = {name: [r.get(name) for r in rows] for name in schema.names if name != "id"}
+        columns["id"] = list(range(first_id, first_id + len(rows)))
+        table = pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
+        table = table.replace_schema_metadata({_KV_RANGE: f"{start}:{end}".encode(),
+                                               _KV_SKIPPED: json.dumps(skipped).encode()})
+        with atomic_path(self.meta_path(n), suffix=".parquet") as tmp:
+            pq.write_table(table, tmp)
+        return ShardInfo(n, len(rows), start, end, skipped)
+
+    def list_shard_files(self) -> list[tuple[int, Path | None, Path | None]]:
+        """``[(N, embedding file or None, metadata file or None)]`` sorted by N, whatever the zero padding."""
+        found: dict[int, list[Path | None]] = {}
+        for sub, rx, slot in ((EMB_DIR, _EMB_RE, 0), (META_DIR, _META_RE, 1)):
+            if (self.path / sub).is_dir():
+                for p in (self.path / sub).iterdir():
+                    m = rx.match(p.name)
+                    if m:
+                        found.setdefault(int(m.group(1)), [None, None])[slot] = p
+        return [(n, e, m) for n, (e, m) in sorted(found.items())]
+
+    def complete_shards(self, *, dim: int, dtype: Dtype) -> list[ShardInfo]:
+        """The shards ``0..N`` already complete and consecutive; files of any later or broken shard are deleted."""
+        done: list[ShardInfo] = []
+        broken_from: int | None = None
+        for n, emb, meta in self.list_shard_files():
+            if broken_from is None:
+                info = _read_shard_info(n, emb, meta, dim=dim, dtype=dtype) if n == len(done) else None
+                if info is not None and (not done or info.start == done[-1].end):
+                    done.append(info)
+                    continue
+                broken_from = n
+            for p in (emb, meta):
+                if p is not None:
+                    log.info("removing incomplete shard file %s", p)
+                    p.unlink(missing_ok=True)
+        return done
+
+    # -- vectors and metadata ----------------------------------------------------------------------------------
+
+    def iter_vectors(self, shards: list[ShardInfo], chunk: int = 65536) -> Iterator[np.ndarray]:
+        """All stored vectors in shard order, as float32 chunks (memory-mapped reads)."""
+        import numpy as np
+
+        for s in shards:
+            arr = np.load(self.emb_path(s.n), mmap_mode="r")
+            for lo in range(0, len(arr), chunk):
+                yield np.ascontiguousarray(arr[lo : lo + chunk], dtype=np.float32)
+
+    def gather_vectors(self, shards: list[ShardInfo], ids: np.ndarray) -> np.ndarray:
+        """float32 vectors of global row ``ids``, from the memory-mapped shards."""
+        import numpy as np
+
+        arrays = [np.load(self.emb_path(s.n), mmap_mode="r") for s in shards]
+        starts = np.cumsum([0] + [s.rows for s in shards])
+        ids = np.asarray(ids, dtype=np.int64)
+        shard_of = np.searchsorted(starts, ids, side="right") - 1
+        return take_rows(arrays, shard_of, ids - starts[shard_of]).astype(np.float32)
+
+    def open_embeddings(self, manifest: Manifest) -> list[np.ndarray]:
+        """The manifest's embedding shards, memory-mapped read-only, each checked against its recorded shape."""
+        import numpy as np
+
+        out = []
+        for s in manifest.shards:
+            try:
+                arr = np.load(self.path / s["emb"], mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise IndexFormatError(f"embedding shard {s['emb']} is unreadable: {e}") from None
+            if arr.ndim != 2 or arr.shape != (s["rows"], manifest.dim):
+                raise IndexFormatError(f"embedding shard {s['emb']} has shape {arr.shape}, "
+                                       f"expected ({s['rows']}, {manifest.dim})")
+            out.append(arr)
+        return out
+
+    def read_metadata(self, shard: dict[str, Any]):
+        """One manifest shard's metadata as a memory-mapped ``pyarrow.Table``, checked against its row count."""
+        import pyarrow.parquet as pq
+
+        path = self.path / shard["meta"]
+        try:
+            table = pq.read_table(path, memory_map=True)
+        except (OSError, ValueError) as e:
+            raise IndexFormatError(f"metadata shard {path} is unreadable: {e}") from None
+        if table.num_rows != shard["rows"]:
+            raise IndexFormatError(f"metadata shard {path} has {table.num_rows} rows, expected {shard['rows']}")
+        return table
+
+    # -- the FAISS index ---------------------------------------------------------------------------------------
+
+    def write_faiss_index(self, faiss_index: Any) -> None:
+        import faiss
+
+        with atomic_path(self.path / INDEX_FILE, suffix=".index") as tmp:
+            faiss.write_index(faiss_index, str(tmp))
+
+    def read_faiss_index(self) -> Any:
+        """``image.index``, memory-mapped read-only where its type supports it, else read into memory."""
+        import faiss
+
+        path = self.path / INDEX_FILE
+        if not path.is_file():
+            raise IndexFormatError(f"{str(self.path)!r} has a manifest but no {INDEX_FILE}")
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as e:
+            log.debug("cannot mmap %s (%s); reading it into memory", path, e)
+        try:
+            return faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise IndexFormatError(f"{path} is not a readable FAISS index: {str(e).splitlines()[0]}") from None
+
+    # -- a build in progress -----------------------------------------------------------------------------------
+
+    def has_build_state(self) -> bool:
+        return (self.path / STATE_FILE).exists()
+
+    def read_build_parameters(self) -> dict[str, Any]:
+        """The parameters an unfinished build started with. Raises IndexFormatError when unreadable."""
+        state = _read_json_object(self.path / STATE_FILE)
+        if not isinstance(state.get("parameters"), dict):
+            raise IndexFormatError(f"{self.path / STATE_FILE} holds no parameters")
+        return state["parameters"]
+
+    def write_build_state(self, parameters: dict[str, Any]) -> None:
+        atomic_write_json(self.path / STATE_FILE, {"parameters": parameters, "started": now_iso()})
+
+    def remove_build_state(self) -> None:
+        (self.path / STATE_FILE).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Remove what a build writes, and nothing else the folder may hold."""
+        for name in (MANIFEST_FILE, INDEX_FILE, STATE_FILE):
+            (self.path / name).unlink(missing_ok=True)
+        for sub in (EMB_DIR, META_DIR):
+            shutil.rmtree(self.path / sub, ignore_errors=True)
+
+    def prepare(self) -> None:
+        """Create the folder, and delete leftovers of atomic writes a crash interrupted."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(self.path, self.path / EMB_DIR, self.path / META_DIR)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFormatError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise IndexFormatError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _read_shard_info(n: int, emb: Path | None, meta: Path | None, *, dim: int, dtype: str) -> ShardInfo | None:
+    """Shard ``n``'s commit record when both its files are there and agree, else None."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    if emb is None or meta is None:
+        return None
+    try:
+        arr = np.load(emb, mmap_mode="r")
+        md = pq.read_metadata(meta)
+        kv = md.metadata or {}
+        start, end = (int(x) for x in kv[_KV_RANGE].decode().split(":"))
+        skipped = json.loads(kv[_KV_SKIPPED].decode())
+    except (OSError, ValueError, KeyError) as e:
+        log.info("shard %d is incomplete (%s)", n, e)
+        return None
+    if arr.ndim != 2 or arr.shape[1] != dim or arr.dtype != np.dtype(dtype) or arr.shape[0] != md.num_rows:
+        log.info("shard %d does not match (shape %s, dtype %s, %d rows)", n, arr.shape, arr.dtype, md.num_rows)
+        return None
+    return ShardInfo(n, int(md.num_rows), start, end, skipped)

@@ -1,0 +1,1 @@
+"""The service's ground floor: settings, database, tables and errors. Imports nothing else of the service."""

@@ -1,0 +1,202 @@
+"""The configured corpus indexes, by name: each loaded lazily, once, as a ``CorpusIndex`` plus its embedder.
+
+The HTTP routes (``/v1/retrieve``, ``/knn-service``) and the job runners share one :class:`IndexRegistry` (the
+app's, built once by ``service.wiring``), so an index and its model are in memory once per process however many
+requests or jobs use it. Nothing here imports torch or faiss at import time; loading happens on first use of
+a name. HTTP-free, so the benchmark times the same work in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retrogen.errors import InvalidInputError, NotFoundError
+
+from ..core.config import IndexConfig, Settings
+
+if TYPE_CHECKING:
+    from retrogen.retrieval.embedders import Embedder
+    from retrogen.retrieval.index import CorpusIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One neighbour of one query: corpus row id, cosine similarity, 0-based rank, and its metadata row."""
+
+    id: int
+    similarity: float
+    rank: int
+    meta: dict[str, Any]
+
+
+@dataclass
+class LoadedIndex:
+    """A loaded index with the embedder that maps queries into its space."""
+
+    name: str
+    path: Path
+    corpus: CorpusIndex
+    embedder: Embedder
+    # Bounds concurrent model calls on the embedder (shared by the indexes that share it): 32 request threads
+    # each running a multi-threaded torch op oversubscribe the cores, and tail latency explodes.
+    gate: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2), repr=False)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.corpus.ntotal)
+
+    @property
+    def index_id(self) -> str:
+        return self.corpus.manifest.index_id
+
+    def embed_images(self, images: list) -> np.ndarray:
+        with self.gate:
+            return self.embedder.embed_images(images)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        if not self.embedder.supports_text:
+            raise InvalidInputError(
+                f"index {self.name!r} uses the image-only embedder {self.embedder.name!r}; text queries need an "
+                "image-text (CLIP) embedder"
+            )
+        with self.gate:
+            return self.embedder.embed_texts(texts)
+
+    def search(self, vectors: np.ndarray, k: int, *, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw FAISS search, ``k`` clipped to the corpus size (per-call parameters; the index is not mutated)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise InvalidInputError(f"query vectors must have shape (n, {self.dim}), got {tuple(vectors.shape)}")
+        return self.corpus.search(vectors, min(k, self.ntotal), nprobe=nprobe, ef_search=ef_search)
+
+    def neighbours(self, vectors: np.ndarray, k: int, *, nprobe: int | None = None,
+                   ef_search: int | None = None) -> list[list[Hit]]:
+        """k nearest corpus items per query row, with their metadata (one metadata read for all queries)."""
+        scores, ids = self.search(vectors, k, nprobe=nprobe, ef_search=ef_search)
+        wanted = sorted({int(i) for row in ids for i in row if i >= 0})
+        metas = {int(m["id"]): m for m in self.corpus.metadata(wanted)} if wanted else {}
+        return [
+            [Hit(int(i), float(s), r, metas.get(int(i), {})) for r, (s, i) in enumerate(zip(srow, irow, strict=True))
+             if i >= 0]
+            for srow, irow in zip(scores, ids, strict=True)
+        ]
+
+    @property
+    def dim(self) -> int:
+        return int(self.corpus.dim)
+
+    def describe(self) -> dict[str, Any]:
+        m = self.corpus.manifest
+        return {
+            "name": self.name, "loaded": True, "index_id": m.index_id, "index_version": m.version,
+            "count": self.ntotal, "dim": self.dim, "embedder": self.embedder.name,
+            "supports_text": bool(self.embedder.supports_text), "faiss_kind": m.faiss.get("kind"),
+            "recall": m.recall,
+        }
+
+
+@dataclass
+class IndexRegistry:
+    """Configured indexes by name; :meth:`get` loads one on first use, once, even under concurrent requests."""
+
+    configs: Mapping[str, IndexConfig | Mapping[str, Any] | str | Path]
+    device: str = "cpu"
+    max_concurrent_embeds: int = 2  # model calls at once per embedder; more requests queue (see LoadedIndex.gate)
+    _loaded: dict[str, LoadedIndex] = field(default_factory=dict, repr=False)
+    _embedders: dict[str, tuple[Embedder, threading.BoundedSemaphore]] = field(default_factory=dict, repr=False)
+    _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.configs: dict[str, IndexConfig] = {name: _as_config(cfg) for name, cfg in dict(self.configs).items()}
+
+    def names(self) -> list[str]:
+        return list(self.configs)
+
+    def default_name(self) -> str:
+        if not self.configs:
+            raise NotFoundError("no index is configured on this server (set RETROGEN_INDEXES)")
+        return next(iter(self.configs))
+
+    def resolve(self, name: str | None) -> str:
+        """``None`` -> the first configured index; an unknown name -> NotFoundError listing the valid ones."""
+        if name is None or name == "":
+            return self.default_name()
+        if name not in self.configs:
+            raise NotFoundError(f"unknown index {name!r}; configured: {', '.join(self.configs) or '(none)'}")
+        return name
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def get(self, name: str | None = None) -> LoadedIndex:
+        """The loaded index ``name`` (default: the first). A failed load is not cached: the next call retries."""
+        name = self.resolve(name)
+        loaded = self._loaded.get(name)
+        if loaded is not None:
+            return loaded
+        with self._guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            if name not in self._loaded:
+                self._loaded[name] = self._load(name)
+            return self._loaded[name]
+
+    def _load(self, name: str) -> LoadedIndex:
+        from retrogen.retrieval.embedders import create_embedder
+        from retrogen.retrieval.errors import IndexNotFoundError
+        from retrogen.retrieval.index import CorpusIndex
+
+        cfg = self.configs[name]
+        try:
+            index = CorpusIndex.open(cfg.path)
+        except IndexNotFoundError as e:  # a configured name whose folder holds no complete index
+            raise NotFoundError(f"index {name!r}: {e}") from None
+        embedder_name = cfg.embedder or index.manifest.embedder["name"]
+        with self._guard:
+            entry = self._embedders.get(embedder_name)
+        if entry is None:
+            created = create_embedder(embedder_name, device=self.device)
+            with self._guard:
+                entry = self._embedders.setdefault(
+                    embedder_name, (created, threading.BoundedSemaphore(max(1, self.max_concurrent_embeds))))
+        embedder, gate = entry
+        if cfg.embedder is None:
+            index.check_embedder(embedder.name)
+        elif embedder.dim != index.manifest.dim:  # an override may rename the model, never change its space
+            raise InvalidInputError(f"index {name!r}: embedder override {embedder.name!r} has dim {embedder.dim}, "
+                                    f"the index has dim {index.manifest.dim}")
+        log.info("loaded index %r from %s (%d items, embedder %s)", name, cfg.path, index.ntotal, embedder.name)
+        return LoadedIndex(name, Path(cfg.path), index, embedder, gate)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every configured index; loaded ones with their manifest facts. Never loads anything."""
+        out = []
+        for name, cfg in self.configs.items():
+            loaded = self._loaded.get(name)
+            out.append(loaded.describe() if loaded else
+                       {"name": name, "loaded": False, "embedder": cfg.embedder})
+        return out
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IndexRegistry:
+        return cls(settings.indexes, device=settings.device, max_concurrent_embeds=settings.max_concurrent_embeds)
+
+
+def _as_config(cfg: IndexConfig | Mapping[str, Any] | str | Path) -> IndexConfig:
+    """An IndexConfig from itself, its JSON shape, or a bare path."""
+    if isinstance(cfg, IndexConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return IndexConfig(**cfg)
+    return IndexConfig(path=Path(cfg))

@@ -1,0 +1,146 @@
+"""Job runners: the methods a job may name, each a callable that writes one augmentation output folder.
+
+A runner receives a :class:`RunContext` and writes an output folder (``retrogen.outputs``) at ``ctx.out_dir``,
+calling ``ctx.progress`` and polling ``ctx.should_cancel``. ``kind`` picks the worker lane: ``retrieval`` jobs
+never wait behind ``generation`` ones. Heavy libraries are imported inside the runners, never at import time.
+The registry the app uses is assembled in ``service.wiring``; tests register fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retrogen.errors import InvalidInputError, NotFoundError, UnknownComponentError
+from retrogen.progress import CancelFn, ProgressFn
+
+from ..core.config import Settings
+from .indexes import IndexRegistry
+from .storage import Store
+
+if TYPE_CHECKING:
+    from retrogen.retrieval import RetrievalConfig
+
+KINDS = ("retrieval", "generation")
+RETRIEVAL_MODES = ("image", "text", "mixed")
+
+# Parameters that name server-side files or models, pick hardware, or lift safety limits: the operator's
+# choice (settings), never a job's. A job naming one gets a 422 saying so.
+SERVER_ONLY_PARAMS = {
+    "retrieval": ("label_check_embedder", "max_pixels"),
+    "generation": ("ip_adapter", "device", "local_files_only", "enable_compile", "enable_cpu_offload"),
+}
+
+
+@dataclass
+class RunContext:
+    """Everything a runner needs; ``params`` are the job's method parameters (validated at submission)."""
+
+    job_id: str
+    dataset_dir: Path
+    out_dir: Path
+    per_class: int
+    params: dict[str, Any]
+    index_name: str | None
+    model_name: str | None
+    settings: Settings
+    index_registry: IndexRegistry
+    store: Store  # runners that read other stored trees (evaluations) need it
+    progress: ProgressFn
+    should_cancel: CancelFn
+    artifacts_dir: Path | None = None
+
+
+Runner = Callable[[RunContext], Any]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    kind: str  # retrieval | generation
+    runner: Runner
+    needs_index: bool = False
+    needs_model: bool = False
+    description: str = ""
+    validate: Callable[[dict[str, Any]], None] | None = None  # raises InvalidInputError before the job is queued
+
+
+@dataclass
+class MethodRegistry:
+    """Method name -> spec."""
+
+    methods: dict[str, MethodSpec] = field(default_factory=dict)
+
+    def register(self, spec: MethodSpec) -> MethodSpec:
+        if spec.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {spec.kind!r}")
+        self.methods[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> MethodSpec:
+        if name not in self.methods:
+            raise UnknownComponentError("method", name, list(self.methods))
+        return self.methods[name]
+
+    def names(self) -> list[str]:
+        return sorted(self.methods)
+
+
+def _refuse_server_only(kind: str, params: dict[str, Any]) -> None:
+    named = sorted(set(params) & set(SERVER_ONLY_PARAMS[kind]))
+    if named:
+        raise InvalidInputError(f"params {named} are set by the server operator, not per job")
+
+
+def retrieval_settings(params: dict[str, Any]) -> tuple[str, RetrievalConfig]:
+    """(mode, RetrievalConfig) from a job's params; InvalidInputError names what is wrong."""
+    from retrogen.retrieval import RetrievalConfig
+
+    _refuse_server_only("retrieval", params)
+    params = dict(params)
+    mode = params.pop("mode", "image")
+    if mode not in RETRIEVAL_MODES:
+        raise InvalidInputError(f"params.mode must be one of {', '.join(RETRIEVAL_MODES)}, got {mode!r}")
+    return mode, RetrievalConfig.from_dict(params)
+
+
+def validate_retrieval(params: dict[str, Any]) -> None:
+    retrieval_settings(params)
+
+
+def validate_generation(params: dict[str, Any]) -> None:
+    from retrogen.generation import GenerationConfig
+    from retrogen.generation.schedulers import check_scheduler
+
+    _refuse_server_only("generation", params)
+    check_scheduler(GenerationConfig.from_dict(params).scheduler)
+
+
+def run_retrieval(ctx: RunContext) -> Any:
+    """``retrieval`` through ``augment_by_retrieval`` on a configured index (loaded once per process)."""
+    from retrogen.retrieval import augment_by_retrieval
+
+    mode, config = retrieval_settings(ctx.params)
+    loaded = ctx.index_registry.get(ctx.index_name)
+    return augment_by_retrieval(ctx.dataset_dir, ctx.out_dir, corpus=loaded.corpus, per_class=ctx.per_class,
+                                mode=mode, config=config, embedder=loaded.embedder, progress=ctx.progress,
+                                should_cancel=ctx.should_cancel)
+
+
+def generation_runner(method: str) -> Runner:
+    """A runner for generation method ``method`` on a configured model."""
+
+    def run(ctx: RunContext) -> Any:
+        from retrogen.generation import GenerationConfig, augment_by_generation
+
+        models = ctx.settings.models
+        if ctx.model_name not in models:
+            raise NotFoundError(f"unknown model {ctx.model_name!r}; configured: {', '.join(models) or '(none)'}")
+        return augment_by_generation(ctx.dataset_dir, ctx.out_dir, model=models[ctx.model_name], method=method,
+                                     per_class=ctx.per_class, config=GenerationConfig.from_dict(ctx.params),
+                                     artifacts_dir=ctx.artifacts_dir, progress=ctx.progress,
+                                     should_cancel=ctx.should_cancel)
+
+    return run
