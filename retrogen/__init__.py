@@ -1,8 +1,10 @@
 """retrogen: augment a labelled image dataset by retrieval or generation, with provenance.
 
-This package is the foundation every retrogen library may import (version, safe image decoding,
-ImageFolder reading, provenance basics) plus the ``retrogen`` command's composition root (``cli``).
-It imports nothing heavy.
+This folder holds the foundation every retrogen package may import (errors, safe image decoding, file
+mechanics, the output folder, the config idiom, progress) and, above the libraries, the ``retrogen`` command
+(``cli``), the demo and the HTTP client. The libraries install beneath it: ``retrogen.retrieval``,
+``retrogen.index_builder``, ``retrogen.generation``, ``retrogen.evaluation``, ``retrogen.service``
+(docs/architecture.md). Importing it loads nothing heavy.
 """
 
 import os
