@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import retrogen  # noqa: F401  (OMP_WAIT_POLICY=PASSIVE before torch/faiss load)
+# torch and faiss each ship an OpenMP runtime; PASSIVE keeps their idle threads from spinning against each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -94,10 +94,11 @@ class RetrogenClient:
         self._check(self.http.delete(f"/v1/datasets/{dataset_id}"))
 
     # -- jobs -------------------------------------------------------------------------------------------------
-    def submit(self, dataset_id: str, method: str, *, per_class: int, index: str | None = None,
-               model: str | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = {"dataset": dataset_id, "method": method, "per_class": per_class, "index": index, "model": model,
-                "params": params or {}}
+    def submit(self, dataset_id: str, method: str, *, per_class: int, index_name: str | None = None,
+               model_name: str | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue a job; ``index_name`` / ``model_name`` are the server's configured names (default: its first)."""
+        body = {"dataset": dataset_id, "method": method, "per_class": per_class, "index": index_name,
+                "model": model_name, "params": params or {}}
         return self._check(self.http.post("/v1/jobs", json=body)).json()
 
     def job(self, job_id: str) -> dict[str, Any]:

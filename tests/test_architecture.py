@@ -213,3 +213,12 @@ def test_functions_are_short_and_take_few_positional_arguments(module):
                 too_many.append(f"{node.name} (line {node.lineno}: {len(positional)} positional)")
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines of code: {too_long}"
     assert not too_many, f"over {MAX_POSITIONAL} positional parameters (make them keyword-only): {too_many}"
+
+
+def test_the_client_stands_alone():
+    """A training pipeline imports the client without the server's stack; torch only for as_torch_dataset."""
+    code = ("import sys; from retrogen.client import RetrogenClient; "
+            "print(sorted(m for m in ('fastapi', 'sqlalchemy', 'torch', 'faiss') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
