@@ -1,9 +1,11 @@
 """retrogen evaluation: does an augmentation set help a downstream classifier, and at what cost?
 
-``evaluate(train_dir, test_dir, {name: dir}, config=EvaluationConfig(...), out_dir=...)`` trains a linear
-probe (or a small CNN) on real-only and on real + each set over several seeds and returns an
-``EvaluationReport`` (top-1 mean ± std, per-class accuracy, gain with a paired bootstrap CI, cost per image),
-after refusing sets that leak test images. Heavy libraries load on first use.
+``evaluate(train_dir, test_dir, {name: dir}, config=EvaluationConfig(...), out_dir=...)`` trains a stated
+classifier protocol on real-only and on real + each set, over draws of the training shots and seeds, and
+returns an ``EvaluationReport`` (accuracy, per-class accuracy, gain with an interval over draws, seeds and
+test items, paired differences between arms, cost per image) after checking that no training or augmentation
+image copies a test image. ``evaluate_draws`` takes draws whose sets were made from each draw's own shots.
+Heavy libraries load on first use.
 """
 
 from retrogen.lazy import lazy_exports, require_namespace
@@ -13,6 +15,7 @@ require_namespace(__name__, "retrogen.evaluation")
 
 _EXPORTS = {
     "evaluate": ".api",
+    "evaluate_draws": ".api",
     "EvaluationConfig": ".config",
     "DEFAULT_EMBEDDER": ".config",
     "REAL_ONLY": ".inputs",

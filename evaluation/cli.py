@@ -32,8 +32,9 @@ def _parse_augment(values: list[str]) -> dict[str, Path]:
 @config_options(EvaluationConfig)
 def evaluate(
     *,
-    train: Path = typer.Option(..., help="Real labelled training images (ImageFolder)."),
-    test: Path = typer.Option(..., help="Held-out labelled test images (ImageFolder, same classes)."),
+    train: Path = typer.Option(..., help="Real labelled training images (ImageFolder); with --shots, the pool "
+                               "each draw takes its shots from."),
+    test: Path = typer.Option(..., help="Held-out labelled test images (ImageFolder, the train set's classes)."),
     augment: list[str] = typer.Option([], help="NAME=DIR of an augmentation set; repeat for several."),
     out: Path = typer.Option(Path("evaluation-report"), help="Folder for report.json, report.md, report.png."),
     config: EvaluationConfig,

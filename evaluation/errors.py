@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from retrogen.errors import InvalidInputError, RetrogenError
 
+#: pairs a LeakageError's message names; all of them are in its ``leaks`` (and leaks.json when written)
+SHOWN_PAIRS = 20
+
 
 class EvaluationError(RetrogenError):
     """Base of the errors ``evaluation`` raises on purpose."""
@@ -14,14 +17,17 @@ class InvalidEvaluationError(EvaluationError, InvalidInputError):
 
 
 class LeakageError(InvalidEvaluationError):
-    """Test images near-duplicate augmentation images; ``leaks`` names each pair."""
+    """Training or augmentation images copy test images; ``leaks`` holds every pair."""
 
-    def __init__(self, leaks: list[dict], threshold: float):
+    def __init__(self, leaks: list[dict], *, written_to: str | None = None):
         self.leaks = leaks
-        self.threshold = threshold
-        shown = "; ".join(f"{x['test']} ~ {x['set']}:{x['image']} (cos {x['similarity']:.3f})" for x in leaks[:5])
-        more = f" and {len(leaks) - 5} more" if len(leaks) > 5 else ""
+        shown = "; ".join(f"{x['set']}:{x['image']} ~ test:{x['test']} ({x['kind']}"
+                          + (f", residual {x['residual']:.3f})" if x["kind"] == "near" else ")")
+                          for x in leaks[:SHOWN_PAIRS])
+        rest = len(leaks) - SHOWN_PAIRS
+        where = f" (all pairs in {written_to})" if written_to else ""
+        more = f"; and {rest} more{where}" if rest > 0 else where
         super().__init__(
-            f"{len(leaks)} test image(s) near-duplicate augmentation images (cosine >= {threshold}): {shown}{more}; "
-            "remove them from the augmentation set (or the test set) so the test measures generalisation"
+            f"{len(leaks)} image pair(s) copy test images: {shown}{more}. Remove the copies so the test measures "
+            "generalisation, or pass leak_policy=exclude (--leak-policy exclude) to drop them from every arm"
         )

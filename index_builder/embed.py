@@ -8,7 +8,6 @@ on batch ``i`` the thread pool already loads batch ``i + 1``, so decoding overla
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,10 +41,9 @@ def _load(record: Record, preprocess: Callable, max_pixels: int, max_bytes: int)
     try:
         image = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
         array = preprocess(image)
-    except BadImageError as e:
-        # PIL's messages name "<_io.BytesIO object at 0x...>": drop the address so manifests are reproducible
+    except BadImageError as e:  # its detail carries no per-run object address: manifests stay reproducible
         return None, {"source": record.source, "path": record.member or record.source, "reason": e.reason,
-                      "detail": re.sub(r" at 0x[0-9a-fA-F]+", "", e.detail)[:200]}
+                      "detail": e.detail[:200]}
     except Exception as e:  # a preprocess failure on one odd image must not abort a corpus build
         return None, {"source": record.source, "path": record.member or record.source,
                       "reason": "preprocess_failed", "detail": f"{type(e).__name__}: {e}"[:200]}

@@ -299,6 +299,8 @@ def _summary(run: _Run, selection: Selection, *, skipped: list[dict], duration: 
         if sims else None,
         "skipped_dataset_images": skipped,
         "index_id": run.corpus.manifest.index_id,
+        # what building the index cost, for an evaluation to amortise over the images retrieved from it
+        "index_build": {"duration_s": run.corpus.manifest.build.get("duration_s"), "count": run.corpus.ntotal},
         "embedder": run.embedder.name,
         "duration_s": round(duration, 3),
         "images_per_s": round(total / duration, 3) if duration > 0 else None,

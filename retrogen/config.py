@@ -58,6 +58,6 @@ def describe_validation_error(error: ValidationError, model: type[LibraryConfig]
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or model.kind
     message = first["msg"].removeprefix("Value error, ")
-    if "input" in first and first["type"] != "missing":
+    if "input" in first and first["type"] != "missing" and first["loc"]:  # a model-level check has no one value
         return f"{where}={first['input']!r}: {message}"
     return f"{where}: {message}"

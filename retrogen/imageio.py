@@ -9,6 +9,7 @@ short reason; it never returns a partial decode. It is thread-safe (no process-w
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
@@ -20,16 +21,22 @@ DEFAULT_MAX_PIXELS = 89_478_485
 #: Default ceiling on encoded bytes per image.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
+_BYTESIO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class BadImageError(InvalidInputError):
-    """The bytes are not a decodable, safe-sized image. ``reason`` is a short machine-friendly tag."""
+    """The bytes are not a decodable, safe-sized image. ``reason`` is a short machine-friendly tag.
+
+    Raised on bytes, so the message cannot name the file: callers that know it add it. PIL's own messages
+    name ``<_io.BytesIO object at 0x...>``; that part is dropped (it says nothing, and changes per run).
+    """
 
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.detail = _BYTESIO.sub("the data", detail)
+        super().__init__(f"{reason}: {self.detail}" if self.detail else reason)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def test_evaluation_job_end_to_end_survives_a_restart_and_is_isolated(setup):
     assert fake["num_images"] == 8 and fake["counts"] == {"cat": 4, "dog": 4} and fake["gain"] is not None
     assert 0.0 <= fake["accuracy"]["mean"] <= 1.0 and report["config"]["embedder"] == "pixels:8"
     # arms are named by job id; no server folder leaks into what the caller reads
-    assert fake["set_dir"] == s["aug"] and str(s["tmp"]) not in json.dumps(got)
+    assert fake["set_dirs"] == [s["aug"]] and str(s["tmp"]) not in json.dumps(got)
     chart = a.get(got["chart_url"])
     assert chart.status_code == 200 and chart.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(chart.content)).size[0] > 100
@@ -154,9 +154,9 @@ def test_leaking_set_fails_the_job_with_the_reason(setup):
     assert s["app"].state.worker.run_once("retrieval") == r.json()["id"]
     job = a.get(f"/v1/evaluations/{r.json()['id']}").json()
     assert job["state"] == "failed" and job["report"] is None
-    assert "near-duplicate" in job["error"] and "cat/copy.png" in job["error"], job["error"]
+    assert "copy test images" in job["error"] and "test:cat/copy.png (bytes)" in job["error"], job["error"]
     chart = a.get(f"/v1/evaluations/{job['id']}/report.png")
-    assert chart.status_code == 409 and "near-duplicate" in chart.json()["detail"]
+    assert chart.status_code == 409 and "copy test images" in chart.json()["detail"]
     assert a.get(f"/v1/jobs/{s['aug']}/evaluations").json() == []
 
 

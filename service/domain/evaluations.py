@@ -31,6 +31,7 @@ from .storage import Store
 METHOD = "evaluation"
 MAX_AUGMENTATIONS = 8
 MAX_SEEDS = 20
+MAX_DRAWS = 50
 MAX_STEPS = 20_000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 # Per-job embedders are those that name no server-side file or model: raw pixels, and the built-in default
@@ -48,8 +49,9 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
         raise InvalidInputError(f"config.embedder {embedder!r} names a model or file on the server: set by the server "
                                 "operator, not per job (per job: pixels[:SIDE] or efficientnet-lite0[:onnx])")
     parsed = EvaluationConfig.from_dict(config)
-    if parsed.num_seeds > MAX_SEEDS or parsed.settings().num_steps > MAX_STEPS:
-        raise InvalidInputError(f"config asks for more than this server's {MAX_SEEDS} seeds or {MAX_STEPS} steps")
+    if parsed.num_seeds > MAX_SEEDS or parsed.draws > MAX_DRAWS or parsed.num_steps > MAX_STEPS:
+        raise InvalidInputError(f"config asks for more than this server's {MAX_SEEDS} seeds, {MAX_DRAWS} draws or "
+                                f"{MAX_STEPS} steps")
     return dict(config)
 
 
@@ -110,7 +112,7 @@ def run_evaluation(ctx: RunContext) -> None:
             msg = msg.replace(path, name)
         e.args = (msg,)
         raise
-    report = replace(report, arms=[replace(a, set_dir=augs[a.name]["job"] if a.name in augs else None)
+    report = replace(report, arms=[replace(a, set_dirs=[augs[a.name]["job"]] if a.name in augs else [])
                                    for a in report.arms])
     report.write(ctx.out_dir)
     with OutputFolder.create(ctx.out_dir) as result:  # no images: an empty provenance.jsonl, then the summary
