@@ -1,23 +1,34 @@
-"""The evidence benchmark: does retrieval or generation help a classifier more, and at what cost? (issue 5)
+"""The evidence benchmark: does retrieval or generation help a classifier more, and at what cost? (issues 5, 9)
 
-Burg et al. (TMLR 2023) at small scale, on real data, with no weights from outside:
+Burg et al. (TMLR 2023) at small scale, on real data, with no weights from outside, under the evaluation
+protocol of ``retrogen.evaluation`` (docs/evaluation.md):
 
-1. Fashion-MNIST's train split is the "pretraining corpus" (webdataset shards captioned "a photo of a {class}",
-   labels hidden from retrieval); k shots per class drawn from it are the user's dataset; test images come from
-   the test split.
-2. A small Stable Diffusion trained on that corpus with those captions (bench/train_tiny_sd.py) stands in for
-   SD-on-LAION and runs through the same ``generation`` code as real SD.
-3. Arms, each adding the same number of images per class: real only; retrieval (image kNN with the
-   EfficientNet-Lite0 embedder, dedup/near-duplicate/leakage filters on, the test set as hold-out);
-   generation by prompt; img2img from the shots; textual inversion; DreamBooth-LoRA; and an upper bound of
-   extra real labelled images.
-4. ``evaluation.evaluate`` trains the linear probe over several seeds and reports accuracy, gain and cost.
+1. Fashion-MNIST's train split holds a *pool* of labelled images per class (the user's side) and, apart from
+   it, the "pretraining corpus" (webdataset shards captioned "a photo of a {class}", labels hidden from
+   retrieval). Test images come from the test split.
+2. For each k (shots per class) and each draw, k shots per class are drawn from the pool, and every arm adds
+   ``--per-class`` images per class made *from that draw's shots*: retrieval (image kNN, EfficientNet-Lite0,
+   retrogen's filters), img2img, textual inversion and DreamBooth-LoRA (from the small SD trained here on the
+   corpus, bench/train_tiny_sd.py), prompt (no shots: one set for every draw), and extra real images from the
+   pool (the upper bound). Text retrieval needs an image-text embedder and variation an IP-Adapter; neither is
+   available offline here, so those arms are left out (said in the output).
+3. ``evaluate_draws`` scores every arm on the same draws: the linear protocol (logistic regression, C chosen
+   per draw on the real shots) and the CNN; copies of test images are excluded from every arm (leak policy
+   ``exclude``) and counted. Gains are paired per draw, the intervals are over draws (and test items), and
+   retrieval is compared with every generation arm.
 
-Shots are drawn once per k (nested: the 5 shots are among the 10, ...); seeds vary the classifier's training.
+Compute is the limit on a 2-core CPU, so the arms come in two tiers, each with its own draws (printed in the
+output, and in the README's table):
+
+- tier A, every k in ``--shots`` with ``--draws`` draws: real only, retrieval, prompt, extra real;
+- tier B, every k in ``--full-shots`` with ``--full-draws`` draws: every arm (the per-draw generators and
+  trainers cost minutes per class);
+- the CNN runs on ``--cnn-shots`` with ``--cnn-draws`` draws of each tier (a minute per run here).
+
 Every setting is fixed before looking at test accuracy; nothing is tuned on the test split.
 
-    .venv/bin/python bench/evidence.py --toy                      # seconds to a minute, tiny everything
-    .venv/bin/python bench/evidence.py --shots 5,10,20 --per-class 20 --seeds 3
+    .venv/bin/python bench/evidence.py --toy                      # a smoke run, minutes
+    .venv/bin/python bench/evidence.py --write-readme             # the README's table and chart (hours)
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -37,20 +49,31 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("evidence")
 
+ROOT = Path(__file__).resolve().parents[1]
+CHEAP_ARMS = ("retrieval", "prompt", "real-extra")
 GEN_ARMS = ("prompt", "img2img", "textual-inversion", "dreambooth")
 ALL_ARMS = ("retrieval", *GEN_ARMS, "real-extra")
+MISSING_ARMS = {"retrieval by text": "needs an image-text embedder (no CLIP weights offline here)",
+                "variation": "needs an IP-Adapter for the project-trained generator (none exists)"}
 PAPER = [  # Burg et al. 2023, ResNet-50 on 10% of ImageNet, top-1 %
     ("real only (10% ImageNet)", 57.2), ("+ SD prompts", 60.9), ("+ Textual Inversion", 61.0),
     ("+ kNN retrieval from LAION", 62.6), ("20% real (upper bound)", 70.2),
 ]
+README_BEGIN, README_END = "<!-- evidence:begin -->", "<!-- evidence:end -->"
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(description="Retrieval vs generation on Fashion-MNIST (issue 5's evidence).")
+    p = argparse.ArgumentParser(description="Retrieval vs generation on Fashion-MNIST, with draws (issue 9).")
     p.add_argument("--workdir", type=Path, default=Path(".retrogen/evidence"))
-    p.add_argument("--shots", default="5,10,20", help="Comma-separated shots per class (k).")
-    p.add_argument("--per-class", type=int, default=20, help="Extra images per class in every arm.")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--shots", default="1,3,5,10,20", help="Tier A: shots per class (k), comma-separated.")
+    p.add_argument("--draws", type=int, default=10, help="Tier A: draws of the shots per k.")
+    p.add_argument("--full-shots", default="1,5,20", help="Tier B (every arm): shots per class.")
+    p.add_argument("--full-draws", type=int, default=3, help="Tier B: draws per k.")
+    p.add_argument("--cnn-shots", default="1,5,20", help="Where the CNN also runs (both tiers).")
+    p.add_argument("--cnn-draws", type=int, default=5, help="The CNN's draws (the first ones of each tier).")
+    p.add_argument("--cnn-steps", type=int, default=300, help="The CNN's optimiser steps.")
+    p.add_argument("--per-class", type=int, default=20, help="Images per class every arm adds.")
+    p.add_argument("--pool-per-class", type=int, default=300, help="Labelled images per class the draws take from.")
     p.add_argument("--corpus-size", type=int, default=6000, help="Train-split images in the retrieval corpus.")
     p.add_argument("--test-size", type=int, default=2000, help="Test-split images (stratified).")
     p.add_argument("--embedder", default="efficientnet-lite0:onnx")
@@ -59,20 +82,23 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--arms", default=",".join(ALL_ARMS))
     p.add_argument("--gen-steps", type=int, default=25, help="Sampling steps.")
     p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--train-steps", type=int, default=200, help="Textual inversion / DreamBooth steps per class.")
-    p.add_argument("--probe-steps", type=int, default=300, help="Linear-probe optimiser steps.")
+    p.add_argument("--train-steps", type=int, default=100, help="Textual inversion / DreamBooth steps per class.")
+    p.add_argument("--leak-candidates", type=int, default=2, help="Test images checked per image for copies.")
+    p.add_argument("--dedup-threshold", type=float, default=0.97, help="Retrieval's near-duplicate filter (cosine).")
     p.add_argument("--leakage-threshold", type=float, default=0.95,
-                   help="Cosine for the leakage check (evaluate's, and retrieval's hold-out filter).")
-    p.add_argument("--dedup-threshold", type=float, default=0.97, help="Retrieval's near-duplicate filter.")
+                   help="Retrieval's filter against returning the shots themselves (cosine).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--toy", action="store_true", help="Tiny sizes everywhere: a smoke run.")
-    p.add_argument("--collect", action="store_true",
-                   help="Only print the table from the report-k*/report.json already in --workdir.")
+    p.add_argument("--write-readme", action="store_true", help="Also replace the README's evidence section and "
+                   "docs/img/evidence.png.")
+    p.add_argument("--collect", action="store_true", help="Only redo the table from the reports in --workdir.")
     a = p.parse_args(argv)
     if a.toy:
-        a.shots, a.per_class, a.seeds, a.corpus_size, a.test_size = "2", 2, 2, 200, 50
-        a.gen_steps, a.train_steps, a.probe_steps = 2, 2, 50
-    a.shots = [int(s) for s in a.shots.split(",")]
+        a.shots, a.draws, a.full_shots, a.full_draws, a.cnn_shots, a.cnn_draws = "2", 2, "2", 2, "2", 2
+        a.per_class, a.pool_per_class, a.corpus_size, a.test_size = 2, 6, 200, 50
+        a.gen_steps, a.train_steps, a.cnn_steps = 2, 2, 20
+    for name in ("shots", "full_shots", "cnn_shots"):
+        setattr(a, name, [int(s) for s in getattr(a, name).split(",") if s])
     a.arms = [s for s in a.arms.split(",") if s]
     unknown = sorted(set(a.arms) - set(ALL_ARMS))
     if unknown:
@@ -80,8 +106,16 @@ def parse_args(argv: list[str] | None):
     return a
 
 
+def tiers(a) -> list[dict]:
+    """(name, arms, shots, draws) of each tier, with the arms asked for."""
+    cheap = [arm for arm in a.arms if arm in CHEAP_ARMS]
+    return [t for t in ({"name": "A", "arms": cheap, "shots": a.shots, "draws": a.draws},
+                        {"name": "B", "arms": list(a.arms), "shots": a.full_shots, "draws": a.full_draws})
+            if t["arms"] and t["shots"]]
+
+
 def prepare_data(a, root: Path) -> dict:
-    """Test folder, nested shot folders per k, extra-real folders per k, and the corpus shards."""
+    """The test folder, the corpus shards, and the labelled pool the draws take their shots from."""
     import numpy as np
 
     from retrogen.fashion_mnist import FASHION_MNIST_CLASSES as NAMES
@@ -95,28 +129,36 @@ def prepare_data(a, root: Path) -> dict:
     rng = np.random.default_rng(a.seed)
     x_tr, y_tr = load_fashion_mnist("train")
     x_te, y_te = load_fashion_mnist("test")
-    kmax = max(a.shots)
-    shots_all = stratified_indices(y_tr, kmax, rng)  # kmax per class, class-major order
-    by_class = {c: shots_all[y_tr[shots_all] == c] for c in range(len(NAMES))}
-    extra = stratified_indices(y_tr, a.per_class, rng, exclude=shots_all)
-    rest = np.setdiff1d(np.arange(len(y_tr)), np.concatenate([shots_all, extra]))
-    pool = np.sort(rng.choice(rest, size=min(a.corpus_size, len(rest)), replace=False))
+    pool = stratified_indices(y_tr, a.pool_per_class, rng)
+    rest = np.setdiff1d(np.arange(len(y_tr)), pool)
+    corpus = np.sort(rng.choice(rest, size=min(a.corpus_size, len(rest)), replace=False))
     test_idx = stratified_indices(y_te, max(1, a.test_size // len(NAMES)), rng)
+    write_imagefolder(x_te[test_idx], y_te[test_idx], root / "test", prefix="test")
+    keys = [f"fmnist-{i:06d}" for i in corpus]
+    captions = [f"a photo of a {NAMES[y].replace('_', ' ')}" for y in y_tr[corpus]]
+    shards = write_corpus_shards(x_tr[corpus], captions, keys, root / "corpus")
+    return {"test": root / "test", "shards": shards, "names": NAMES, "x": x_tr, "y": y_tr, "pool": pool,
+            "root": root, "corpus_size": len(corpus), "test_size": len(test_idx)}
 
-    test_dir = root / "test"
-    write_imagefolder(x_te[test_idx], y_te[test_idx], test_dir, prefix="test")
-    shots = {}
-    for k in a.shots:
-        idx = np.concatenate([by_class[c][:k] for c in range(len(NAMES))])
-        shots[k] = root / f"shots-k{k}"
-        write_imagefolder(x_tr[idx], y_tr[idx], shots[k], prefix="shot")
-    extra_dir = root / "real-extra"
-    write_imagefolder(x_tr[extra], y_tr[extra], extra_dir, prefix="extra")
-    keys = [f"fmnist-{i:06d}" for i in pool]
-    captions = [f"a photo of a {NAMES[y].replace('_', ' ')}" for y in y_tr[pool]]
-    shards = write_corpus_shards(x_tr[pool], captions, keys, root / "corpus")
-    return {"test": test_dir, "shots": shots, "extra": extra_dir, "shards": shards, "names": NAMES,
-            "corpus_size": len(pool), "test_size": len(test_idx)}
+
+def draw_folders(a, data: dict, k: int, d: int) -> tuple[Path, Path]:
+    """Draw d of k shots per class (and per_class extra real images, disjoint) from the pool: two ImageFolders."""
+    import numpy as np
+
+    from retrogen.fashion_mnist import write_imagefolder
+
+    rng = np.random.default_rng([a.seed, k, d])
+    x, y, pool = data["x"], data["y"], data["pool"]
+    shots, extra = [], []
+    for c in range(len(data["names"])):
+        mine = rng.permutation(pool[y[pool] == c])
+        shots.append(mine[:k])
+        extra.append(mine[k : k + a.per_class])
+    base = data["root"] / "draws" / f"k{k}" / f"d{d}"
+    shots_idx, extra_idx = np.concatenate(shots), np.concatenate(extra)
+    write_imagefolder(x[shots_idx], y[shots_idx], base / "shots", prefix="shot")
+    write_imagefolder(x[extra_idx], y[extra_idx], base / "extra", prefix="extra")
+    return base / "shots", base / "extra"
 
 
 def get_model(a) -> str:
@@ -129,144 +171,205 @@ def get_model(a) -> str:
     return str(tsd.train(cfg, out))
 
 
-def build_or_open_index(a, data: dict, emb):
-    from retrogen.index_builder.build import build_index
+def build_index(data: dict, workdir: Path, emb):
+    from retrogen.index_builder.build import build_index as build
     from retrogen.retrieval.index import CorpusIndex
 
-    index_dir = a.workdir / "index"
     t0 = time.perf_counter()
-    build_index([str(s) for s in data["shards"]], index_dir, embedder=emb)  # returns at once when already built
+    build([str(s) for s in data["shards"]], workdir / "index", embedder=emb)  # returns at once when built
     log.info("index of %d corpus images ready in %.0fs", data["corpus_size"], time.perf_counter() - t0)
-    return CorpusIndex.open(index_dir)
+    return CorpusIndex.open(workdir / "index")
 
 
-def make_arm(arm: str, k: int, a, data: dict, emb, model: str, index) -> Path:
-    """The arm's augmentation folder for shots k (reused when already complete)."""
+def make_arm(arm: str, shots: Path, extra: Path, out: Path, *, a, data: dict, emb, model: str | None, index) -> Path:
+    """The arm's augmentation folder for one draw (reused when already complete)."""
     from retrogen.generation import GenerationConfig, augment_by_generation
     from retrogen.outputs import OutputFolder
     from retrogen.retrieval import RetrievalConfig, augment_by_retrieval
 
-    shots = data["shots"][k]
     if arm == "real-extra":
-        return data["extra"]
-    # The prompt arm ignores the shots: one set serves every k.
-    out = a.workdir / "sets" / (arm if arm == "prompt" else f"{arm}-k{k}")
+        return extra
     if OutputFolder(out).is_complete:
         return out
-    if out.exists():
-        shutil.rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     if arm == "retrieval":
-        config = RetrievalConfig(dedup_threshold=a.dedup_threshold, leakage_threshold=a.leakage_threshold)
         augment_by_retrieval(shots, out, corpus=index, per_class=a.per_class, mode="image",
-                             holdout_dir=data["test"], config=config, embedder=emb)
+                             config=RetrievalConfig(dedup_threshold=a.dedup_threshold,
+                                                    leakage_threshold=a.leakage_threshold), embedder=emb)
     else:
         names = {c: c.replace("_", " ") for c in data["names"]}
         cfg = GenerationConfig(num_inference_steps=a.gen_steps, guidance_scale=a.guidance_scale, batch_size=10,
                                seed=a.seed, class_names=names, num_train_steps=a.train_steps)
         augment_by_generation(shots, out, model=model, method=arm, per_class=a.per_class, config=cfg)
-    log.info("%s k=%d: %d images/class in %.0fs", arm, k, a.per_class, time.perf_counter() - t0)
+    log.info("%s %s: %d images/class in %.0fs", arm, out.parent.name, a.per_class, time.perf_counter() - t0)
     return out
 
 
-def evaluate_k(k: int, a, data: dict, sets: dict[str, Path], emb, cache) -> tuple:
-    """``evaluate`` with the leakage guard on; leaking images an arm produced are set aside and counted."""
-    from retrogen.evaluation import EvaluationConfig, LeakageError, evaluate
+def run_cell(a, tier: dict, k: int, *, data: dict, emb, model, index, cache) -> list[dict]:
+    """Every arm of one tier at one k over its draws; evaluated with the linear protocol (and the CNN)."""
+    from retrogen.evaluation import EvaluationConfig, evaluate_draws
 
-    cfg = EvaluationConfig(embedder=a.embedder, num_seeds=a.seeds, num_steps=a.probe_steps, seed=a.seed,
-                           leakage_threshold=a.leakage_threshold)
-    set_aside: dict[str, int] = {}
-    for _ in range(3):
-        try:
-            report = evaluate(data["shots"][k], data["test"], sets, config=cfg, embedder=emb, cache=cache,
-                              out_dir=a.workdir / f"report-k{k}")
-            return report, set_aside
-        except LeakageError as e:
-            for leak in e.leaks:  # move the file out of the ImageFolder (hidden folder), as a user would
-                src = sets[leak["set"]] / leak["image"]
-                dst = sets[leak["set"]] / ".leaked" / leak["image"]
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                src.replace(dst)
-                set_aside[leak["set"]] = set_aside.get(leak["set"], 0) + 1
-            log.warning("k=%d: set aside %d leaking images: %s", k, len(e.leaks), str(e)[:300])
-    raise RuntimeError("leakage persisted after three passes")
+    draws = []
+    for d in range(tier["draws"]):
+        shots, extra = draw_folders(a, data, k, d)
+        sets = {}
+        for arm in tier["arms"]:
+            out = a.workdir / "sets" / (arm if arm == "prompt" else f"{arm}/k{k}-d{d}")
+            sets[arm] = make_arm(arm, shots, extra, out, a=a, data=data, emb=emb, model=model, index=index)
+        draws.append((shots, sets))
+    compare = tuple(f"retrieval,{g}" for g in GEN_ARMS if g in tier["arms"] and "retrieval" in tier["arms"])
+    cells = []
+    for classifier in ("linear", "cnn"):
+        if classifier == "cnn" and k not in a.cnn_shots:
+            continue
+        used = draws if classifier == "linear" else draws[: a.cnn_draws]
+        cfg = EvaluationConfig(embedder=a.embedder, classifier=classifier, num_seeds=1, num_steps=a.cnn_steps,
+                               leak_policy="exclude", leak_candidates=a.leak_candidates, seed=a.seed, compare=compare)
+        out = a.workdir / f"report-{tier['name']}-{classifier}-k{k}"
+        t0 = time.perf_counter()
+        report = evaluate_draws(used, data["test"], config=cfg, embedder=emb, cache=cache, out_dir=out)
+        log.info("tier %s %s k=%d: %d draws evaluated in %.0fs", tier["name"], classifier, k, len(used),
+                 time.perf_counter() - t0)
+        cells.append({"tier": tier["name"], "classifier": classifier, "k": k, "report": report.to_dict()})
+    return cells
 
 
-def table(results: list[tuple[int, object, dict]]) -> str:
-    lines = ["| k (shots/class) | method | extra/class | top-1 % (mean ± std) | gain pts [95% CI] | s / image |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for k, report, aside in results:
-        for arm in report.arms:
-            per = round(arm.num_images / len(report.classes)) if arm.num_images else 0
-            acc = f"{100 * arm.accuracy['mean']:.1f} ± {100 * arm.accuracy['std']:.1f}"
-            gain = "–" if arm.gain is None else (f"{100 * arm.gain['mean']:+.1f} [{100 * arm.gain['ci_low']:+.1f}, "
-                                                 f"{100 * arm.gain['ci_high']:+.1f}]")
-            spi = arm.cost.get("seconds_per_image")
-            cost = "–" if spi is None else f"{spi:.3g}"
-            note = f" ({aside[arm.name]} leaking set aside)" if aside.get(arm.name) else ""
-            lines.append(f"| {k} | {arm.name}{note} | {per} | {acc} | {gain} | {cost} |")
+def _pts(g: dict | None) -> str:
+    if not g:
+        return "–"
+    return f"{100 * g['mean']:+.1f} [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]"
+
+
+def table(cells: list[dict], index_build_per_image: float | None) -> str:
+    """One row per (classifier, tier, k, arm), then retrieval minus the best generation arm per cell."""
+    lines = ["| classifier | tier (draws) | k | arm | top-1 % | gain pts [95% CI] | draws gaining | s / image |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in cells:
+        r = c["report"]
+        draws = len(r["draws"])
+        for arm in r["arms"]:
+            spi = arm["cost"].get("seconds_per_image")
+            if arm["name"] == "retrieval" and spi is not None and index_build_per_image:
+                spi = f"{spi:.3g} + {index_build_per_image:.3g} index"
+            elif spi is not None:
+                spi = f"{spi:.3g}"
+            gaining = f"{arm['gain']['positive_draws']}/{draws}" if arm["gain"] else "–"
+            lines.append(f"| {c['classifier']} | {c['tier']} ({draws}) | {c['k']} | {arm['name']} | "
+                         f"{100 * arm['accuracy']['mean']:.1f} | {_pts(arm['gain'])} | {gaining} | {spi or '–'} |")
+    lines += ["", "Retrieval minus the best generation arm of the same cell (paired per draw):", "",
+              "| classifier | tier (draws) | k | best generation arm | retrieval − it, pts [95% CI] |",
+              "| --- | --- | --- | --- | --- |"]
+    for c in cells:
+        r = c["report"]
+        gen = [arm for arm in r["arms"] if arm["name"] in GEN_ARMS]
+        if not gen or not r["comparisons"]:
+            continue
+        best = max(gen, key=lambda arm: arm["gain"]["mean"])
+        cmp = next(x for x in r["comparisons"] if x["b"] == best["name"])
+        lines.append(f"| {c['classifier']} | {c['tier']} ({len(r['draws'])}) | {c['k']} | {best['name']} | {_pts(cmp)} |")
     return "\n".join(lines)
 
 
-def collect(workdir: Path) -> list[tuple[int, object, dict]]:
-    """(k, report, set-aside counts) for every finished report-k*/ in ``workdir``, by k."""
-    from retrogen.evaluation import EvaluationReport
+def chart(cells: list[dict], path: Path) -> None:
+    """Gain over real only against k, per arm, with its interval; one panel per classifier."""
+    import matplotlib
 
-    out = []
-    for d in sorted(workdir.glob("report-k*"), key=lambda p: int(p.name[8:])):
-        if (d / "report.json").exists():
-            report = EvaluationReport.load(d)
-            aside = {arm.name: len(list(Path(arm.set_dir).glob(".leaked/*/*"))) for arm in report.arms if arm.set_dir}
-            out.append((int(d.name[8:]), report, aside))
-    return out
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classifiers = sorted({c["classifier"] for c in cells}, key=["linear", "cnn"].index)
+    fig, axes = plt.subplots(1, len(classifiers), figsize=(6.5 * len(classifiers), 4.2), squeeze=False)
+    for ax, clf in zip(axes[0], classifiers, strict=True):
+        arms: dict[str, list] = {}
+        for c in cells:
+            if c["classifier"] != clf:
+                continue
+            for arm in c["report"]["arms"]:
+                if arm["gain"] and (c["tier"] == "A" or arm["name"] not in CHEAP_ARMS):
+                    arms.setdefault(arm["name"], []).append((c["k"], arm["gain"]))
+        for i, (name, points) in enumerate(sorted(arms.items())):
+            points.sort()
+            ks = [k * (1 + 0.03 * (i - 2)) for k, _ in points]  # a small offset per arm keeps the bars apart
+            g = [100 * p["mean"] for _, p in points]
+            err = [[100 * (p["mean"] - p["ci_low"]) for _, p in points], [100 * (p["ci_high"] - p["mean"]) for _, p in points]]
+            ax.errorbar(ks, g, yerr=err, marker="o", capsize=3, label=name)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("shots per class (k)")
+        ax.set_ylabel("gain over real only, top-1 points (95% CI over draws)")
+        ax.set_title(f"{clf} classifier")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_readme(md: str, chart_path: Path) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"README.md has no {README_BEGIN} ... {README_END} section to replace")
+    block = f"{README_BEGIN}\n{md}\n\n![evidence](docs/img/evidence.png)\n{README_END}"
+    readme.write_text(re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), lambda _m: block, text,
+                             flags=re.S))
+    shutil.copyfile(chart_path, ROOT / "docs" / "img" / "evidence.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("generation", "retrieval", "index_builder", "httpx"):
+    for noisy in ("retrogen", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if a.collect:
+        result = json.loads((a.workdir / "evidence.json").read_text())
+    else:
+        result = run(a)
+        result["settings"]["duration_s"] = round(time.perf_counter() - t0, 1)
+        (a.workdir / "evidence.json").write_text(json.dumps(result, indent=1))
+    md = table(result["cells"], result["settings"].get("index_build_seconds_per_image"))
+    md += "\n\nNot run: " + "; ".join(f"{arm} ({why})" for arm, why in MISSING_ARMS.items()) + "."
+    chart(result["cells"], a.workdir / "evidence.png")
+    (a.workdir / "evidence.md").write_text(md + "\n")
+    if a.write_readme:
+        write_readme(md, a.workdir / "evidence.png")
+    print(md)
+    print("\nBurg et al. 2023 (ResNet-50, 10% ImageNet): " + "; ".join(f"{n} {v}" for n, v in PAPER))
+    print(f"\nsettings: {json.dumps(result['settings'])}")
+    return 0
+
+
+def run(a) -> dict:
     import diffusers.utils.logging as dlog
     import transformers
+
+    from retrogen.evaluation import FeatureCache
+    from retrogen.retrieval.embedders import create_embedder
 
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    t0 = time.perf_counter()
-    if a.collect:
-        print(table(collect(a.workdir)))
-        return 0
-    a.workdir.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from retrogen.evaluation import FeatureCache
-    from retrogen.retrieval.embedders import create_embedder
-
     data = prepare_data(a, a.workdir / "data")
-    log.info("data: corpus %d, test %d, shots %s, %d extra/class", data["corpus_size"], data["test_size"], a.shots,
-             a.per_class)
     emb = create_embedder(a.embedder)
     model = get_model(a) if any(arm in GEN_ARMS for arm in a.arms) else None
-    index = build_or_open_index(a, data, emb) if "retrieval" in a.arms else None
-    cache = FeatureCache()
-    results = []
-    for k in a.shots:
-        sets = {arm: make_arm(arm, k, a, data, emb, model, index) for arm in a.arms}
-        report, aside = evaluate_k(k, a, data, sets, emb, cache)
-        results.append((k, report, aside))
-    md = table(results)
-    settings = {"shots": a.shots, "per_class": a.per_class, "seeds": a.seeds, "corpus_size": data["corpus_size"],
-                "test_size": data["test_size"], "embedder": a.embedder, "model": model, "gen_steps": a.gen_steps,
-                "guidance_scale": a.guidance_scale, "train_steps": a.train_steps, "probe_steps": a.probe_steps,
-                "toy": a.toy, "duration_s": round(time.perf_counter() - t0, 1)}
-    (a.workdir / "evidence.md").write_text(md + "\n")
-    (a.workdir / "evidence.json").write_text(json.dumps({
-        "settings": settings,
-        "results": [{"k": k, "set_aside": aside, "report": r.to_dict()} for k, r, aside in results]}, indent=1))
-    print(md)
-    print("\nBurg et al. 2023 (ResNet-50, 10% ImageNet): " + "; ".join(f"{n} {v}" for n, v in PAPER))
-    print(f"\nsettings: {json.dumps(settings)}")
-    return 0
+    index = build_index(data, a.workdir, emb) if "retrieval" in a.arms else None
+    cache, cells = FeatureCache(), []
+    for tier in tiers(a):
+        for k in tier["shots"]:
+            cells += run_cell(a, tier, k, data=data, emb=emb, model=model, index=index, cache=cache)
+    # images retrieved over the whole benchmark: what the one index build is amortised over
+    retrieved = len(list((a.workdir / "sets" / "retrieval").glob("*/*/*.*"))) if index is not None else 0
+    build_s = index.manifest.build.get("duration_s") if index is not None else None
+    settings = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(a).items()} | {
+        "model": model, "corpus_size": data["corpus_size"], "test_size": data["test_size"],
+        "index_build_s": build_s, "retrieved_images": retrieved,
+        "index_build_seconds_per_image": build_s / retrieved if build_s and retrieved else None,
+        "tiers": tiers(a)}
+    return {"settings": settings, "cells": cells}
 
 
 if __name__ == "__main__":

@@ -72,22 +72,18 @@ def evaluate_draws(
     test_dir: str | os.PathLike,
     *,
     config: EvaluationConfig | None = None,
-    out_dir: str | os.PathLike | None = None,
-    embedder=None,
-    cache: FeatureCache | None = None,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
+    **options,
 ) -> EvaluationReport:
-    """As :func:`evaluate`, with the draws given: (train folder, {name: augmentation folder}) each, the
-    augmentation sets made from that draw's own training images; the same set names in every draw."""
+    """As :func:`evaluate` (the same keyword ``options``: out_dir, embedder, cache, progress, should_cancel),
+    with the draws given: (train folder, {name: augmentation folder}) each, the augmentation sets made from
+    that draw's own training images, the same set names in every draw."""
     config = config or EvaluationConfig()
-    inputs = load_draw_inputs(draws, test_dir, config=config)
-    return _run(inputs, config, out_dir=out_dir, embedder=embedder, cache=cache, progress=progress,
-                should_cancel=should_cancel)
+    return _run(load_draw_inputs(draws, test_dir, config=config), config, **options)
 
 
-def _run(inputs: EvaluationInputs, config: EvaluationConfig, *, out_dir: str | os.PathLike | None, embedder,
-         cache: FeatureCache | None, progress: ProgressFn | None, should_cancel: CancelFn | None) -> EvaluationReport:
+def _run(inputs: EvaluationInputs, config: EvaluationConfig, *, out_dir: str | os.PathLike | None = None,
+         embedder=None, cache: FeatureCache | None = None, progress: ProgressFn | None = None,
+         should_cancel: CancelFn | None = None) -> EvaluationReport:
     t0 = time.perf_counter()
     # 1. Inputs are checked; the comparisons must name arms that exist.
     unknown = sorted({name for pair in config.comparisons for name in pair} - set(inputs.arms))
