@@ -202,7 +202,7 @@ def make_arm(arm: str, shots: Path, extra: Path, out: Path, *, a, data: dict, em
         cfg = GenerationConfig(num_inference_steps=a.gen_steps, guidance_scale=a.guidance_scale, batch_size=10,
                                seed=a.seed, class_names=names, num_train_steps=a.train_steps)
         augment_by_generation(shots, out, model=model, method=arm, per_class=a.per_class, config=cfg)
-    log.info("%s %s: %d images/class in %.0fs", arm, out.parent.name, a.per_class, time.perf_counter() - t0)
+    log.info("%s %s: %d images/class in %.0fs", arm, out.name, a.per_class, time.perf_counter() - t0)
     return out
 
 

@@ -6,11 +6,11 @@ embeddings (and a cheap pixel vector) only *propose* candidates, the nearest few
 image, and pixels decide:
 
 1. **exact**: the same file bytes, or the same decoded pixels;
-2. **near**: align the two images (crops of either one, up to a quarter of each axis, found by a coarse grid
+2. **near**: align the two images (crops of either one, up to 15% of each axis, found by a coarse grid
    then a local search on each side's margin, scored by gradient correlation; pairs whose best grid crop
-   correlates under 0.5 are different images), match the reference's intensities to the query's by rank (so brightness, contrast,
-   gamma and clipping drop out), and take the largest residual of any 8x8 patch relative to the query's
-   contrast. A re-encode, resize, small crop or colour jitter of one image leaves every patch close; two
+   correlates under 0.5 are different images), match the reference's intensities to the query's by rank
+   (so brightness, contrast, gamma and clipping drop out), and take the largest residual of any 8x8 patch
+   relative to the query's contrast. A re-encode, resize, small crop or colour jitter of one image leaves every patch close; two
    different images differ somewhere. The threshold, ``near_copy_residual``, is 0.16 by default.
 
 Calibration (Fashion-MNIST test images, upscaled to 112 px, nearest distinct neighbours vs transformed copies):
@@ -39,7 +39,7 @@ IDENTITY = GRID.index((0, 0, 0, 0))
 REFINE_STEPS = (0.04, 0.02, 0.01, 0.005)  # margin steps, one round each
 GATE = 0.5  # best grid correlation below which two images are not aligned further (not copies)
 METHOD = ("exact bytes or decoded pixels; near copies: candidates from embedding and pixel neighbours, then "
-          "crop alignment (up to 25% per axis, grid then per-side search) on gradient maps, rank-matched "
+          "crop alignment (up to 15% per axis, grid then per-side search) on gradient maps, rank-matched "
           "intensities, and the largest 8x8-patch residual relative to the image's contrast")
 
 
