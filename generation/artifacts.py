@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from retrogen.provenance import now_iso
 log = logging.getLogger(__name__)
 
 META_FILE = "artifact.json"
+ORPHAN_AGE_S = 24 * 3600  # a build folder untouched this long belongs to a builder that died (training takes minutes)
 
 
 def artifact_key(*, kind: str, base_weights_hash: str, image_sha256s: list[str], hyperparameters: dict[str, Any]) -> str:
@@ -58,6 +60,21 @@ class ArtifactStore:
             return None
         return json.loads(meta.read_text()) | {"path": str(p)}
 
+    def remove_orphans(self, kind: str, *, older_than_s: float = ORPHAN_AGE_S) -> int:
+        """Delete build folders (``.KEY.*.tmp``) left by builders that died; young ones may still be in use."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for tmp in (self.root / kind).glob(".*.tmp"):
+            try:
+                if tmp.is_dir() and tmp.stat().st_mtime < cutoff:
+                    shutil.rmtree(tmp)
+                    removed += 1
+            except OSError:  # another process removed it first
+                continue
+        if removed:
+            log.info("removed %d orphaned %s build folder(s)", removed, kind)
+        return removed
+
     def get_or_build(
         self, kind: str, key: str, build: Callable[[Path], dict[str, Any]], *, description: dict[str, Any]
     ) -> tuple[dict[str, Any], bool]:
@@ -68,6 +85,7 @@ class ArtifactStore:
             return found, True
         final = self.path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
+        self.remove_orphans(kind)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}.", suffix=".tmp"))
         try:
             extra = build(tmp)

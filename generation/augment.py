@@ -21,14 +21,14 @@ from PIL import Image, ImageOps
 from retrogen import __version__
 from retrogen.fileio import sha256_file
 from retrogen.imagefolder import LabelledImage, safe_class_dir, scan_imagefolder
-from retrogen.imageio import decode_image
-from retrogen.outputs import AugmentResult, OutputExistsError, OutputFolder, OutputWriter
+from retrogen.imageio import read_image_file
+from retrogen.outputs import AugmentResult, OutputFolder, OutputWriter
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
 
 from .artifacts import ArtifactStore
 from .config import GenerationConfig
 from .errors import InvalidConfigError
-from .methods import create_method
+from .methods import create_method, list_methods
 from .methods.base import ClassContext, ClassPlan, GenerationMethod
 from .models import ModelRef, resolve_model
 from .prompts import derive_seed
@@ -47,22 +47,21 @@ def _images_by_class(dataset_dir: str | os.PathLike) -> dict[str, list[LabelledI
 
 
 def _check_inputs(dataset_dir: str | os.PathLike, out_dir: Path, *, per_class: int, method: GenerationMethod,
-                  config: GenerationConfig) -> dict[str, list[LabelledImage]]:
+                  config: GenerationConfig, overwrite: bool) -> dict[str, list[LabelledImage]]:
     """Everything that can be refused before a model loads or a file is written; returns the classes."""
     if not isinstance(per_class, int) or per_class < 1:
         raise InvalidConfigError(f"per_class={per_class!r}: must be a positive integer")
     check_scheduler(config.scheduler)
-    if OutputFolder(out_dir).is_complete:
-        raise OutputExistsError(f"{out_dir} already holds an augmentation output (summary.json); choose another --out")
+    OutputFolder.check_writable(out_dir, overwrite=overwrite, methods=list_methods())
     by_class = _images_by_class(dataset_dir)
     unknown = sorted(set(config.class_prompts or {}) - set(by_class))
     if unknown:
         raise InvalidConfigError(f"class_prompts names classes not in the dataset: {unknown}")
     method.check_inputs(by_class)
-    if method.needs_images:  # a corrupt user image fails here, before a model loads or a file is written
+    if method.needs_images:  # a corrupt user image fails here, named, before a model loads or a file is written
         for imgs in by_class.values():
             for it in imgs:
-                decode_image(it.path.read_bytes())
+                read_image_file(it.path)
     return by_class
 
 
@@ -99,7 +98,7 @@ class _Images:
 
     def raw(self, it: LabelledImage) -> Image.Image:
         if it.path not in self._raw:
-            self._raw[it.path] = decode_image(it.path.read_bytes())
+            self._raw[it.path] = read_image_file(it.path)
         return self._raw[it.path]
 
     def sized(self, it: LabelledImage) -> Image.Image:
@@ -214,12 +213,12 @@ class _Call:
             "duration_s": round(duration, 3),
             "images_per_s": round(n / duration, 4) if duration > 0 else None,
             "timing_s": {stage: round(s, 3) for stage, s in self.timings.items()},
-            "model": {"id": ref.id, "revision": ref.revision, "weights_hash": runtime.weights_hash,
-                      "pipeline_class": ref.pipeline_class},
+            "model": {"id": ref.id, "revision": ref.revision, "path": str(ref.path),
+                      "weights_hash": runtime.weights_hash, "pipeline_class": ref.pipeline_class},
             "artifacts": self.artifacts,
-            # "size" is listed first for its place, then set by the config's own (None: the model's native size)
+            # the size used, not the config's (None there means the model's native size)
             "parameters": {"model": ref.id, "method": self.method.name, "per_class": self.per_class,
-                           "size": runtime.size, **runtime.config.to_dict(),
+                           **runtime.config.to_dict(), "size": runtime.size,
                            "method_parameters": self.method.parameters(),
                            "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None},
             "runtime": runtime.provenance(),
@@ -238,12 +237,14 @@ def augment_by_generation(
     artifacts_dir: str | os.PathLike | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    overwrite: bool = False,
 ) -> AugmentResult:
     """Generate ``per_class`` images for every class of ``dataset_dir`` into ``out_dir``.
 
     Args:
         dataset_dir: ImageFolder (``<class>/<image>``); class folders may be empty for ``prompt``.
-        out_dir: output folder (ImageFolder + provenance.jsonl + summary.json); must not hold a summary.
+        out_dir: output folder (ImageFolder + provenance.jsonl + summary.json); new or empty, unless
+            ``overwrite``.
         model: hub id or local diffusers model directory (SD 1.x/2.x; SDXL for prompt/img2img/variation).
         method: one of ``list_methods()``.
         per_class: images to generate per class.
@@ -253,6 +254,7 @@ def augment_by_generation(
         progress: receives ``ProgressEvent``s: ``load``, ``train`` (per step, ``extra["loss"]``),
             ``generate`` (done/total per class).
         should_cancel: polled between batches and training steps.
+        overwrite: replace an earlier generation output in ``out_dir`` (cleared first, once the model loaded).
 
     Returns:
         AugmentResult with the summary (as written to summary.json) and the provenance records.
@@ -266,7 +268,8 @@ def augment_by_generation(
     out_dir = Path(out_dir)
     # 1. Check inputs (no model loaded, nothing written yet).
     gen_method = create_method(method, config)
-    by_class = _check_inputs(dataset_dir, out_dir, per_class=per_class, method=gen_method, config=config)
+    by_class = _check_inputs(dataset_dir, out_dir, per_class=per_class, method=gen_method, config=config,
+                             overwrite=overwrite)
     ref = resolve_model(model, revision=config.revision, local_files_only=config.local_files_only)
     gen_method.check_model(ref.family)
 
@@ -275,7 +278,8 @@ def augment_by_generation(
     timings = {"load": time.perf_counter() - t_start, "prepare": 0.0, "generate": 0.0}
     gen_method.setup(runtime)
     try:
-        with _artifact_store(artifacts_dir) as store, OutputFolder.create(out_dir) as writer:
+        with _artifact_store(artifacts_dir) as store, OutputFolder.create(
+                out_dir, overwrite=overwrite, methods=list_methods()) as writer:
             call = _Call(gen_method, runtime, store, writer, per_class=per_class, total=per_class * len(by_class),
                          progress=progress, should_cancel=should_cancel, timings=timings)
             # 3. Per class: prepare (train / load adapters), then batches of seeded images.

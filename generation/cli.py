@@ -74,9 +74,10 @@ def generate(
     dataset: Path = typer.Option(..., "--dataset", help="ImageFolder: one folder of images per class."),
     method: str = typer.Option(..., "--method", help="prompt, img2img, variation, textual-inversion, dreambooth."),
     per_class: int = typer.Option(..., "--per-class", help="Images to generate per class."),
-    out: Path = typer.Option(..., "--out", help="Output folder (must not hold a finished output)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: new or empty (or --overwrite)."),
     artifacts_dir: Path = typer.Option(DEFAULT_ARTIFACTS_DIR, "--artifacts-dir",
                                        help="Personalisation artefact cache."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier generation output in --out."),
     config: GenerationConfig,
 ) -> None:
     """Generate N images per class with Stable Diffusion; write images + provenance.jsonl + summary.json."""
@@ -86,7 +87,7 @@ def generate(
     bars = _Bars()
     try:
         result = augment_by_generation(dataset, out, model=model, method=method, per_class=per_class, config=config,
-                                       artifacts_dir=artifacts_dir.expanduser(), progress=bars)
+                                       artifacts_dir=artifacts_dir.expanduser(), progress=bars, overwrite=overwrite)
     finally:
         bars.close()
     typer.echo(_done_line(result, method, out))

@@ -70,15 +70,49 @@ def resolve_model(model: str, *, revision: str | None = None, local_files_only: 
         raise ModelKindError(f"{model!r} is a file; give a diffusers model directory or a hub id")
     if not _HUB_ID.match(model):
         raise UnknownModelError(f"model {model!r} is neither an existing directory nor a hub id (org/name)")
-    from diffusers import DiffusionPipeline
-
-    try:
-        local = Path(DiffusionPipeline.download(model, revision=revision, local_files_only=local_files_only))
-    except Exception as e:  # hub errors come in many types (404, offline, gated, ...)
-        raise UnknownModelError(f"model {model!r} not found on the hub or in its cache: {type(e).__name__}: {e}") from None
+    local = _download(model, revision, local_files_only)
     cls, family = _check_model_dir(local, model)
     # The hub cache lays snapshots out as .../snapshots/<commit sha>/: that sha is the resolved revision.
     return ModelRef(model, local, local.name, cls, family)
+
+
+def _download(model: str, revision: str | None, local_files_only: bool) -> Path:
+    """The model's snapshot folder in the hub cache, fetched when the hub may be used; one-line errors.
+
+    Offline (``local_files_only``, or huggingface_hub's own ``HF_HUB_OFFLINE``), the cache alone is asked, so
+    diffusers does not first fail to reach the hub and log about it; its warnings are held back either way,
+    since the error raised here says it all in one line.
+    """
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import constants
+
+    offline = local_files_only or bool(constants.HF_HUB_OFFLINE)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return Path(DiffusionPipeline.download(model, revision=revision, local_files_only=offline))
+    except Exception as e:  # hub errors come in many types (404, offline, gated, ...)
+        at = f" at revision {revision!r}" if revision else ""
+        if offline:
+            raise UnknownModelError(
+                f"model {model!r}{at} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE "
+                f"or local_files_only); download it once with network access (`hf download {model}`, or run this "
+                "online), or pass a local diffusers folder as the model"
+            ) from None
+        raise UnknownModelError(f"model {model!r}{at} not found on the hub or in its cache ({_reason(e)}); check "
+                                "the id and the network, or pass a local diffusers folder as the model") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _reason(e: BaseException) -> str:
+    """One short line for a hub failure: the hub's own error, else what diffusers wrapped (its root cause)."""
+    cause = e.__cause__ or e.__context__
+    if cause is not None and not type(e).__module__.startswith("huggingface_hub"):
+        e = cause
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 
 _hash_lock = threading.Lock()

@@ -41,14 +41,24 @@ class Runtime:
         return type(next(iter(procs.values()))).__name__ if procs else "none"
 
     def provenance(self) -> dict[str, Any]:
-        """Fields every generated image's record shares."""
+        """Fields every generated image's record shares: enough to find the exact model and software again.
+
+        ``model`` is as the user named it (a hub id, or a folder maybe relative); ``model_path`` is the absolute
+        folder the weights were read from, and ``model_revision`` the hub commit (None for a local folder).
+        """
+        import diffusers
+        import torch
+
         return {
             "model": self.ref.id,
             "model_revision": self.ref.revision,
+            "model_path": str(self.ref.path),
             "weights_hash": self.weights_hash,
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attention,
+            "torch_version": torch.__version__,
+            "diffusers_version": diffusers.__version__,
         }
 
     def oom_hint(self) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from retrogen.errors import InvalidInputError
 from retrogen.fileio import image_extension
 from retrogen.imagefolder import LabelledImage, class_names, scan_imagefolder
-from retrogen.imageio import BadImageError, decode_image
+from retrogen.imageio import BadImageError, decode_image, read_image_file
 from retrogen.outputs import AugmentResult, OutputFolder
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["image", "text", "mixed"]
 MODES: tuple[str, ...] = get_args(Mode)
+#: the ``method`` of every output this backend writes: what ``overwrite`` may replace
+METHODS: tuple[str, ...] = tuple(f"retrieval:{m}" for m in MODES)
 
 #: ids -> zero-shot predicted class per id, given the candidates' embeddings (the label check)
 LabelChecker = Callable[[list[int], dict[int, np.ndarray]], dict[int, str]]
@@ -97,9 +99,12 @@ def augment_by_retrieval(
             ``mixed`` (both, interleaved).
         holdout_dir: held-out images (ImageFolder) nothing returned may near-duplicate.
         embedder: the query embedder; default: the one named in the index manifest.
+        overwrite: replace an earlier retrieval output in ``out_dir`` (cleared first); without it ``out_dir``
+            must be new or empty.
 
     Raises:
-        InvalidInputError: bad arguments or dataset; EmbedderMismatchError: embedder differs from the index's.
+        InvalidInputError: bad arguments or dataset; EmbedderMismatchError: embedder differs from the index's;
+        OutputExistsError: ``out_dir`` cannot take the output (see ``OutputFolder.check_writable``).
     """
     t0 = time.perf_counter()
     # 1. Check inputs before any model work.
@@ -108,6 +113,7 @@ def augment_by_retrieval(
     if per_class < 1:
         raise InvalidInputError(f"per_class must be >= 1, got {per_class}")
     config = config or RetrievalConfig()
+    OutputFolder.check_writable(out_dir, overwrite=overwrite, methods=METHODS)
     items = scan_imagefolder(dataset_dir)
     holdout = scan_imagefolder(holdout_dir) if holdout_dir else []
     corpus = CorpusIndex.open(corpus) if isinstance(corpus, (str, os.PathLike)) else corpus
@@ -124,7 +130,9 @@ def augment_by_retrieval(
     hold = _embed_items(run, holdout, "embed_holdout")
     for label in run.classes:
         if not any(it.label == label for it in train.items) and mode != "text":
-            raise InvalidInputError(f"class {label!r} has no readable image")
+            bad = [f"{sk['file']} ({sk['reason']})" for sk in train.skipped if sk["file"].startswith(f"{label}/")]
+            raise InvalidInputError(f"class {label!r} has no readable image in {dataset_dir}: {', '.join(bad[:3])}"
+                                    f"{', ...' if len(bad) > 3 else ''}; replace them or use mode='text'")
     protected = np.concatenate([train.vectors, hold.vectors]) if len(hold.vectors) else train.vectors
 
     # 3. Build queries per class.
@@ -149,12 +157,12 @@ def _embed_items(run: _Run, items: list[LabelledImage], stage: str) -> _Embedded
         batch, batch_items = [], []
         for it in items[i : i + batch_size]:
             try:
-                image = decode_image(it.path.read_bytes(), max_pixels=run.config.max_pixels)
+                image = read_image_file(it.path, max_pixels=run.config.max_pixels)
                 batch.append(embedder.preprocess(image))
                 batch_items.append(it)
-            except (BadImageError, OSError) as e:
-                log.warning("skipping unreadable dataset image %s: %s", it.path, e)
-                out.skipped.append({"file": it.image_id, "reason": getattr(e, "reason", type(e).__name__)})
+            except BadImageError as e:  # its message names the file
+                log.warning("skipping %s", e)
+                out.skipped.append({"file": it.image_id, "reason": e.reason})
         if batch:
             vecs.append(embedder.embed_preprocessed(np.stack(batch)))
             out.items.extend(batch_items)
@@ -254,7 +262,7 @@ def _write(run: _Run, selection: Selection, out_dir: str | os.PathLike, *, overw
     total = sum(len(v) for v in chosen.values())
     metas = {m["id"]: m for m in corpus.metadata(sorted({c.id for v in chosen.values() for c in v}))}
     passed = _filters_passed(run.config)
-    with OutputFolder.create(out_dir, overwrite=overwrite) as writer:
+    with OutputFolder.create(out_dir, overwrite=overwrite, methods=METHODS) as writer:
         for label in run.classes:
             for n, cand in enumerate(chosen[label]):
                 check_cancel(run.should_cancel)

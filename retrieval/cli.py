@@ -21,20 +21,23 @@ def retrieve(
     index_dir: Path = typer.Option(..., "--index-dir", help="Index directory (built by `retrogen index build`)."),
     dataset: Path = typer.Option(..., "--dataset", help="Labelled dataset: class_name/*.jpg"),
     per_class: int = typer.Option(..., "--per-class", min=1, help="Images to retrieve per class."),
-    out: Path = typer.Option(..., "--out", help="Output folder: ImageFolder + provenance.jsonl + summary.json"),
+    out: Path = typer.Option(..., "--out", help="Output folder (new or empty, or --overwrite): ImageFolder + "
+                                                 "provenance.jsonl + summary.json"),
     mode: str = typer.Option("image", "--mode", help="image | text | mixed"),
     holdout: Path | None = typer.Option(None, "--holdout", help="Held-out images (ImageFolder) to protect from leakage."),
     embedder: str | None = typer.Option(None, "--embedder", help="Query embedder; default: the index's."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder's results."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier retrieval output in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     config: RetrievalConfig,
 ) -> None:
     """Retrieve N corpus images per class, filtered (dedup, conflicts, leakage, label check), with provenance."""
     from retrogen.console import TqdmProgress
+    from retrogen.outputs import OutputFolder
 
-    from .augment import augment_by_retrieval
+    from .augment import METHODS, augment_by_retrieval
     from .embedders import create_embedder
 
+    OutputFolder.check_writable(out, overwrite=overwrite, methods=METHODS)  # before --embedder loads a model
     with TqdmProgress(disable=quiet or None) as bars:
         result = augment_by_retrieval(
             dataset, out, corpus=index_dir, per_class=per_class, mode=mode, holdout_dir=holdout, config=config,

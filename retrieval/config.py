@@ -6,15 +6,24 @@ its description is the help of the ``retrogen augment retrieve`` option derived 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from retrogen.config import LibraryConfig
 from retrogen.imageio import DEFAULT_MAX_PIXELS
 from retrogen.prompts import ZERO_SHOT_TEMPLATES
 
 from .errors import InvalidRetrievalConfigError
+
+# Bounds that keep one request's work and stored parameters sane (a job's params are stored and listed).
+_Prompt = Annotated[str, Field(min_length=1, max_length=300)]
+_ClassName = Annotated[str, Field(min_length=1, max_length=200)]
+MAX_PROMPTS = 64  # templates, and prompts per class
+MAX_CLASSES = 10_000
+MAX_NPROBE = 65_536  # IVF lists / HNSW efSearch: beyond this a search is a scan
+MAX_CANDIDATES = 1_000_000
+MAX_BATCH = 4096
 
 
 class RetrievalConfig(LibraryConfig):
@@ -34,17 +43,32 @@ class RetrievalConfig(LibraryConfig):
     label_check: bool = Field(
         False, description="Keep only results whose zero-shot class over the class names is their class.")
     label_check_embedder: str | None = Field(
-        None, description="Image-text embedder for the label check; default: the index's own.")
-    templates: tuple[str, ...] = Field(
-        ZERO_SHOT_TEMPLATES, description="Prompt templates for text queries and the label check ({} = class name).")
-    class_descriptions: dict[str, list[str]] | None = Field(
-        None, description="Per-class prompt lists that replace the templates: {label: list of prompts}.")
+        None, max_length=500, description="Image-text embedder for the label check; default: the index's own.")
+    templates: tuple[_Prompt, ...] = Field(
+        ZERO_SHOT_TEMPLATES, min_length=1, max_length=MAX_PROMPTS,
+        description="Prompt templates for text queries and the label check ({} = class name).")
+    class_descriptions: dict[_ClassName, Annotated[list[_Prompt], Field(max_length=MAX_PROMPTS)]] | None = Field(
+        None, max_length=MAX_CLASSES,
+        description="Per-class prompt lists that replace the templates: {label: list of prompts}.")
     oversample: float = Field(
-        3.0, ge=1.0, description="The first search asks each query for this many times its share of N.")
+        3.0, ge=1.0, le=100.0, description="The first search asks each query for this many times its share of N.")
     max_candidates_per_class: int = Field(
-        20_000, ge=1, description="Stop widening the search when a class's queries ask for this many results.")
-    nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query (approximate indexes).")
-    ef_search: int | None = Field(None, ge=1, description="HNSW efSearch per query.")
-    batch_size: int = Field(32, ge=1, description="Images per embedding batch.")
+        20_000, ge=1, le=MAX_CANDIDATES,
+        description="Stop widening the search when a class's queries ask for this many results.")
+    nprobe: int | None = Field(
+        None, ge=1, le=MAX_NPROBE, description="IVF lists probed per query (approximate indexes).")
+    ef_search: int | None = Field(None, ge=1, le=MAX_NPROBE, description="HNSW efSearch per query.")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Images per embedding batch.")
     max_pixels: int = Field(
-        DEFAULT_MAX_PIXELS, ge=1, description="Larger dataset or corpus images are refused as decompression bombs.")
+        DEFAULT_MAX_PIXELS, ge=1, le=1_000_000_000,
+        description="Larger dataset or corpus images are refused as decompression bombs.")
+
+    @field_validator("templates")
+    @classmethod
+    def _one_placeholder(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
+        """Each template is filled with ``str.format(name)``: any other brace would fail mid-job."""
+        for t in templates:
+            rest = t.replace("{}", "", 1)
+            if "{}" not in t or "{" in rest or "}" in rest:
+                raise ValueError(f"template {t!r} must contain '{{}}' exactly once and no other braces")
+        return templates

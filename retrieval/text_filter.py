@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from retrogen.errors import InvalidInputError
-from retrogen.imageio import decode_image
+from retrogen.imageio import read_image_file
 from retrogen.outputs import OutputFolder
 from retrogen.prompts import ZERO_SHOT_TEMPLATES
 
@@ -53,7 +53,7 @@ def filter_by_text_similarity(
     sims, top = [], []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        vecs = embedder.embed_images([decode_image(folder.file(r).read_bytes()) for r in chunk])
+        vecs = embedder.embed_images([read_image_file(folder.file(r)) for r in chunk])  # errors name the file
         scores = vecs @ class_vecs.T
         sims.extend(scores[np.arange(len(chunk)), [index_of[r["label"]] for r in chunk]].tolist())
         top.extend(classes[j] for j in scores.argmax(axis=1))

@@ -164,16 +164,40 @@ class RetrogenClient:
         return dest
 
     @staticmethod
-    def as_torch_dataset(folder: str | os.PathLike, transform=None):
+    def as_torch_dataset(folder: str | os.PathLike, transform=None, *, classes: list[str] | None = None):
         """A ``torch.utils.data.Dataset`` of ``(image, class index)`` over a downloaded result.
 
-        Images are RGB PIL images unless ``transform`` maps them; ``.classes`` and ``.provenance`` (one
-        record per item, same order) come with it.
+        Class indices follow the dataset's class list, not the labels that happen to be in the result: a
+        class that got no image (a high ``min_similarity``, say) keeps its index, so indices match the
+        original dataset's (``torchvision.datasets.ImageFolder`` order: sorted) and a model trained on both.
+        The list is ``classes`` when given (its order is the indices), else every class requested, from the
+        result's ``summary.json``. Images are RGB PIL images unless ``transform`` maps them; ``.classes``,
+        ``.class_to_idx`` and ``.provenance`` (one record per item, same order) come with it.
+
+        Raises:
+            NotFoundError: not a downloaded result (no provenance.jsonl), or no summary and no ``classes``.
+            InvalidInputError: a record's label is not in the class list.
         """
-        return _ImageFolderDataset(Path(folder), transform)
+        return _ImageFolderDataset(Path(folder), transform, classes)
 
 
-def _ImageFolderDataset(folder: Path, transform):  # noqa: N802 - a factory: torch is imported on use only
+def _class_list(result: OutputFolder, classes: list[str] | None) -> list[str]:
+    """The explicit list, else every class the job was asked for (summary.json ``per_class``), sorted."""
+    if classes is not None:
+        if len(set(classes)) != len(classes) or not all(isinstance(c, str) for c in classes):
+            raise InvalidInputError("classes must be distinct class names")
+        return list(classes)
+    try:
+        per_class = result.summary().get("per_class")
+    except FileNotFoundError:
+        raise NotFoundError(f"{result.path} has no summary.json to read the class list from; pass classes=[...] "
+                            "(the dataset's class names, in index order)") from None
+    if not isinstance(per_class, dict) or not per_class:
+        raise InvalidInputError(f"{result.path}/summary.json lists no classes (per_class); pass classes=[...]")
+    return sorted(per_class)
+
+
+def _ImageFolderDataset(folder: Path, transform, classes: list[str] | None):  # noqa: N802 - a factory: torch on use
     from torch.utils.data import Dataset
 
     result = OutputFolder(folder)
@@ -183,8 +207,12 @@ def _ImageFolderDataset(folder: Path, transform):  # noqa: N802 - a factory: tor
             if not result.has_provenance:
                 raise NotFoundError(f"{folder} has no provenance.jsonl (not a downloaded retrogen result)")
             self.provenance = result.records()
-            self.classes = sorted({r["label"] for r in self.provenance})
+            self.classes = _class_list(result, classes)
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+            unknown = sorted({r["label"] for r in self.provenance} - set(self.class_to_idx))
+            if unknown:
+                raise InvalidInputError(f"{folder} has images labelled {unknown[:5]}, not in the class list "
+                                        f"{self.classes}")
 
         def __len__(self) -> int:
             return len(self.provenance)

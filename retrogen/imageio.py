@@ -9,6 +9,7 @@ short reason; it never returns a partial decode. It is thread-safe (no process-w
 from __future__ import annotations
 
 import io
+import os
 import re
 from dataclasses import dataclass
 
@@ -29,14 +30,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 class BadImageError(InvalidInputError):
     """The bytes are not a decodable, safe-sized image. ``reason`` is a short machine-friendly tag.
 
-    Raised on bytes, so the message cannot name the file: callers that know it add it. PIL's own messages
-    name ``<_io.BytesIO object at 0x...>``; that part is dropped (it says nothing, and changes per run).
+    :func:`decode_image` works on bytes and cannot name the file; :func:`read_image_file` does (``path``), as
+    ``PATH: not a usable image (reason: detail)``. PIL's own messages name ``<_io.BytesIO object at 0x...>``;
+    that part is dropped (it says nothing, and changes per run).
     """
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", *, path: str | os.PathLike | None = None):
         self.reason = reason
         self.detail = _BYTESIO.sub("the data", detail)
-        super().__init__(f"{reason}: {self.detail}" if self.detail else reason)
+        self.path = path
+        what = f"{reason}: {self.detail}" if self.detail else reason
+        super().__init__(f"{path}: not a usable image ({what})" if path is not None else what)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,28 @@ def decode_image(
         raise
     except Exception as e:
         raise BadImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def read_image_file(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Image.Image:
+    """Read and decode an image file (:func:`decode_image`); the user is told which file is unusable.
+
+    Raises:
+        BadImageError: naming ``path``; an unreadable file (permissions, a folder) is reason ``unreadable``.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadImageError("unreadable", f"{type(e).__name__}: {e.strerror or e}", path=path) from None
+    try:
+        return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+    except BadImageError as e:
+        raise BadImageError(e.reason, e.detail, path=path) from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

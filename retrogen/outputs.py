@@ -11,13 +11,18 @@ OUT/rejected/               images a filter removed, with their own provenance.j
 through :meth:`OutputFolder.create`, the text filter rewrites through :meth:`OutputFolder.rewrite`, and the
 service, the client and the evaluation read through :meth:`OutputFolder.records` / :meth:`OutputFolder.summary`
 (or :func:`parse_records` / :func:`parse_summary` on bytes from an object store). Nobody else parses the files.
+
+Where a new output may go is decided here too, once for every writer (:meth:`OutputFolder.check_writable`): a
+new or empty folder; an earlier output of the same command only when overwriting (it is cleared, not merged
+into); never a file, nor a folder holding anything else (the user's own images, say).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -33,7 +38,8 @@ REJECTED_DIR = "rejected"
 
 
 class OutputExistsError(InvalidInputError, FileExistsError):
-    """The folder already holds a finished output (``summary.json``), and overwriting was not asked for."""
+    """The output path cannot take a new output: a file, a folder holding other content, or an earlier output
+    that overwriting was not asked for."""
 
 
 def _null(_constant: str) -> None:
@@ -99,18 +105,78 @@ class OutputFolder:
         """Write ``summary.json`` (atomically, last): the folder is complete from here on."""
         atomic_write_json(self.path / SUMMARY_FILE, summary)
 
+    def _methods(self) -> set[str]:
+        """The ``method``s that wrote this folder: the summary's, else its records' (none for no record)."""
+        try:
+            return {str(self.summary().get("method"))}
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            return {f"unreadable {SUMMARY_FILE}"}
+        try:
+            return {str(r.get("method")) for r in self.iter_records()} if self.has_provenance else set()
+        except ValueError:
+            return {f"unreadable {PROVENANCE_FILE}"}
+
     @classmethod
-    def create(cls, path: str | os.PathLike, *, overwrite: bool = False) -> OutputWriter:
-        """A writer for a new output folder at ``path``.
+    def check_writable(cls, path: str | os.PathLike, *, overwrite: bool = False,
+                       methods: Collection[str] | None = None) -> None:
+        """Refuse, before any work, an output path that cannot take a new output (reads no image).
+
+        A new or empty folder is fine. A folder holding an earlier output (``summary.json``, or an interrupted
+        one's ``provenance.jsonl``) written by ``methods`` (any method when None) is replaced only with
+        ``overwrite``; anything else (a file, class folders without provenance, another command's output) is
+        never replaced: ``overwrite`` must not delete what retrogen did not write. Files loose beside the
+        ImageFolder are not part of it (the service's evaluation job writes its report there first).
 
         Raises:
-            OutputExistsError: ``path`` already holds a finished output and ``overwrite`` is false.
+            OutputExistsError: with one line saying what is there and what to do.
         """
         folder = cls(path)
-        if folder.is_complete and not overwrite:
-            raise OutputExistsError(f"{folder.path} already holds an augmentation output ({SUMMARY_FILE}); "
-                                    "choose another output folder or overwrite it")
+        where = folder.path
+        if where.exists() and not where.is_dir():
+            raise OutputExistsError(f"{where} is a file; the output must be a new or empty folder")
+        if not where.is_dir():
+            return
+        content = sorted(e.name for e in os.scandir(where) if e.is_dir() or e.name in (PROVENANCE_FILE, SUMMARY_FILE))
+        if not content:
+            return
+        if not (folder.is_complete or folder.has_provenance):
+            shown = ", ".join(content[:3]) + (", ..." if len(content) > 3 else "")
+            raise OutputExistsError(f"{where} is not empty ({shown}) and holds no augmentation output; choose a "
+                                    "new or empty output folder (overwriting replaces only an earlier output)")
+        found = folder._methods()
+        if methods is not None and not found <= set(methods):
+            raise OutputExistsError(f"{where} holds the output of another command (method "
+                                    f"{', '.join(sorted(found))}); choose another output folder")
+        if not overwrite:
+            what = f"an augmentation output ({SUMMARY_FILE})" if folder.is_complete else \
+                f"an interrupted augmentation output ({PROVENANCE_FILE} without {SUMMARY_FILE})"
+            raise OutputExistsError(f"{where} already holds {what}; choose another output folder or overwrite "
+                                    "it (--overwrite, overwrite=True)")
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, overwrite: bool = False,
+               methods: Collection[str] | None = None) -> OutputWriter:
+        """A writer for a new output folder at ``path``; with ``overwrite`` an earlier output there is cleared.
+
+        Raises:
+            OutputExistsError: ``path`` cannot take a new output (see :meth:`check_writable`).
+        """
+        cls.check_writable(path, overwrite=overwrite, methods=methods)
+        folder = cls(path)
+        if overwrite and (folder.is_complete or folder.has_provenance):
+            folder._clear()
         return OutputWriter(folder)
+
+    def _clear(self) -> None:
+        """Delete everything in the folder, the summary first: a half-cleared folder is never complete."""
+        (self.path / SUMMARY_FILE).unlink(missing_ok=True)
+        for entry in os.scandir(self.path):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
     def rewrite(self, kept: list[dict[str, Any]], rejected: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Move ``rejected`` images under ``rejected/`` and keep ``kept``'s records, then the new summary.

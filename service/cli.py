@@ -35,7 +35,7 @@ def serve(
     from .api.main import create_app
 
     settings = _settings(settings_file)
-    app = create_app(settings, start_worker=worker)
+    app = create_app(settings, start_worker=worker)  # also redacts API keys from every log line, access log included
     typer.echo(f"retrogen serving on http://{host}:{port} (data: {Path(settings.data_dir).resolve()}, "
                f"worker: {'in-process' if worker else 'external'})")
     uvicorn.run(app, host=host, port=port, log_level="info")
@@ -48,8 +48,10 @@ def worker(
     """Run a job worker outside the web process (same database and store settings as the server)."""
     import signal
 
+    from .core.logs import install_log_redaction
     from .wiring import Services
 
+    install_log_redaction()
     services = Services.from_settings(_settings(settings_file))
     w = services.worker
     signal.signal(signal.SIGTERM, lambda *_: w.request_stop())

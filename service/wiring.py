@@ -15,6 +15,7 @@ from .domain.indexes import IndexRegistry
 from .domain.runners import (
     MethodRegistry,
     MethodSpec,
+    check_retrieval,
     generation_runner,
     run_retrieval,
     validate_generation,
@@ -31,6 +32,7 @@ def default_methods() -> MethodRegistry:
 
     methods = MethodRegistry()
     methods.register(MethodSpec("retrieval", "retrieval", run_retrieval, needs_index=True, validate=validate_retrieval,
+                                check=check_retrieval,
                                 description="nearest corpus neighbours; params.mode: image | text | mixed"))
     for name in list_methods():
         methods.register(MethodSpec(name, "generation", generation_runner(name), needs_model=True,

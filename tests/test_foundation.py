@@ -102,6 +102,92 @@ def test_output_writer_summary_last_and_refuses_to_clobber(tmp_path):
         OutputFolder.create(tmp_path / "o2").add(label="../x", filename="1.png", image_bytes=b"a", method="m", fields={})
 
 
+def _finished_output(out, method="m"):
+    with OutputFolder.create(out) as w:
+        w.add(label="cat", filename="1.png", image_bytes=b"abc", method=method, fields={})
+        w.close({"method": method, "per_class": {"cat": {"requested": 1, "returned": 1, "reason": None}}})
+    return out
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_output_path_rule_is_one_for_every_writer(tmp_path):
+    """New or empty: fine; a file or foreign content: never; an earlier output of the same command: with overwrite."""
+    from retrogen.errors import InvalidInputError
+    from retrogen.outputs import OutputExistsError
+
+    assert issubclass(OutputExistsError, InvalidInputError) and OutputExistsError.exit_code == 2
+    OutputFolder.check_writable(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    OutputFolder.check_writable(tmp_path / "empty", methods=["m"])
+    (tmp_path / "a-file").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="a-file is a file"):
+            OutputFolder.create(tmp_path / "a-file", overwrite=overwrite)
+
+    # the user's own images (no provenance): refused, and overwrite does not delete them either
+    foreign = tmp_path / "foreign"
+    (foreign / "cat").mkdir(parents=True)
+    (foreign / "cat" / "mine.png").write_bytes(b"user image")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="not empty \\(cat\\) and holds no augmentation output"):
+            OutputFolder.create(foreign, overwrite=overwrite)
+    assert _files(foreign) == {"cat/mine.png": b"user image"}
+
+    # a finished output of the same command: refused, or with overwrite cleared (not merged into)
+    out = _finished_output(tmp_path / "out")
+    (out / "cat" / "foreign.png").write_bytes(b"not ours")
+    (out / "dog").mkdir()
+    with pytest.raises(OutputExistsError, match="already holds an augmentation output"):
+        OutputFolder.check_writable(out, methods=["m"])
+    with pytest.raises(OutputExistsError, match="output of another command \\(method m\\)"):
+        OutputFolder.create(out, overwrite=True, methods=["retrieval:image"])
+    with OutputFolder.create(out, overwrite=True, methods=["m", "n"]) as w:
+        assert sorted(p.name for p in out.iterdir()) == ["provenance.jsonl"]  # cleared before the first image
+        w.add(label="fox", filename="2.png", image_bytes=b"new", method="n", fields={})
+        w.close({"method": "n", "per_class": {"fox": {"requested": 1, "returned": 1, "reason": None}}})
+    assert set(_files(out)) == {"fox/2.png", "provenance.jsonl", "summary.json"}
+    assert [r["file"] for r in OutputFolder(out).records()] == ["fox/2.png"]
+
+    # an interrupted output (records, no summary) is replaced only with overwrite, as a finished one is
+    (out / "summary.json").unlink()
+    with pytest.raises(OutputExistsError, match="interrupted augmentation output"):
+        OutputFolder.create(out, methods=["n"])
+    OutputFolder.create(out, overwrite=True, methods=["n"]).close({"per_class": {}})
+    assert set(_files(out)) == {"provenance.jsonl", "summary.json"}
+
+    # files loose beside the ImageFolder are not part of it (the service's evaluation job writes its report first)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text("{}")
+    OutputFolder.create(report).close({"per_class": {}})
+    assert set(_files(report)) == {"report.json", "provenance.jsonl", "summary.json"}
+
+
+def test_bad_image_files_are_named(tmp_path):
+    from retrogen.imageio import read_image_file
+
+    (tmp_path / "cat").mkdir()
+    empty, broken = tmp_path / "cat" / "3.png", tmp_path / "cat" / "4.png"
+    empty.write_bytes(b"")
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(BadImageError) as e:
+        read_image_file(empty)
+    assert str(e.value) == f"{empty}: not a usable image (empty_file)" and e.value.reason == "empty_file"
+    with pytest.raises(BadImageError, match=f"^{broken}: not a usable image \\(not_an_image: "):
+        read_image_file(broken)
+    with pytest.raises(BadImageError, match="cat: not a usable image \\(unreadable: IsADirectoryError"):
+        read_image_file(tmp_path / "cat")
+    assert read_image_file(_png(tmp_path / "ok.png")).mode == "RGB"
+
+
+def _png(path):
+    Image.new("L", (4, 3)).save(path)
+    return path
+
+
 def test_importing_a_library_sets_passive_openmp_before_torch_or_faiss():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     code = "import retrogen.retrieval, os, sys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"

@@ -62,9 +62,23 @@ def _jobs_standin() -> APIRouter:
     return router
 
 
+def _gallery_app(tmp_path, *routers):
+    """The gallery router (and ``routers``) with a database holding job ``job-1`` (API keys off: the page answers
+    404 for a job that does not exist)."""
+    from retrogen.service.core.db import Database
+    from retrogen.service.core.tables import Job
+
+    app = make_router_app(gallery_router, *routers)
+    app.state.db = Database(f"sqlite:///{tmp_path / 'gallery.db'}")
+    with app.state.db.session() as s:
+        s.add(Job(id="job-1", owner="anonymous", dataset_id="ds_1", dataset_key="datasets/x", kind="retrieval",
+                  method="retrieval", per_class=1, params={}, created=0.0))
+    return app
+
+
 @pytest.fixture(scope="module")
-def live_gallery():
-    with ThreadedUvicorn(make_router_app(gallery_router, _jobs_standin())) as server:
+def live_gallery(tmp_path_factory):
+    with ThreadedUvicorn(_gallery_app(tmp_path_factory.mktemp("gallery"), _jobs_standin())) as server:
         yield server
 
 
@@ -129,15 +143,15 @@ def test_labels_are_rendered_as_text_never_as_html(page, live_gallery):
     assert page.evaluate("() => document.querySelectorAll('img[src=\"x\"]').length") == 0
 
 
-def test_unknown_job_shows_the_servers_message(page, live_gallery):
-    _open(page, f"{live_gallery.url}/gallery/no-such-job")
-    status = page.text_content("#status")
-    assert "HTTP 404" in status and "no job 'no-such-job'" in status
-    assert page.eval_on_selector_all("figure.item", "els => els.length") == 0
+def test_unknown_job_has_no_page(page, live_gallery):
+    """Keys off: a job that does not exist has no gallery (it once answered 200 for any id)."""
+    response = page.goto(f"{live_gallery.url}/gallery/no-such-job")
+    assert response.status == 404 and "no job 'no-such-job'" in page.content()
 
 
-def test_page_and_assets_are_served_with_a_strict_policy():
-    client = TestClient(make_router_app(gallery_router))
+def test_page_and_assets_are_served_with_a_strict_policy(tmp_path):
+    client = TestClient(_gallery_app(tmp_path))
+    assert client.get("/gallery/job-2").status_code == 404
     r = client.get("/gallery/job-1")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in r.headers["content-security-policy"]
@@ -172,6 +186,10 @@ def test_gallery_of_a_real_retrieval_job_with_api_keys(page, tmp_path, service_i
         page.goto(f"{server.url}/gallery/{job}")  # no key: the server's 401 message is shown
         page.wait_for_function("() => document.getElementById('status').classList.contains('error')")
         assert "HTTP 401" in page.text_content("#status")
+        page.goto("about:blank")
+        # keys on, an unknown job: the page is served (a page load has no key), its keyed request says 404
+        _open(page, f"{server.url}/gallery/job_nope#key={key}")
+        assert "HTTP 404" in page.text_content("#status") and "no job 'job_nope'" in page.text_content("#status")
         page.goto("about:blank")
         _open(page, f"{server.url}/gallery/{job}#key={key}")
         assert "key=" not in page.url, "the key leaves the address bar"

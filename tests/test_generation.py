@@ -18,7 +18,7 @@ PROV_FIELDS = {
     "file", "label", "method", "sha256", "created", "retrogen_version", "pipeline", "model", "model_revision",
     "weights_hash", "scheduler", "scheduler_class", "prompt", "negative_prompt", "seed", "num_inference_steps",
     "guidance_scale", "strength", "init_image", "init_image_sha256", "adapter", "adapter_hash", "index",
-    "device", "dtype", "width", "height",
+    "device", "dtype", "width", "height", "model_path", "torch_version", "diffusers_version",
 }
 
 
@@ -135,7 +135,7 @@ def test_errors_are_named_and_write_nothing(dataset, tmp_path, tiny_sd_dir):
         run(dataset, out, "not a model!", "prompt")
     with pytest.raises(UnknownModelError):
         run(dataset, out, tmp_path / "missing" / "dir", "prompt")
-    with pytest.raises(UnknownModelError, match="not found on the hub or in its cache"):
+    with pytest.raises(UnknownModelError, match="is not in the local Hugging Face cache and the hub is offline"):
         run(dataset, out, "retrogen-tests/no-such-model", "prompt", local_files_only=True, revision="main")
     not_model = tmp_path / "notmodel"
     not_model.mkdir()
@@ -154,7 +154,7 @@ def test_errors_are_named_and_write_nothing(dataset, tmp_path, tiny_sd_dir):
         run(dataset, out, tiny_sd_dir, "img2img")
     (dataset / "empty_class").rmdir()
     (dataset / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    with pytest.raises(BadImageError):
+    with pytest.raises(BadImageError, match=f"^{dataset / 'cat' / 'broken.jpg'}: not a usable image \\(not_an_image"):
         run(dataset, out, tiny_sd_dir, "img2img")
     assert _no_output(out)
     with pytest.raises(RetrogenError, match="strength"):
@@ -180,6 +180,42 @@ def test_existing_output_is_never_overwritten(dataset, tmp_path, tiny_sd_dir):
     with pytest.raises(OutputExistsError):
         run(dataset, out, tiny_sd_dir, "prompt", per_class=2)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_replaces_an_earlier_output_and_nothing_else(dataset, tmp_path, tiny_sd_dir):
+    from retrogen.generation import GenerationConfig, OutputExistsError, augment_by_generation
+
+    out = tmp_path / "out"
+    run(dataset, out, tiny_sd_dir, "prompt", per_class=2)
+    (out / "cat" / "foreign.png").write_bytes((dataset / "cat" / "img0.png").read_bytes())
+    result = augment_by_generation(dataset, out, model=str(tiny_sd_dir), method="img2img", per_class=1,
+                                   config=GenerationConfig(**FAST), overwrite=True)
+    kept = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert kept == {r["file"] for r in result.records} | {"provenance.jsonl", "summary.json"}, "cleared, not merged"
+    assert len(OutputFolder(out).records()) == 2
+    # the user's own images are never replaced, overwrite or not
+    with pytest.raises(OutputExistsError, match="holds no augmentation output"):
+        augment_by_generation(dataset, dataset, model=str(tiny_sd_dir), method="prompt", per_class=1,
+                              config=GenerationConfig(**FAST), overwrite=True)
+    assert sorted(p.name for p in (dataset / "cat").iterdir()) == ["img0.png", "img1.png"]
+
+
+def test_summary_and_records_name_the_real_size_model_and_versions(dataset, tmp_path, tiny_sd_dir):
+    import diffusers
+    import torch
+
+    from retrogen import __version__
+
+    result = run(dataset, tmp_path / "out", tiny_sd_dir, "prompt", per_class=1, size=None)
+    summary = OutputFolder(tmp_path / "out").summary()
+    native = Image.open(tmp_path / "out" / result.records[0]["file"]).size[0]
+    assert summary["parameters"]["size"] == native, "the size used, not the config's None"
+    assert summary["model"]["path"] == str(Path(tiny_sd_dir).resolve())
+    for r in result.records:
+        assert r["model_path"] == str(Path(tiny_sd_dir).resolve()) and Path(r["model_path"]).is_absolute()
+        assert r["model_revision"] is None  # a local folder; a hub model records its commit here
+        assert (r["torch_version"], r["diffusers_version"]) == (torch.__version__, diffusers.__version__)
+        assert r["retrogen_version"] == __version__
 
 
 def test_cancel_between_batches_leaves_no_summary(dataset, tmp_path, tiny_sd_dir):
@@ -308,8 +344,9 @@ def test_ip_adapter_spec_resolution(tmp_path, tiny_sd_dir):
         "h94/IP-Adapter", "sdxl_models", "ip-adapter_sdxl.safetensors")
     f = tiny_sd_dir / "ip_adapter" / "ip-adapter.safetensors"
     assert resolve_ip_adapter(str(f), tmp_path, "sd") == (str(f.parent), "", f.name)
-    with pytest.raises(GenerationError, match="expected a local .safetensors"):
+    with pytest.raises(GenerationError, match="expected a local .safetensors") as e:
         resolve_ip_adapter("h94/IP-Adapter", tmp_path, "sd")
+    assert e.value.exit_code == 2
 
 
 def test_sdxl_runs_inference_methods_and_refuses_personalisation(dataset, tmp_path, tiny_sdxl_dir):

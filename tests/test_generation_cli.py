@@ -43,6 +43,10 @@ def test_cli_writes_output_and_summary_line(tmp_path, tiny_sd_dir):
     (["--method", "prompt", "--model", "/no/such/model"], "UnknownModelError", "neither an existing directory"),
     (["--method", "prompt", "--size", "60"], "InvalidConfigError", "size=60"),
     (["--method", "prompt", "--class-prompts", "/no/such.json"], "InvalidConfigError", "--class-prompts: cannot read"),
+    (["--method", "prompt", "--model", "org/not-cached"], "UnknownModelError",
+     "'org/not-cached' is not in the local Hugging Face cache and the hub is offline"),
+    (["--method", "variation", "--ip-adapter", "retrogen-tests/no-adapter/ip.safetensors"], "InvalidConfigError",
+     "cannot load IP-Adapter retrogen-tests/no-adapter/ip.safetensors"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(args, error, text, tmp_path, tiny_sd_dir, monkeypatch, capsys):
     from retrogen.cli import main
@@ -58,6 +62,66 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(args, error, text, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and text in err and err.startswith("error: ")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("occupant", ["file", "foreign", "bad-image"])
+def test_cli_refuses_before_any_model_loads_naming_the_path(occupant, tmp_path, monkeypatch, capsys):
+    """--out an existing file, --out holding the user's images, or a bad dataset image: one line, exit 2."""
+    import retrogen.generation.augment
+    from retrogen.cli import main
+
+    data, out = make_dataset(tmp_path / "my_data"), tmp_path / "out"
+    if occupant == "file":
+        out.write_text("notes")
+    elif occupant == "foreign":
+        (out / "cat").mkdir(parents=True)
+        (out / "cat" / "mine.png").write_bytes((data / "cat" / "img0.png").read_bytes())
+    else:
+        (data / "cat" / "3.png").write_bytes(b"")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was resolved before the inputs were checked")
+
+    monkeypatch.setattr(retrogen.generation.augment, "resolve_model", no_model)
+    monkeypatch.setattr(sys, "argv", ["retrogen", "augment", "generate", "--model", "org/model", "--dataset",
+                                      str(data), "--method", "img2img", "--per-class", "1", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert {"file": f"{out} is a file", "foreign": f"{out} is not empty (cat) and holds no augmentation output",
+            "bad-image": f"{data / 'cat' / '3.png'}: not a usable image (empty_file)"}[occupant] in err
+    if occupant == "foreign":
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["cat", "cat/mine.png"]
+
+
+def test_cli_overwrite_clears_an_earlier_output(tmp_path, tiny_sd_dir):
+    data, out = make_dataset(tmp_path / "data"), tmp_path / "out"
+    args = ["augment", "generate", "--model", str(tiny_sd_dir), "--dataset", str(data), "--method", "prompt",
+            "--out", str(out), *FAST]
+    assert CliRunner().invoke(app, [*args, "--per-class", "2"]).exit_code == 0
+    (out / "dog" / "foreign.png").write_bytes((data / "dog" / "img0.png").read_bytes())
+    again = CliRunner().invoke(app, [*args, "--per-class", "1"])
+    assert isinstance(again.exception, FileExistsError) and "--overwrite" in str(again.exception)
+    res = CliRunner().invoke(app, [*args, "--per-class", "1", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["cat/00000.png", "dog/00000.png", "provenance.jsonl", "summary.json"]
+
+
+def test_installed_command_offline_hub_id_is_one_line(tmp_path):
+    import os
+
+    data = make_dataset(tmp_path / "data")
+    exe = Path(sys.executable).with_name("retrogen")
+    proc = subprocess.run([str(exe), "augment", "generate", "--model", "org/not-cached", "--dataset", str(data),
+                           "--method", "prompt", "--per-class", "1", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "not in the local Hugging Face cache" in lines[0] and "hf download org/not-cached" in lines[0]
+    assert "local diffusers folder" in lines[0]
 
 
 def test_installed_command_runs_variation(tmp_path, tiny_sd_dir):

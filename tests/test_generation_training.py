@@ -184,3 +184,59 @@ def test_artifact_store_is_atomic(tmp_path):
     assert meta["hash"] == sha256_tree(meta["path"], ["w.bin"])  # the shared tree hash, without artifact.json
     meta2, reused2 = store.get_or_build("k", key, lambda tmp: built.append(1) or {}, description={})
     assert reused2 and meta2["hash"] == meta["hash"] and len(built) == 1
+
+
+def test_dreambooth_lora_weights_do_not_depend_on_the_global_rng(pipe, tmp_path):
+    """peft draws the LoRA's initial weights from torch's global generator; the trainer must seed them itself,
+    so the same config trains byte-identical weights whatever the process did before."""
+    import torch
+
+    from retrogen.generation.training.dreambooth import LORA_WEIGHT_NAME, DreamBoothConfig, train_dreambooth
+
+    cfg = DreamBoothConfig(instance_prompt="a photo of sks thing", class_prompt="a photo of thing", num_train_steps=2,
+                           learning_rate=1e-2, resolution=64, train_text_encoder=True)
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        out = tmp_path / f"run{global_seed}"
+        out.mkdir()
+        train_dreambooth(pipe, _red_images(), cfg, out)
+        outs.append((out / LORA_WEIGHT_NAME).read_bytes())
+    assert outs[0] == outs[1]
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    assert torch.equal(after, torch.rand(1)), "the caller's generator is left where it was"
+
+
+def test_dreambooth_cache_key_follows_what_shapes_the_artefact(tmp_path, tiny_sd_dir):
+    data = make_dataset(tmp_path / "data")
+    arts = tmp_path / "artifacts"
+    base = dict(per_class=1, artifacts_dir=arts, num_train_steps=2)
+    first = run(data, tmp_path / "a", tiny_sd_dir, "dreambooth", **base)
+    # inference steps and guidance shape the images, not the artefact: reused
+    again = run(data, tmp_path / "b", tiny_sd_dir, "dreambooth", **base, num_inference_steps=3, guidance_scale=2.0)
+    assert all(a["reused"] for a in again.summary["artifacts"].values())
+    assert {a["key"] for a in again.summary["artifacts"].values()} == {a["key"] for a in first.summary["artifacts"].values()}
+    # with prior preservation the class images are sampled with them: they shape the artefact
+    prior = dict(base, enable_prior_preservation=True, num_class_images=1)
+    p1 = run(data, tmp_path / "c", tiny_sd_dir, "dreambooth", **prior)
+    p2 = run(data, tmp_path / "d", tiny_sd_dir, "dreambooth", **prior, guidance_scale=2.0)
+    assert not any(a["reused"] for a in p2.summary["artifacts"].values())
+    assert {a["key"] for a in p1.summary["artifacts"].values()}.isdisjoint(a["key"] for a in p2.summary["artifacts"].values())
+
+
+def test_orphaned_build_folders_are_removed(tmp_path):
+    import os
+    import time
+
+    from retrogen.generation.artifacts import ORPHAN_AGE_S, ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    (tmp_path / "dreambooth").mkdir()
+    old, young = tmp_path / "dreambooth" / ".abc.x1.tmp", tmp_path / "dreambooth" / ".abc.x2.tmp"
+    old.mkdir()
+    young.mkdir()
+    stale = time.time() - ORPHAN_AGE_S - 10
+    os.utime(old, (stale, stale))
+    store.get_or_build("dreambooth", "k" * 64, lambda tmp: (tmp / "w.bin").write_bytes(b"w") and {}, description={})
+    assert not old.exists() and young.exists(), "a builder that died is cleaned up; one still working is not"

@@ -235,3 +235,53 @@ def test_cli_one_readable_line_and_exit_code_on_bad_input(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+
+
+def test_cli_out_rule_overwrite_clears_and_foreign_content_is_kept(effnet_index, dataset, tmp_path):
+    from retrogen.outputs import OutputExistsError
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+
+    def retrieve(to, *extra):
+        return runner.invoke(app, ["augment", "retrieve", "--index-dir", str(effnet_index), "--dataset", str(dataset),
+                                   "--per-class", "2", "--out", str(to), "--quiet", "--leakage-threshold", "0.999",
+                                   "--dedup-threshold", "0.9999", *extra])
+
+    assert retrieve(out).exit_code == 0
+    (out / "red" / "foreign.png").write_bytes((dataset / "red" / "0.png").read_bytes())
+    res = retrieve(out, "--overwrite")
+    assert res.exit_code == 0, res.output
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == {r["file"] for r in OutputFolder(out).records()} | {"provenance.jsonl", "summary.json"}
+    # the user's dataset as --out: refused with or without --overwrite, before any embedding, and left as it was
+    before = {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        bad = retrieve(dataset, *extra)
+        assert isinstance(bad.exception, OutputExistsError) and "holds no augmentation output" in str(bad.exception)
+    assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
+    # an output of another command is not replaced either
+    OutputFolder.create(tmp_path / "gen").close({"method": "prompt", "per_class": {}})
+    other = retrieve(tmp_path / "gen", "--overwrite")
+    assert isinstance(other.exception, OutputExistsError) and "output of another command" in str(other.exception)
+    # --out naming a file: refused before --embedder loads a model (this one is not even cached)
+    (tmp_path / "a-file").write_text("notes")
+    res = retrieve(tmp_path / "a-file", "--embedder", "open_clip:ViT-B-32:not-cached")
+    assert isinstance(res.exception, OutputExistsError) and "a-file is a file" in str(res.exception)
+
+
+def test_unreadable_dataset_images_are_named_and_a_class_without_any_fails(effnet_index, dataset, tmp_path, caplog):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "green" / "9.png").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        result = augment_by_retrieval(data, tmp_path / "o1", corpus=effnet_index, per_class=1, config=STRICT)
+    assert result.summary["skipped_dataset_images"] == [{"file": "green/9.png", "reason": "empty_file"}]
+    assert f"{data / 'green' / '9.png'}: not a usable image (empty_file)" in caplog.text
+    for f in (data / "blue").iterdir():
+        f.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(InvalidInputError, match=r"class 'blue' has no readable image in .*: blue/0.png \(not_an_image\)"):
+        augment_by_retrieval(data, tmp_path / "o2", corpus=effnet_index, per_class=1, config=STRICT)
+    assert not (tmp_path / "o2").exists()

@@ -121,7 +121,7 @@ def test_job_errors(app, client):
     assert r.status_code == 202 and r.json()["state"] == "cancelled"
     assert app.state.worker.run_once("retrieval") is None  # nothing left to run
     # runner failures become failed jobs with the reason; the worker survives
-    for method, reason in (("boom", "internal error: RuntimeError: the fake runner crashed"),
+    for method, reason in (("boom", "internal error: the job crashed (RuntimeError); the server log has the details"),
                            ("bad", "the fake runner refuses this dataset")):
         j = run_job(app, client, ds["id"], method=method)
         assert j["state"] == "failed" and j["error"] == reason
@@ -211,3 +211,171 @@ def test_settings_from_env_and_file(tmp_path, monkeypatch):
     monkeypatch.setenv("RETROGEN_MAX_PER_CLASS", "-1")
     with pytest.raises(ValidationError):
         Settings()
+
+
+# -- request bodies: the limit holds while a body streams in -------------------------------------------------
+
+def _asgi_post(app, path: str, chunks, content_type: str = "application/json"):
+    """POST ``chunks`` to the app as a chunked body (no Content-Length), straight through ASGI; returns
+    (status, answer body, bytes the app pulled from the client)."""
+    import asyncio
+
+    sent, pulled, it = [], [0], iter(chunks)
+
+    async def receive():
+        chunk = next(it, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled[0] += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver"), (b"content-type", content_type.encode()),
+                         (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 1234), "server": ("testserver", 80)}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body or b"null"), pulled[0]
+
+
+def _huge_json(total_mb: int):
+    """A JSON object with one string member of ``total_mb`` MB, made 1 MB at a time (never held whole)."""
+    yield b'{"name": "x", "images": [{"label": "cat", "data": "'
+    for _ in range(total_mb):
+        yield b"A" * (1 << 20)
+    yield b'"}]}'
+
+
+@pytest.mark.parametrize("path", ["/v1/datasets/manifest", "/v1/jobs", "/v1/retrieve", "/knn-service"])
+def test_chunked_json_bodies_stop_at_the_limit(tmp_path, path):
+    """A chunked body (no Content-Length) once went around the limit: 60-100 MB were read and parsed."""
+    from retrogen.service.api.main import create_app
+
+    app = create_app(make_settings(tmp_path / "data", max_json_bytes=2 << 20), methods=fake_registry(),
+                     start_worker=False)
+    status, body, pulled = _asgi_post(app, path, _huge_json(100))
+    assert status == 413 and "2097152-byte limit" in body["detail"]
+    assert pulled <= (2 << 20) + (1 << 20)  # the app stopped reading at the limit (one chunk past it at most)
+
+
+def test_chunked_uploads_get_the_upload_limit_and_declared_sizes_are_refused_unread(tmp_path):
+    from retrogen.service.api.main import create_app
+
+    app = create_app(make_settings(tmp_path / "data", max_json_bytes=1000, max_upload_bytes=3 << 20),
+                     methods=fake_registry(), start_worker=False)
+    boundary = "b0undary"
+
+    def multipart(size_mb: int):
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.zip\"\r\n"
+               "Content-Type: application/zip\r\n\r\n").encode()
+        for _ in range(size_mb):
+            yield b"\0" * (1 << 20)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    form = f"multipart/form-data; boundary={boundary}"
+    status, body, pulled = _asgi_post(app, "/v1/datasets", multipart(50), form)
+    assert status == 413 and pulled <= (4 << 20) + (64 << 10)
+    # under the upload limit (far over the JSON one) the upload is read and judged on its content
+    status, body, _ = _asgi_post(app, "/v1/datasets", multipart(1), form)
+    assert status == 422 and "no images" in body["detail"]  # 1 MB of zeros reads as an empty tar
+    client = TestClient(app)
+    r = client.post("/v1/jobs", content=b"{" + b" " * 2000 + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["detail"].startswith("request body exceeds the 1000-byte limit")
+
+
+def test_job_params_are_capped(app, client):
+    """A 24 MB templates list was once stored on the job row and returned by every GET /v1/jobs."""
+    ds = upload(client).json()
+    r = client.post("/v1/jobs", json={"dataset": ds["id"], "method": "fake-retrieval", "per_class": 1,
+                                      "params": {"mode": "x" * 70_000}})
+    assert r.status_code == 422 and "65536" in r.json()["detail"], r.text
+    assert client.get("/v1/jobs").json()["count"] == 0
+
+
+# -- 4xx, never 500 -----------------------------------------------------------------------------------------
+
+def test_out_of_range_numbers_are_a_4xx(app):
+    client = TestClient(app, raise_server_exceptions=False)
+    ds = upload(client).json()
+    job = client.post("/v1/jobs", json={"dataset": ds["id"], "method": "fake-retrieval", "per_class": 1}).json()
+    for path, params in (("/v1/jobs", {"offset": 2**63}), ("/v1/datasets", {"offset": 2**63}),
+                         (f"/v1/jobs/{job['id']}/events", {"after": 2**63}), ("/v1/jobs", {"offset": -1})):
+        r = client.get(path, params=params)
+        assert r.status_code == 422, (path, r.status_code, r.text)
+    for body in (b'{"dataset": "%s", "method": "fake-retrieval", "per_class": NaN}' % ds["id"].encode(),
+                 b'{"dataset": "%s", "method": "fake-retrieval", "per_class": 1, "params": {"delay_s": Infinity}}'
+                 % ds["id"].encode(),
+                 b'{"dataset": "%s", "method": "fake-retrieval", "per_class": 1e400}' % ds["id"].encode()):
+        r = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (body, r.status_code, r.text)
+
+
+# -- readiness, gallery, export, image URLs -----------------------------------------------------------------
+
+def test_readyz_checks_the_store_root_exists_and_takes_a_write(app, client, tmp_path):
+    import shutil
+
+    assert client.get("/readyz").status_code == 200
+    root = tmp_path / "data" / "store"
+    assert not [p for p in root.iterdir() if p.name.startswith(".ready")], "the probe is removed"
+    shutil.rmtree(root)
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["checks"]["store"].startswith("error: the store's root folder is missing")
+    assert str(tmp_path) not in r.text
+    assert not root.exists(), "readiness must not recreate what it checks"
+    root.write_text("a file, not a folder")
+    assert client.get("/readyz").status_code == 503
+
+
+def test_gallery_answers_404_for_unknown_jobs_and_reveals_nothing_with_keys_on(app, client, tmp_path):
+    from retrogen.service.api.main import create_app
+
+    job = run_job(app, client, upload(client).json()["id"], per_class=1)
+    assert client.get(f"/gallery/{job['id']}").status_code == 200
+    r = client.get("/gallery/job_nope")
+    assert r.status_code == 404 and "no job 'job_nope'" in r.json()["detail"]
+    keyed_app = create_app(make_settings(tmp_path / "keyed", api_keys=["gallery-key-1234"]), methods=fake_registry(),
+                           start_worker=False)
+    keyed = TestClient(keyed_app, headers={"X-API-Key": "gallery-key-1234"})
+    real = run_job(keyed_app, keyed, upload(keyed).json()["id"], per_class=1)
+    bare = TestClient(keyed_app)  # a page load carries no key
+    known, unknown = bare.get(f"/gallery/{real['id']}"), bare.get("/gallery/job_nope")
+    assert known.status_code == unknown.status_code == 200 and known.content == unknown.content
+    assert dict(known.headers) == dict(unknown.headers)
+
+
+def test_export_tars_are_byte_stable(app, client):
+    """Each download was a different tar (every member's mtime was 'now'); now the job's finish time."""
+    import time
+
+    job = run_job(app, client, upload(client).json()["id"], per_class=2)
+    for params in ({}, {"format": "webdataset"}, {"format": "webdataset", "shard": 0, "shard_size": 3}):
+        first = client.get(f"/v1/jobs/{job['id']}/export", params=params).content
+        time.sleep(1.1)  # mtimes have one-second resolution
+        assert client.get(f"/v1/jobs/{job['id']}/export", params=params).content == first, params
+        members = tarfile.open(fileobj=io.BytesIO(first)).getmembers()
+        assert {m.mtime for m in members} == {int(job["finished"])}
+        assert {(m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, "", "", 0o644)}
+
+
+def test_job_image_urls_take_the_key_in_the_url(tmp_path):
+    """ClipClient users and <img src> cannot send a header: ?api_key= works on image URLs as on /knn-service."""
+    from retrogen.service.api.main import create_app
+
+    key = "image-key-123456"
+    app = create_app(make_settings(tmp_path / "data", api_keys=[key]), methods=fake_registry(), start_worker=False)
+    keyed = TestClient(app, headers={"X-API-Key": key})
+    job = run_job(app, keyed, upload(keyed).json()["id"], per_class=1)
+    url = keyed.get(f"/v1/jobs/{job['id']}/results").json()["items"][0]["url"]
+    bare = TestClient(app)
+    assert bare.get(url).status_code == 401
+    assert bare.get(url, params={"api_key": "wrong-key-0000"}).status_code == 401
+    r = bare.get(url, params={"api_key": key})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    # only image URLs: the rest of the API still wants a header
+    assert bare.get(f"/v1/jobs/{job['id']}/results", params={"api_key": key}).status_code == 401

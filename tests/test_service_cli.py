@@ -58,3 +58,35 @@ def test_app_import_and_factory_load_no_torch_or_faiss(tmp_path):
                          env=os.environ | {"OMP_WAIT_POLICY": "PASSIVE"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_retrogen_serve_logs_no_api_key(tmp_path):
+    """``retrogen serve`` (the Docker image's command too) writes uvicorn's access log: ``?api_key=`` (ClipClient's
+    only way to send a key) used to appear there in plain text."""
+    key = "serve-key-0123456789"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"RETROGEN_DATA_DIR": str(tmp_path / "data"), "RETROGEN_API_KEYS": f'["{key}"]',
+                        "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen([sys.executable, "-c", "from retrogen.cli import main; main()", "serve", "--port",
+                             str(port), "--no-worker"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+                time.sleep(0.2)
+        assert httpx.get(f"{base}/v1/jobs/job_x/images/cat/0.png?api_key={key}").status_code == 404
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert httpx.get(f"{base}/v1/models", headers={"X-API-Key": "not-the-key-0"}).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert '"GET /v1/jobs/job_x/images/cat/0.png?api_key=[redacted] HTTP/1.1" 404' in out, out[-2000:]
+    assert key not in out

@@ -48,3 +48,27 @@ def test_client_round_trip(tmp_path):
             assert err.value.status == 401
         finally:
             app.state.worker.stop()
+
+
+def test_torch_dataset_indices_follow_the_class_list_not_the_labels_present(tmp_path):
+    """A class that got no image keeps its index: 'fox' is 2 even when 'dog' returned nothing."""
+    from retrogen.client import RetrogenClient
+    from retrogen.errors import InvalidInputError, NotFoundError
+    from retrogen.outputs import OutputFolder
+    from tests.conftest import colour_image, png_bytes
+
+    out = tmp_path / "result"
+    with OutputFolder.create(out) as w:
+        for label in ("cat", "fox"):
+            w.add(label=label, filename="0.png", image_bytes=png_bytes(colour_image((9, 9, 9))), method="m", fields={})
+        w.close({"method": "m", "per_class": {c: {"requested": 1, "returned": int(c != "dog"), "reason": None}
+                                              for c in ("cat", "dog", "fox")}})
+    train = RetrogenClient.as_torch_dataset(out)
+    assert train.classes == ["cat", "dog", "fox"] and [train[i][1] for i in range(2)] == [0, 2]
+    explicit = RetrogenClient.as_torch_dataset(out, classes=["fox", "dog", "cat", "emu"])
+    assert [explicit[i][1] for i in range(2)] == [2, 0] and explicit.class_to_idx["emu"] == 3
+    with pytest.raises(InvalidInputError, match=r"labelled \['fox'\], not in the class list"):
+        RetrogenClient.as_torch_dataset(out, classes=["cat", "dog"])
+    (out / "summary.json").unlink()
+    with pytest.raises(NotFoundError, match="classes="):
+        RetrogenClient.as_torch_dataset(out)

@@ -39,13 +39,59 @@ def test_retrieval_job_end_to_end(tmp_path, service_index_dir):
     job = client.get(f"/v1/jobs/{r.json()['id']}").json()
     assert job["state"] == "succeeded", job
     assert job["index"] == "tiny" and job["num_images"] == 6, job["summary"]
+    # per class: each class's own count (it once held the running count over all classes)
+    assert job["progress"]["per_class"] == {"blue": {"done": 3, "total": 3}, "red": {"done": 3, "total": 3}}
+    assert (job["progress"]["done"], job["progress"]["total"]) == (6, 6)
     items = client.get(f"/v1/jobs/{job['id']}/results").json()["items"]
     for it in items:
         p = it["provenance"]
         assert p["method"] == "retrieval:image" and p["label"] == it["label"]
+        # where the corpus item came from, relative to its corpus source: no server path
+        assert p["source_uri"] == f"00000.tar#{p['sample_key']}.png"
         # colour families: the tiny embedder is random, so only check what is exact: bytes and provenance
         assert sha256_bytes(client.get(it["url"]).content) == p["sha256"]
         assert "similarity" in p and "sample_id" in p
+
+
+def test_jobs_an_index_cannot_run_are_refused_at_submission(tmp_path, mean_colour_embedder):
+    """Text queries and the label check need an image-text embedder: on an image-only index they were queued
+    (202) and then failed. The index's manifest says so; nothing is loaded to find out."""
+    from retrogen.index_builder.build import build_index
+    from retrogen.index_builder.config import IndexBuildConfig
+    from retrogen.service.api.main import create_app
+    from tests.conftest import write_service_corpus_tar
+
+    tar = write_service_corpus_tar(tmp_path / "00000.tar")
+    build_index([str(tar)], tmp_path / "pixels", embedder=mean_colour_embedder,
+                config=IndexBuildConfig(index_type="flat", num_workers=1))
+    app = create_app(make_settings(tmp_path / "data", indexes={"pixels": {"path": str(tmp_path / "pixels")},
+                                                               "gone": {"path": str(tmp_path / "gone")}}),
+                     start_worker=False)
+    client = TestClient(app)
+    ds = _dataset(client)
+
+    def submit(index="pixels", **params):
+        return client.post("/v1/jobs", json={"dataset": ds, "method": "retrieval", "per_class": 2, "index": index,
+                                             "params": params})
+
+    for params, words in (({"mode": "text"}, "params.mode='text'"), ({"mode": "mixed"}, "params.mode='mixed'"),
+                          ({"label_check": True}, "params.label_check")):
+        r = submit(**params)
+        assert r.status_code == 422, r.text
+        assert words in r.json()["detail"] and "image-only embedder 'meancolour'" in r.json()["detail"]
+    r = submit(index="gone")
+    assert r.status_code == 404 and "index 'gone'" in r.json()["detail"] and str(tmp_path) not in r.text
+    for params, field in (({"nprobe": -5}, "nprobe"), ({"batch_size": 10**9}, "batch_size"),
+                          ({"max_candidates_per_class": 10**12}, "max_candidates_per_class"),
+                          ({"templates": ["{0} and {1}"]}, "templates")):
+        r = submit(**params)
+        assert r.status_code == 422 and field in r.json()["detail"], r.text
+    assert client.get("/v1/jobs").json()["count"] == 0
+    assert not app.state.index_registry.is_loaded("pixels"), "checking a request loads no index or model"
+    r = submit(mode="image")
+    assert r.status_code == 202, r.text
+    assert app.state.worker.run_once("retrieval") == r.json()["id"]
+    assert client.get(f"/v1/jobs/{r.json()['id']}").json()["state"] == "succeeded"
 
 
 @pytest.mark.timeout(300)

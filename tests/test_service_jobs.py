@@ -131,3 +131,41 @@ def test_worker_stop_hands_running_job_back(app):
     assert job["state"] == "queued" and job["attempts"] == 0
     assert app.state.worker.run_once("retrieval") == job_id  # a later worker finishes it
     assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded"
+
+
+def test_progress_is_overall_with_each_class_counted_on_its_own(monkeypatch):
+    """The job row's progress from the event shapes the runners send: ``done``/``total`` over the whole job (never
+    jumping back when a class starts), ``per_class`` each class's own count."""
+    from retrogen.progress import ProgressEvent
+    from retrogen.service.domain import worker
+    from retrogen.service.domain.evaluations import arms_in_message
+    from retrogen.service.domain.runners import PerClassWrites
+
+    rows = []
+    monkeypatch.setattr(worker.jobs, "record_progress", lambda db, job, w, progress, event=None: rows.append(progress))
+
+    def tracker():
+        rows.clear()
+        return worker.ProgressTracker(None, "job_x", "w", min_interval_s=0)
+
+    # retrieval: augment_by_retrieval's write events name the class but count over all classes
+    t = tracker()
+    write = PerClassWrites(t, per_class=3)
+    write(ProgressEvent("search", 1, 1))
+    for n, label in enumerate(["cat", "cat", "cat", "dog", "dog"], start=1):
+        write(ProgressEvent("write", n, 5, label=label))
+    assert t.state["per_class"] == {"cat": {"done": 3, "total": 3}, "dog": {"done": 2, "total": 3}}
+    assert (t.state["done"], t.state["total"]) == (5, 5)
+    # generation: per-class counts, the overall count in extra; a class starts with a bare 0 event
+    t = tracker()
+    for label, base in (("cat", 0), ("dog", 2)):
+        t(ProgressEvent("generate", 0, 2, label))
+        for i in (1, 2):
+            t(ProgressEvent("generate", i, 2, label, extra={"overall_done": base + i, "overall_total": 4}))
+    dones = [r["done"] for r in rows]
+    assert dones == sorted(dones) and dones[-1] == 4, dones
+    assert t.state["per_class"] == {"cat": {"done": 2, "total": 2}, "dog": {"done": 2, "total": 2}}
+    # evaluation: the arm is not a class
+    t = tracker()
+    arms_in_message(t)(ProgressEvent("train", 3, 8, label="retrieval", message="draw 1/2"))
+    assert t.state["per_class"] == {} and t.state["message"] == "retrieval: draw 1/2" and t.state["done"] == 3

@@ -73,6 +73,7 @@ def test_text_query_shape_and_order(client, registry):
         assert {"id", "similarity", "url", "caption"} <= set(row)
         assert isinstance(row["id"], int) and isinstance(row["similarity"], float)
         assert row["url"].startswith("http://example.com/")
+        assert row["source_uri"] == f"00000.tar#{row['key']}.png"  # relative to the corpus source, no server path
     loaded = registry.get("corpus")
     scores, ids = loaded.corpus.search(loaded.embedder.embed_texts(["a red square"]), 5)
     assert [row["id"] for row in out] == [int(i) for i in ids[0]]
@@ -124,6 +125,7 @@ def test_metadata_shape(client):
     assert out[1]["metadata"]["caption"] == "a red square"
     assert out[1]["metadata"]["image_url"].endswith("/v1/indexes/corpus/items/0/image")
     assert "source" not in out[1]["metadata"] and "offset" not in out[1]["metadata"]
+    assert out[1]["metadata"]["source_uri"] == "00000.tar#red-000.png"
     assert post_raw(client, "/metadata", json.dumps({"ids": [], "indice_name": "corpus"})).json() == []
 
 
@@ -180,6 +182,11 @@ def test_api_keys_guard_retrieval_and_clip_client_can_pass_one_in_the_url(regist
     assert c.post("/v1/retrieve", json={"texts": ["x"]}, headers={"X-API-Key": "k-0123456789"}).status_code == 200
     assert c.get("/v1/indexes/corpus/items/0/image",
                  headers={"Authorization": "Bearer k-0123456789"}).status_code == 200
+    # the image_url of a ClipClient result is fetched bare too: the key may come in its URL
+    assert c.get("/v1/indexes/corpus/items/0/image").status_code == 401
+    assert c.get("/v1/indexes/corpus/items/0/image?api_key=nope-nope-nope").status_code == 401
+    assert c.get("/v1/indexes/corpus/items/0/image?api_key=k-0123456789").status_code == 200
+    assert c.get("/v1/indexes?api_key=k-0123456789").status_code == 401  # the rest still wants a header
     # ClipClient("http://host/knn-service?api_key=...") works unchanged
     r = post_raw(c, "/knn-service?api_key=k-0123456789", body)
     assert r.status_code == 200 and len(r.json()) == 2

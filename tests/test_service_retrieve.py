@@ -62,7 +62,8 @@ def test_image_queries_find_their_family_with_provenance(client, registry):
             assert prov["index_id"] == out["index_id"] and prov["sample_id"] == n["sample_id"]
             assert prov["query"] == res["query"] and prov["method"] == "retrieval:image"
             assert n["url"] == f"http://example.com/{prov['sample_key']}.png"
-            assert n["source_uri"].endswith(f"00000.tar#{prov['sample_key']}.png")
+            # relative to the corpus source (the shard the index was built from): never a server path
+            assert n["source_uri"] == prov["source_uri"] == f"00000.tar#{prov['sample_key']}.png"
             assert n["image_url"].endswith(f"/v1/indexes/corpus/items/{n['sample_id']}/image")
 
 
@@ -213,7 +214,7 @@ def test_the_service_app_serves_retrieval_with_its_settings(service_index_dir, t
                                                          "indice_name": "corpus", "modality": "image"}))
         assert knn.status_code == 200 and [x["id"] for x in knn.json()] == [
             n["sample_id"] for n in r.json()["results"][0]["neighbours"]]
-        assert c.get("/gallery/some-job").status_code == 200
+        assert c.get("/gallery/some-job").status_code == 404  # keys off: an unknown job has no page
 
 
 def test_model_calls_are_bounded_per_embedder(service_index_dir):
@@ -246,3 +247,23 @@ def test_model_calls_are_bounded_per_embedder(service_index_dir):
     for t in threads:
         t.join()
     assert peak[0] == 2
+
+
+def test_public_source_uri_never_shows_a_server_path():
+    from retrogen.service.domain.indexes import public_source_uri
+
+    roots, index = ["/srv/corpora/laion", "/srv/shards/00001.tar", "s3://bucket/x"], "/srv/indexes/laion"
+    cases = {
+        ("/srv/corpora/laion/a/b.jpg", None): "laion/a/b.jpg",
+        ("/srv/shards/00001.tar", "k.jpg"): "00001.tar#k.jpg",
+        ("/srv/indexes/laion/imported/c.jpg", None): "imported/c.jpg",
+        ("/somewhere/else/d.png", None): "d.png",
+        ("file:///srv/corpora/laion/e.jpg", None): "laion/e.jpg",
+        ("s3://bucket/x/f.jpg", None): "s3://bucket/x/f.jpg",
+        ("https://example.com/g.jpg", None): "https://example.com/g.jpg",
+        ("relative/h.jpg", None): "relative/h.jpg",
+        ("../../etc/i.jpg", None): "i.jpg",
+    }
+    for (source, member), expected in cases.items():
+        assert public_source_uri({"source": source, "member": member}, roots, index) == expected, source
+    assert public_source_uri({"source": None}, roots, index) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -61,3 +62,96 @@ def test_service_on_an_object_store_url(tmp_path):
     items = client.get(f"/v1/jobs/{job['id']}/results").json()["items"]
     assert len(items) == 4 and client.get(items[0]["url"]).status_code == 200
     assert not (tmp_path / "data" / "store").exists()  # everything went to the object store
+
+
+def _race_put(url: str, cache: str, src: str, barrier, results) -> None:
+    """One racer (thread or process): wait for the others, then store the same tree."""
+    store = Store(url, cache)
+    barrier.wait()
+    try:
+        key = store.put_tree("datasets", src)
+        assert (store.local_dir(key) / "cat/0.png").read_bytes() == (Path(src) / "cat/0.png").read_bytes()
+        results.put(("ok", key))
+    except BaseException as e:  # reported to the test, which fails on it
+        results.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _check_stored(store: Store, key: str, files: dict[str, bytes]) -> None:
+    assert store.exists(key)
+    assert store.files(key) == sorted(files), "the stored tree holds exactly the source's files"
+    for rel, data in files.items():
+        assert store.read_bytes(key, rel) == data
+    assert (store.local_dir(key) / "cat/0.png").read_bytes() == files["cat/0.png"]
+    staging = f"{store.root}/staging"
+    assert not store.fs.exists(staging) or not store.fs.ls(staging), "no staging folder left behind"
+
+
+@pytest.mark.parametrize("url", ["local", "memory"])
+def test_concurrent_puts_of_the_same_tree_in_threads(tmp_path, url):
+    """12 threads store the same content at once, 5 rounds: every put succeeds and the tree stays exact."""
+    import queue
+    import threading
+
+    store_url = str(tmp_path / "store") if url == "local" else f"memory://retrogen-{uuid.uuid4().hex}"
+    files = dataset_files(per_class=3)
+    src = _tree(tmp_path / "src", files)
+    for _ in range(5):
+        barrier, results = threading.Barrier(12), queue.Queue()
+        threads = [threading.Thread(target=_race_put, args=(store_url, str(tmp_path / "cache"), str(src), barrier,
+                                                            results)) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        outcomes = [results.get_nowait() for _ in range(12)]
+        assert {o for o in outcomes} == {("ok", f"datasets/{tree_hash(src)}")}, outcomes
+        store = Store(store_url, tmp_path / "cache")
+        _check_stored(store, outcomes[0][1], files)
+        store.delete(outcomes[0][1])  # the next round races on an empty store again
+
+
+def test_concurrent_puts_of_the_same_tree_in_processes(tmp_path):
+    """Processes sharing one local store race on the same content, also onto a crashed write's leftovers."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    files = dataset_files(per_class=3)
+    src = _tree(tmp_path / "src", files)
+    root, key = tmp_path / "store", f"datasets/{tree_hash(src)}"
+    for leftovers in (False, True, False):
+        if leftovers:  # an earlier write cut off before its marker: a partial file, a foreign one
+            _tree(root / key, {"cat/0.png": b"partial", "stray.txt": b"x"})
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_race_put, args=(str(root), str(tmp_path / "cache"), str(src), barrier, results))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert set(outcomes) == {("ok", key)}, outcomes
+        store = Store(str(root), tmp_path / "cache")
+        _check_stored(store, key, files)
+        assert sorted(p.relative_to(root / key).as_posix() for p in (root / key).rglob("*") if p.is_file()) == \
+            sorted([*files, ".complete"]), "nothing nested or left over inside the tree"
+        store.delete(key)
+
+
+def test_a_cache_copy_cut_off_before_its_marker_is_replaced(tmp_path):
+    files = dataset_files(per_class=1)
+    store = Store(f"memory://retrogen-{uuid.uuid4().hex}", tmp_path / "cache")
+    key = store.put_tree("datasets", _tree(tmp_path / "src", files))
+    _tree(tmp_path / "cache" / key, {"cat/0.png": b"partial"})  # an interrupted copy (or delete): no marker
+    local = store.local_dir(key)
+    assert (local / "cat/0.png").read_bytes() == files["cat/0.png"] and (local / ".complete").is_file()
+
+
+def test_a_completed_tree_is_never_replaced(tmp_path):
+    files = dataset_files(per_class=1)
+    src = _tree(tmp_path / "src", files)
+    store = Store(str(tmp_path / "store"), tmp_path / "cache")
+    key = store.put_tree("datasets", src)
+    marker = tmp_path / "store" / key / ".complete"
+    inode, stamp = marker.stat().st_ino, marker.read_bytes()
+    assert store.put_tree("datasets", src) == key
+    assert marker.stat().st_ino == inode and marker.read_bytes() == stamp

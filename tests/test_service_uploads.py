@@ -164,3 +164,111 @@ def test_server_paths_off_without_root(tmp_path):
     (tmp_path / "x.png").write_bytes(GOOD["cat/0.png"])
     r = client.post("/v1/datasets/manifest", json={"images": [{"label": "cat", "path": str(tmp_path / "x.png")}]})
     assert r.status_code == 403 and "server_root" in r.json()["detail"]
+
+
+def _long_tar(name: str, data: bytes) -> bytes:
+    """A PAX tar whose member name is stored whole (a PAX ``path`` record), NUL bytes included."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for n, d in (GOOD | {name: data}).items():
+            info = tarfile.TarInfo(n)
+            info.size = len(d)
+            if len(n) > 100 or "\x00" in n:
+                info.pax_headers = {"path": n}
+            tar.addfile(info, io.BytesIO(d))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("archive, words", [
+    (zip_bytes(GOOD | {"cat/" + "a" * 300 + ".png": GOOD["cat/0.png"]}), "at most 255"),
+    (zip_bytes(GOOD | {"é" * 150 + "/x.png": GOOD["cat/0.png"]}), "at most 255"),
+    (_long_tar("cat/" + "b" * 120 + "\x00.png", GOOD["cat/0.png"]), "control character"),
+    (_long_tar("cat/" + "c" * 260 + ".png", GOOD["cat/0.png"]), "at most 255"),
+], ids=["zip long file name", "zip long class name", "tar NUL", "tar long name"])
+def test_archive_member_names_the_filesystem_cannot_hold_are_a_4xx(env, archive, words):
+    """Once a 500 (ENAMETOOLONG, 'embedded null byte' while writing the staged file)."""
+    app, client, tmp_path = env
+    r = post(client, archive)
+    assert r.status_code == 422, r.text
+    assert words in r.json()["detail"]
+    assert leftovers(app, tmp_path) == []
+
+
+def test_manifest_names_the_filesystem_cannot_hold_are_a_4xx(env):
+    app, client, tmp_path = env
+    b64 = base64.b64encode(GOOD["dog/0.png"]).decode()
+    bad = {
+        "NUL file name": ({"label": "cat", "data": b64, "filename": "a\x00.png"}, "control character"),
+        "long file name": ({"label": "cat", "data": b64, "filename": "é" * 150 + ".png"}, "at most 255"),
+        "long label": ({"label": "é" * 150, "data": b64}, "at most 255"),
+        "NUL label": ({"label": "c\x00t", "data": b64}, "control character"),
+        "NUL path": ({"label": "cat", "path": "cat/a\x00.png"}, "NUL"),
+        "long path part": ({"label": "cat", "path": "cat/" + "p" * 300 + ".png"}, "cannot be read"),
+    }
+    for what, (item, words) in bad.items():
+        r = client.post("/v1/datasets/manifest", json={"images": [item]})
+        assert r.status_code == 422, (what, r.text)
+        assert words in r.json()["detail"], (what, r.text)
+    r = client.post("/v1/datasets/manifest", json={"name": "pets\x00", "images": [{"label": "cat", "data": b64}]})
+    assert r.status_code == 422 and "name" in r.json()["detail"]
+    assert leftovers(app, tmp_path) == []
+
+
+def test_the_dataset_pixel_budget_is_charged_from_headers_before_decoding(tmp_path, monkeypatch):
+    """Twenty 39.7 MP PNGs (each under the per-image limit; as 1-bit PNGs they zip to a few KB) would cost seconds
+    of CPU and gigabytes each to decode: the budget refuses the dataset at the image that passes it, and that
+    image is never decoded."""
+    from retrogen.service.api.main import create_app
+    from retrogen.service.domain import uploads
+
+    decoded = []
+    monkeypatch.setattr(uploads, "decode_image", lambda data, **kw: decoded.append(len(data)))
+    settings = make_settings(tmp_path / "data", max_dataset_pixels=500_000_000)
+    client = TestClient(create_app(settings, methods=fake_registry(), start_worker=False))
+    bombs = {f"cat/{i:02d}.png": png_header_bomb(6300, 6300) for i in range(20)}  # 39.69 MP each
+    r = post(client, zip_bytes(bombs))
+    assert r.status_code == 413, r.text
+    assert "more than 500000000 pixels" in r.json()["detail"] and "cat/12.png" in r.json()["detail"]
+    assert len(decoded) == 12  # 12 x 39.69 MP fit in the 500 MP default; the 13th is refused from its header
+
+
+def test_upload_decodes_are_bounded_process_wide(tmp_path, monkeypatch):
+    """However many uploads arrive at once, at most ``max_concurrent_decodes`` images are being decoded."""
+    import threading
+    import time
+
+    from retrogen.service.core.config import Settings
+    from retrogen.service.domain import uploads
+
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow_decode(data, **kw):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+
+    monkeypatch.setattr(uploads, "decode_image", slow_decode)
+    limits = uploads.UploadLimits.from_settings(Settings(data_dir=tmp_path, max_concurrent_decodes=2))
+    assert limits.max_concurrent_decodes == 2
+    archive = tmp_path / "d.zip"
+    archive.write_bytes(zip_bytes(dataset_files(per_class=3)))
+    staged, errors = [], []
+
+    def upload():
+        try:
+            staged.append(uploads.stage_archive(archive, limits, tmp_path / "tmp"))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=upload) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(staged) == 6
+    assert peak[0] == 2, f"{peak[0]} images were decoded at once"
+    for s in staged:
+        uploads.cleanup_staged(s)

@@ -60,3 +60,12 @@ def test_filter_refuses_image_only_embedders_and_unfinished_folders(output_folde
         filter_by_text_similarity(tmp_path / "half", clip, require_top1=True)
     with pytest.raises(InvalidInputError, match="min_similarity and/or require_top1"):
         filter_by_text_similarity(output_folder, clip)
+
+
+def test_filter_names_an_unusable_image(output_folder, tiny_open_clip_dir):
+    from retrogen.imageio import BadImageError
+
+    (output_folder / "dog" / "2.png").write_bytes(b"")
+    clip = create_embedder(f"open_clip:local-dir:{tiny_open_clip_dir}")
+    with pytest.raises(BadImageError, match=f"^{output_folder / 'dog' / '2.png'}: not a usable image \\(empty_file\\)"):
+        filter_by_text_similarity(output_folder, clip, require_top1=True)

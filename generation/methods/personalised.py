@@ -143,6 +143,14 @@ class DreamBoothMethod(PersonalisedMethod):
             **self.training_settings(runtime),
         )
 
+    def _prior_sampling(self, cfg) -> dict[str, Any]:
+        """What shapes the prior-preservation images, hence the artefact (none without prior preservation)."""
+        c = self.config
+        if not cfg.prior_preservation:
+            return {}
+        return {"prior_sampling": {"num_inference_steps": c.num_inference_steps, "guidance_scale": c.guidance_scale,
+                                   "scheduler": c.scheduler, "batch_size": c.batch_size}}
+
     def _class_images(self, runtime: Any, cfg, label: str) -> list:
         """Prior-preservation images from the base model, seeded like generated images."""
         import torch
@@ -168,7 +176,7 @@ class DreamBoothMethod(PersonalisedMethod):
             return train_dreambooth(runtime.text2img, images, cfg, tmp, class_images=class_images, label=ctx.label,
                                     progress=ctx.progress, should_cancel=ctx.should_cancel)
 
-        hparams = cfg.hyperparameters() | {"num_inference_steps": self.config.num_inference_steps}
+        hparams = cfg.hyperparameters() | self._prior_sampling(cfg)
         meta, entry = _train_or_reuse(runtime, ctx, kind="dreambooth", hparams=hparams, build=build)
         release = _load_dreambooth(runtime, meta)
         subject = f"{self.config.instance_token} {class_subject(ctx.label, self.config)}"

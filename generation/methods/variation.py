@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import GenerationError
+from ..errors import InvalidConfigError
 from ..models import file_sha256
 from ..prompts import class_prompts
 from . import register_method
@@ -35,7 +35,7 @@ def resolve_ip_adapter(spec: str | None, model_path: Path, family: str) -> tuple
         return str(p.parent), "", p.name
     parts = spec.split("/")
     if len(parts) < 3 or not parts[-1].endswith((".safetensors", ".bin")):
-        raise GenerationError(
+        raise InvalidConfigError(
             f"ip_adapter={spec!r}: expected a local .safetensors file or org/repo/[subfolder/]file.safetensors"
         )
     return "/".join(parts[:2]), "/".join(parts[2:-1]), parts[-1]
@@ -62,8 +62,12 @@ class VariationMethod(GenerationMethod):
         try:
             pipe.load_ip_adapter(repo, subfolder=sub, weight_name=name)
             weight = _weight_file(repo, sub, name)
-        except Exception as e:  # missing file, hub unreachable, wrong architecture
-            raise GenerationError(f"cannot load IP-Adapter {'/'.join(x for x in (repo, sub, name) if x)}: {e}") from None
+        except Exception as e:  # missing file, hub unreachable, wrong architecture: the user's setting to fix
+            where = "/".join(x for x in (repo, sub, name) if x)
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+            raise InvalidConfigError(f"cannot load IP-Adapter {where} (ip_adapter): {type(e).__name__}: {first[:300]}; "
+                                     "pass a local .safetensors file as --ip-adapter, or download it once with "
+                                     "network access") from None
         pipe.set_ip_adapter_scale(self.config.ip_adapter_scale)
         self._fields = {
             "adapter": "ip-adapter:" + "/".join(x for x in (repo, sub, name) if x),

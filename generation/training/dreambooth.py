@@ -39,7 +39,7 @@ class DreamBoothConfig(TrainerConfig):
     full_finetune: bool = False
 
     def hyperparameters(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"trainer_version": 1}
+        return dataclasses.asdict(self) | {"trainer_version": 2}  # 2: LoRA initialisation seeded
 
 
 def _encode_prompt(tokenizer: Any, text_encoder: Any, prompt: str, n: int) -> Any:
@@ -61,18 +61,22 @@ def _trainable_copies(pipe: Any, cfg: DreamBoothConfig) -> tuple[Any, Any]:
     from diffusers.training_utils import cast_training_params
 
     unet = copy.deepcopy(pipe.unet)
-    if cfg.full_finetune:
-        unet.to(torch.float32).requires_grad_(True)
-    else:
-        unet.requires_grad_(False)
-        unet.add_adapter(_lora(cfg, UNET_TARGETS))
-        cast_training_params(unet, dtype=torch.float32)
-    unet.train()
-    text_encoder = pipe.text_encoder
-    if cfg.train_text_encoder:
-        text_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
-        text_encoder.add_adapter(_lora(cfg, TEXT_TARGETS))
-        cast_training_params(text_encoder, dtype=torch.float32)
+    # peft draws the LoRA weights' initial values from torch's global generator: seed it from the config, in a
+    # forked RNG state so the caller's stream is untouched, or the same cache key trains different weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        if cfg.full_finetune:
+            unet.to(torch.float32).requires_grad_(True)
+        else:
+            unet.requires_grad_(False)
+            unet.add_adapter(_lora(cfg, UNET_TARGETS))
+            cast_training_params(unet, dtype=torch.float32)
+        unet.train()
+        text_encoder = pipe.text_encoder
+        if cfg.train_text_encoder:
+            text_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
+            text_encoder.add_adapter(_lora(cfg, TEXT_TARGETS))
+            cast_training_params(text_encoder, dtype=torch.float32)
     return unet, text_encoder
 
 

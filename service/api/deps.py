@@ -85,7 +85,8 @@ def current_key_or_query(settings: SettingsDep,
                          header_key: Annotated[str | None, Depends(api_key_header)] = None,
                          bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_token)] = None) -> str:
     """As :func:`current_key`, also accepting ``?api_key=``: clip-retrieval's ClipClient sends no headers, but
-    its URL may carry a query string. Prefer a header where possible."""
+    its URL may carry a query string, and an ``<img src>`` cannot send one either. Prefer a header where
+    possible; the query value is redacted from every log line (``core.logs``)."""
     return check_key(settings, header_key or api_key or (bearer.credentials if bearer else None))
 
 
@@ -99,4 +100,10 @@ def get_job_dep(job_id: JobId, owner: CurrentKey, db: DbDep) -> Job:
     return get_job(db, owner, job_id)
 
 
+def get_job_dep_key_in_url(job_id: JobId, owner: Annotated[str, Depends(current_key_or_query)], db: DbDep) -> Job:
+    return get_job(db, owner, job_id)
+
+
 JobDep = Annotated[Job, Depends(get_job_dep)]
+#: The job, for URLs a client may only be able to fetch bare (image URLs): the key may come as ``?api_key=``.
+JobDepKeyInUrl = Annotated[Job, Depends(get_job_dep_key_in_url)]

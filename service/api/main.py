@@ -3,24 +3,21 @@ middleware, and the routers."""
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from retrogen import __version__
-from retrogen.errors import RetrogenError
 
 from ..core.config import Settings
+from ..core.logs import install_log_redaction
 from ..domain.indexes import IndexRegistry
 from ..domain.runners import MethodRegistry
 from ..wiring import Services
+from .errors import add_error_handlers, install_openapi
 from .metrics import Metrics
 from .middleware import add_middleware
 from .routes import datasets, evaluations, gallery, health, jobs, knn, models, retrieve
-
-log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, *, methods: MethodRegistry | None = None,
@@ -32,6 +29,7 @@ def create_app(settings: Settings | None = None, *, methods: MethodRegistry | No
         index_registry: shared corpus indexes (default: the configured ones).
         start_worker: run an in-process worker while the app is up (default: ``settings.enable_worker``).
     """
+    install_log_redaction()  # before anything logs: uvicorn's access log would show ?api_key= otherwise
     services = Services.from_settings(settings or Settings(), methods=methods, index_registry=index_registry)
     run_worker = services.settings.enable_worker if start_worker is None else start_worker
 
@@ -50,14 +48,9 @@ def create_app(settings: Settings | None = None, *, methods: MethodRegistry | No
     for name, part in vars(services).items():
         setattr(app.state, name, part)
     app.state.metrics = metrics = Metrics(services.db)
-
-    @app.exception_handler(RetrogenError)
-    async def _retrogen_error(request: Request, exc: RetrogenError) -> JSONResponse:
-        if exc.http_status >= 500:
-            log.error("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
-
+    add_error_handlers(app)
     add_middleware(app, services.settings, metrics)
     for module in (datasets, jobs, evaluations, models, health, retrieve, knn, gallery):
         app.include_router(module.router)
+    install_openapi(app)
     return app

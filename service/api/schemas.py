@@ -2,13 +2,68 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..core.tables import Dataset, Job
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+#: A job's ``params`` (or an evaluation's ``config``) as JSON: stored on the row and returned by every listing,
+#: so it is kept small (a 24 MB ``templates`` list was once stored and listed).
+MAX_PARAMS_BYTES = 64 * 1024
+#: Largest offset / id a query may name: beyond any row count, within every database's integer range.
+MAX_OFFSET = 2**31 - 1
+
+
+def _finite(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'} must be a finite number (JSON has no NaN or Infinity)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite(v, f"{where}[{i}]")
+
+
+def _small_json(value: dict[str, Any]) -> dict[str, Any]:
+    """Finite numbers only (NaN could be stored but never served as JSON) and at most MAX_PARAMS_BYTES."""
+    _finite(value, "")
+    size = len(json.dumps(value, default=str))
+    if size > MAX_PARAMS_BYTES:
+        raise ValueError(f"is {size} bytes as JSON; at most {MAX_PARAMS_BYTES} are accepted")
+    return value
+
+
+SmallJson = Annotated[dict[str, Any], AfterValidator(_small_json)]
+def _printable(name: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("must not contain control characters (NUL, newlines, ...)")
+    return name
+
+
+#: Names stored in the database: no NUL (PostgreSQL text cannot hold it) nor other control characters.
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_printable)]
+
+
+class ErrorItem(BaseModel):
+    """One invalid part of a request: where (``["body", "per_class"]``), what is wrong, and its kind."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorPublic(BaseModel):
+    """Every error answer: ``detail`` is one readable line; ``errors`` lists each invalid field when the request
+    failed validation (422), and is empty otherwise."""
+
+    detail: str
+    errors: list[ErrorItem] = Field(default_factory=list)
 
 
 class DatasetPublic(BaseModel):
@@ -48,7 +103,7 @@ class ManifestImage(BaseModel):
 class DatasetManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("dataset", min_length=1, max_length=200)
+    name: Name = "dataset"
     images: list[ManifestImage] = Field(min_length=1)
 
 
@@ -61,10 +116,10 @@ class JobCreate(BaseModel):
 
     dataset: str = Field(min_length=1, max_length=40)
     method: str = Field(min_length=1, max_length=50)
-    per_class: int = Field(ge=1)
+    per_class: int = Field(ge=1, le=MAX_OFFSET)
     index: str | None = Field(None, max_length=200, description="configured index name (retrieval)")
     model: str | None = Field(None, max_length=200, description="configured model name (generation)")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: SmallJson = Field(default_factory=dict, description=f"at most {MAX_PARAMS_BYTES} bytes as JSON")
 
 
 class JobProgress(BaseModel):
@@ -138,6 +193,11 @@ class ResultsPublic(BaseModel):
     items: list[ResultItem]
 
 
+class ReadinessPublic(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str] = Field(description="check -> ok | error: why")
+
+
 class ModelsPublic(BaseModel):
     models: dict[str, str] = Field(description="configured generation model name -> hub id or local dir")
     methods: dict[str, str] = Field(description="method name -> kind (retrieval | generation)")
@@ -151,8 +211,8 @@ class EvaluationCreate(BaseModel):
 
     train_dataset: str = Field(min_length=1, max_length=40, description="dataset id: the real training images")
     test_dataset: str = Field(min_length=1, max_length=40, description="dataset id: held-out images, same classes")
-    augmentations: dict[str, str] = Field(description="arm name -> succeeded augmentation job id")
-    config: dict[str, Any] = Field(default_factory=dict, description="EvaluationConfig fields")
+    augmentations: dict[str, str] = Field(max_length=64, description="arm name -> succeeded augmentation job id")
+    config: SmallJson = Field(default_factory=dict, description="EvaluationConfig fields")
 
 
 class EvaluationPublic(JobPublic):

@@ -49,10 +49,15 @@ class Settings(BaseSettings):
     device: str = "cpu"  # embedders of the index registry; generation jobs use GenerationConfig.device
     max_concurrent_embeds: int = Field(2, ge=1)  # model calls at once per query embedder; more requests queue
     # Limits
-    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)  # the multipart dataset upload's body
+    max_json_bytes: int = Field(32 * 1024 * 1024, ge=1)  # the body of every other request (JSON manifests included)
     max_dataset_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=1)  # decompressed total of one dataset
     max_image_bytes: int = Field(16 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # decoded pixels of one dataset, summed from the image headers before anything is decoded: a few KB of
+    # 1-bit PNGs can declare gigapixels, each costing seconds of CPU and gigabytes to check
+    max_dataset_pixels: int = Field(5_000_000_000, ge=1)  # decoded pixels of one dataset, charged from headers
+    max_concurrent_decodes: int = Field(2, ge=1)  # upload images decoded at once in this process; more wait
     max_images_per_dataset: int = Field(10_000, ge=1)
     max_per_class: int = Field(1000, ge=1)
     max_queries: int = Field(32, ge=1)  # synchronous /v1/retrieve

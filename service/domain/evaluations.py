@@ -19,6 +19,7 @@ from typing import Any
 from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
 from retrogen.evaluation.inputs import REAL_ONLY
 from retrogen.outputs import OutputFolder
+from retrogen.progress import ProgressEvent, ProgressFn
 
 from ..core.db import Database
 from ..core.errors import ConflictError
@@ -103,7 +104,7 @@ def run_evaluation(ctx: RunContext) -> None:
     aug_dirs = {name: ctx.store.local_dir(a["result_key"]) for name, a in augs.items()}
     try:
         report = evaluate(ctx.dataset_dir, test_dir, aug_dirs, config=EvaluationConfig.from_dict(p["config"]),
-                          progress=ctx.progress, should_cancel=ctx.should_cancel)
+                          progress=arms_in_message(ctx.progress), should_cancel=ctx.should_cancel)
     except RetrogenError as e:  # the job's error is shown to the caller: name their ids, not our folders
         names = {str(ctx.dataset_dir): "the train dataset", str(test_dir): "the test dataset",
                  **{str(d): f"augmentation job {augs[n]['job']}" for n, d in aug_dirs.items()}}
@@ -117,6 +118,18 @@ def run_evaluation(ctx: RunContext) -> None:
     report.write(ctx.out_dir)
     with OutputFolder.create(ctx.out_dir) as result:  # no images: an empty provenance.jsonl, then the summary
         result.close(json.loads(json.dumps(summary_of(report, augs), default=str)))
+
+
+def arms_in_message(progress: ProgressFn) -> ProgressFn:
+    """``evaluate`` names the arm being trained in ``label`` while ``done``/``total`` count runs over all arms;
+    a job's ``progress.per_class`` is per class, so the arm moves into the message."""
+
+    def emit(ev: ProgressEvent) -> None:
+        if ev.label is not None:
+            ev = replace(ev, label=None, message=f"{ev.label}: {ev.message}" if ev.message else ev.label)
+        progress(ev)
+
+    return emit
 
 
 def summary_of(report: Any, augs: dict[str, dict[str, str]]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Job results out: a JSON/JSONL manifest with stable image URLs, and tar streams (ImageFolder or webdataset).
 
 Results are immutable content-addressed trees, so every URL here is stable. Tars are produced as a stream,
-one member at a time, never built in memory or on disk.
+one member at a time, never built in memory or on disk, and byte-stable: members in provenance order with a
+fixed mtime, owner and mode, so downloading a result twice gives the same bytes (checksums and caches hold).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,17 +67,17 @@ class _Sink(io.RawIOBase):
         return out
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
-    info = tarfile.TarInfo(name)
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(name)  # uid/gid 0, no user or group name: nothing of the serving host
     info.size = len(data)
-    info.mtime = int(mtime)
+    info.mtime = mtime
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
 
 
 def tar_stream(store: Store, key: str, *, fmt: str = "imagefolder", shard: int | None = None,
-               shard_size: int = 10_000) -> Iterator[bytes]:
-    """The result as one tar.
+               shard_size: int = 10_000, mtime: float = 0) -> Iterator[bytes]:
+    """The result as one tar; every member has mtime ``mtime`` (the job's finish time), so it is byte-stable.
 
     ``imagefolder``: ``<label>/<file>`` + ``provenance.jsonl`` + ``summary.json``.
     ``webdataset``: samples ``{key}.{ext}`` + ``{key}.json`` (provenance) + ``{key}.cls`` (class index), keys
@@ -90,26 +90,26 @@ def tar_stream(store: Store, key: str, *, fmt: str = "imagefolder", shard: int |
         if shard < 0 or shard * shard_size >= max(1, len(records)):
             raise InvalidInputError(f"shard {shard} is out of range ({num_shards(len(records), shard_size)} shards)")
     classes = sorted({r["label"] for r in records})
-    now = time.time()
+    stamp = max(0, int(mtime))
 
     def gen() -> Iterator[bytes]:
         sink = _Sink()
         with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             if fmt == "imagefolder":
                 for r in records:
-                    _add(tar, r["file"], store.read_bytes(key, r["file"]), now)
+                    _add(tar, r["file"], store.read_bytes(key, r["file"]), stamp)
                     yield sink.drain()
                 for name in (PROVENANCE_FILE, SUMMARY_FILE):
-                    _add(tar, name, store.read_bytes(key, name), now)
+                    _add(tar, name, store.read_bytes(key, name), stamp)
             else:
                 start = (shard or 0) * shard_size
                 stop = start + shard_size if shard is not None else len(records)
                 for i, r in enumerate(records[start:stop], start=start):
                     sample = f"{i:08d}"
                     ext = r["file"].rsplit(".", 1)[-1].lower()
-                    _add(tar, f"{sample}.{ext}", store.read_bytes(key, r["file"]), now)
-                    _add(tar, f"{sample}.json", json.dumps(r, default=str).encode(), now)
-                    _add(tar, f"{sample}.cls", str(classes.index(r["label"])).encode(), now)
+                    _add(tar, f"{sample}.{ext}", store.read_bytes(key, r["file"]), stamp)
+                    _add(tar, f"{sample}.json", json.dumps(r, default=str).encode(), stamp)
+                    _add(tar, f"{sample}.cls", str(classes.index(r["label"])).encode(), stamp)
                     yield sink.drain()
         yield sink.drain()
 

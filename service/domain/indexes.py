@@ -9,10 +9,11 @@ a name. HTTP-free, so the benchmark times the same work in-process.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,8 +25,57 @@ from ..core.config import IndexConfig, Settings
 if TYPE_CHECKING:
     from retrogen.retrieval.embedders import Embedder
     from retrogen.retrieval.index import CorpusIndex
+    from retrogen.retrieval.index_directory import Manifest
 
 log = logging.getLogger(__name__)
+
+#: Embedder families that embed texts as well as images: the fallback for a manifest that lists no modalities.
+TEXT_FAMILIES = ("open_clip", "hf")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+@dataclass(frozen=True)
+class EmbedderInfo:
+    """A configured index's embedder as a request needs to know it before any model is loaded."""
+
+    index: str
+    name: str
+    supports_text: bool
+
+
+def public_source_uri(meta: dict[str, Any], source_roots: list[str], index_dir: str | Path) -> str | None:
+    """Where a corpus item's bytes come from, as a caller may see it (``source_uri``).
+
+    A URL stays as it is. A server file becomes a path relative to the folder holding the corpus source it was
+    read from (``shards/00000.tar#key.jpg``), else relative to the index folder, else its bare name: never an
+    absolute server path. A tar member follows ``#``.
+    """
+    source = meta.get("source")
+    if not source:
+        return None
+    public = _public_path(str(source), source_roots, str(index_dir))
+    return f"{public}#{meta['member']}" if meta.get("member") else public
+
+
+def _public_path(source: str, source_roots: list[str], index_dir: str) -> str:
+    url = _URL.match(source)
+    if url and url.group(1).lower() != "file":
+        return source
+    path = PurePosixPath(source.removeprefix("file://"))
+    if not path.is_absolute():
+        return path.name if ".." in path.parts else str(path)
+    for root in sorted((PurePosixPath(r) for r in source_roots if r and r.startswith("/")), key=lambda r: -len(r.parts)):
+        if path.is_relative_to(root):
+            return str(path.relative_to(root.parent))
+    if path.is_relative_to(index_dir):
+        return str(path.relative_to(index_dir))
+    return path.name
+
+
+def _without_path(error: Exception, name: str, path: Path) -> Exception:
+    """``error`` with the index's server folder replaced by its configured name (messages reach callers)."""
+    error.args = (str(error).replace(str(path), f"<index {name}>"),)
+    return error
 
 
 @dataclass(frozen=True)
@@ -95,6 +145,11 @@ class LoadedIndex:
     def dim(self) -> int:
         return int(self.corpus.dim)
 
+    def public_source_uri(self, meta: dict[str, Any]) -> str | None:
+        """The item's ``source_uri`` as callers see it (see :func:`public_source_uri`)."""
+        roots = [str(s.get("path") or "") for s in self.corpus.manifest.sources]
+        return public_source_uri(meta, roots, self.path)
+
     def describe(self) -> dict[str, Any]:
         m = self.corpus.manifest
         return {
@@ -152,16 +207,47 @@ class IndexRegistry:
                 self._loaded[name] = self._load(name)
             return self._loaded[name]
 
+    def embedder_of(self, name: str | None = None) -> EmbedderInfo:
+        """The embedder of index ``name`` and whether it embeds text: from the loaded model if the index is
+        loaded, otherwise from its manifest (a small JSON read; no model, no FAISS index is loaded).
+
+        An ``embedder`` override is the same model from another place, so the manifest's modalities hold.
+        """
+        name = self.resolve(name)
+        loaded = self._loaded.get(name)
+        if loaded is not None:
+            return EmbedderInfo(name, loaded.embedder.name, bool(loaded.embedder.supports_text))
+        entry = self._manifest(name).embedder
+        embedder = self.configs[name].embedder or str(entry.get("name") or "unknown")
+        modalities = entry.get("modalities")
+        supports_text = ("text" in modalities if isinstance(modalities, list)
+                         else embedder.partition(":")[0] in TEXT_FAMILIES)
+        return EmbedderInfo(name, embedder, supports_text)
+
+    def _manifest(self, name: str) -> Manifest:
+        from retrogen.retrieval.errors import IndexFormatError, IndexNotFoundError
+        from retrogen.retrieval.index_directory import IndexDirectory
+
+        cfg = self.configs[name]
+        try:
+            return IndexDirectory(cfg.path).read_manifest()
+        except IndexNotFoundError as e:  # a configured name whose folder holds no complete index
+            raise NotFoundError(f"index {name!r}: {_without_path(e, name, cfg.path)}") from None
+        except IndexFormatError as e:
+            raise _without_path(e, name, cfg.path) from None
+
     def _load(self, name: str) -> LoadedIndex:
         from retrogen.retrieval.embedders import create_embedder
-        from retrogen.retrieval.errors import IndexNotFoundError
+        from retrogen.retrieval.errors import IndexFormatError, IndexNotFoundError
         from retrogen.retrieval.index import CorpusIndex
 
         cfg = self.configs[name]
         try:
             index = CorpusIndex.open(cfg.path)
         except IndexNotFoundError as e:  # a configured name whose folder holds no complete index
-            raise NotFoundError(f"index {name!r}: {e}") from None
+            raise NotFoundError(f"index {name!r}: {_without_path(e, name, cfg.path)}") from None
+        except IndexFormatError as e:
+            raise _without_path(e, name, cfg.path) from None
         embedder_name = cfg.embedder or index.manifest.embedder["name"]
         with self._guard:
             entry = self._embedders.get(embedder_name)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retrogen.errors import InvalidInputError, NotFoundError, UnknownComponentError
-from retrogen.progress import CancelFn, ProgressFn
+from retrogen.progress import CancelFn, ProgressEvent, ProgressFn
 
 from ..core.config import Settings
-from .indexes import IndexRegistry
+from .indexes import IndexRegistry, LoadedIndex
 from .storage import Store
 
 if TYPE_CHECKING:
@@ -57,6 +57,18 @@ Runner = Callable[[RunContext], Any]
 
 
 @dataclass(frozen=True)
+class SubmitCheck:
+    """A request about to be queued, with the configured index / model it would run on: what a method's
+    ``check`` may consult to refuse, at submission, a job that could only fail."""
+
+    params: dict[str, Any]
+    index_name: str | None
+    model_name: str | None
+    settings: Settings
+    index_registry: IndexRegistry
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     kind: str  # retrieval | generation
@@ -65,6 +77,9 @@ class MethodSpec:
     needs_model: bool = False
     description: str = ""
     validate: Callable[[dict[str, Any]], None] | None = None  # raises InvalidInputError before the job is queued
+    # raises before the job is queued when the configured index / model cannot run these params; cheap (it may
+    # read a manifest, never load a model)
+    check: Callable[[SubmitCheck], None] | None = None
 
 
 @dataclass
@@ -110,6 +125,18 @@ def validate_retrieval(params: dict[str, Any]) -> None:
     retrieval_settings(params)
 
 
+def check_retrieval(sub: SubmitCheck) -> None:
+    """Text queries (``mode`` text / mixed) and the label check need an image-text embedder: refuse them on an
+    index whose embedder is image-only, from its manifest (no model is loaded)."""
+    mode, config = retrieval_settings(sub.params)
+    needs_text = [what for what, on in ((f"params.mode={mode!r}", mode in ("text", "mixed")),
+                                        ("params.label_check", config.label_check)) if on]
+    embedder = sub.index_registry.embedder_of(sub.index_name)  # the index is there (404 otherwise)
+    if needs_text and not embedder.supports_text:
+        raise InvalidInputError(f"{' and '.join(needs_text)} need(s) an image-text embedder; index "
+                                f"{embedder.index!r} uses the image-only embedder {embedder.name!r}")
+
+
 def validate_generation(params: dict[str, Any]) -> None:
     from retrogen.generation import GenerationConfig
     from retrogen.generation.schedulers import check_scheduler
@@ -124,9 +151,48 @@ def run_retrieval(ctx: RunContext) -> Any:
 
     mode, config = retrieval_settings(ctx.params)
     loaded = ctx.index_registry.get(ctx.index_name)
-    return augment_by_retrieval(ctx.dataset_dir, ctx.out_dir, corpus=loaded.corpus, per_class=ctx.per_class,
-                                mode=mode, config=config, embedder=loaded.embedder, progress=ctx.progress,
-                                should_cancel=ctx.should_cancel)
+    result = augment_by_retrieval(ctx.dataset_dir, ctx.out_dir, corpus=loaded.corpus, per_class=ctx.per_class,
+                                  mode=mode, config=config, embedder=loaded.embedder,
+                                  progress=PerClassWrites(ctx.progress, ctx.per_class),
+                                  should_cancel=ctx.should_cancel)
+    publish_source_uris(ctx.out_dir, loaded)
+    return result
+
+
+class PerClassWrites:
+    """Progress for the job row from ``augment_by_retrieval``'s ``write`` events, which name the class but count
+    images over all classes. Re-emitted per class (``done`` of the ``per_class`` requested), with the overall
+    count in ``extra`` as generation sends it, so ``progress.per_class`` holds each class's own count."""
+
+    def __init__(self, progress: ProgressFn, per_class: int):
+        self.progress, self.per_class = progress, per_class
+        self.class_done: dict[str, int] = {}
+        self.overall_done = 0
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if ev.stage == "write" and ev.label is not None and "overall_done" not in ev.extra:
+            done = self.class_done[ev.label] = self.class_done.get(ev.label, 0) + max(0, ev.done - self.overall_done)
+            self.overall_done = ev.done
+            ev = ProgressEvent(ev.stage, done, self.per_class, ev.label, ev.message,
+                               {**ev.extra, "overall_done": ev.done, "overall_total": ev.total})
+        self.progress(ev)
+
+
+def publish_source_uris(out_dir: Path, loaded: LoadedIndex) -> None:
+    """Rewrite each record's ``source_uri`` to its public form (relative to the corpus source or the index, see
+    ``LoadedIndex.public_source_uri``) before the result is stored: results are shown to the job's owner,
+    who has no business with the server's folders."""
+    from retrogen.outputs import OutputFolder
+
+    out = OutputFolder(out_dir)
+    records = out.records()
+    ids = sorted({int(r["sample_id"]) for r in records if r.get("sample_id") is not None})
+    metas = {int(m["id"]): m for m in loaded.corpus.metadata(ids)} if ids else {}
+    for r in records:
+        meta = metas.get(int(r["sample_id"])) if r.get("sample_id") is not None else None
+        if meta is not None:
+            r["source_uri"] = loaded.public_source_uri(meta)
+    out.rewrite(records, [], out.summary())
 
 
 def generation_runner(method: str) -> Runner:

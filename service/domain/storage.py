@@ -1,19 +1,31 @@
 """Content-addressed storage of datasets and job results, through fsspec (a local folder or an object store).
 
 A stored tree lives at ``{kind}/{sha256}/`` where the hash covers every file's relative path and bytes, so
-equal content is stored once and a stored tree never changes. Trees are uploaded to a staging prefix, then
-moved; a ``.complete`` marker written last is what makes a tree visible, so a crash mid-write never leaves a
-half tree that readers would trust. Workers read trees through :meth:`Store.local_dir` (the folder itself
-for a local store, a verified cache copy otherwise).
+equal content is stored once and a stored tree never changes. A ``.complete`` marker is what makes a tree
+visible, so a crash mid-write never leaves a half tree that readers would trust. Storing is idempotent under
+any concurrency (threads, processes, hosts sharing the store), and a tree with its marker is never deleted
+or replaced by a put:
+
+* local folder: the files and the marker are written to a private ``staging/<uuid>/`` folder that is then
+  renamed onto the final name in one atomic step. A racer whose rename finds the name taken by a complete
+  tree has nothing to do; leftovers of a crashed write (no marker) are moved aside and deleted first.
+* object store (no atomic folder rename): the files are written in place, then the marker last. Racers write
+  the same bytes under the same names, and stop as soon as another racer's marker is there.
+
+Workers read trees through :meth:`Store.local_dir` (the folder itself for a local store, a verified cache
+copy otherwise).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -69,26 +81,52 @@ class Store:
         return self.fs.exists(self._marker(key))
 
     def put_tree(self, kind: str, local_root: str | os.PathLike) -> str:
-        """Store a local folder; returns its key ``kind/sha256``. Storing equal content again is a no-op."""
-        key = f"{kind}/{tree_hash(local_root)}"
+        """Store a local folder; returns its key ``kind/sha256``. Storing equal content again is a no-op.
+
+        Safe when any number of threads or processes store the same content at once: each returns the key
+        once the complete tree is there, and the tree holds exactly the folder's files.
+        """
+        files = stored_files(local_root)
+        key = f"{kind}/{sha256_tree(local_root, files)}"
         if self.exists(key):
             return key
-        final = self._path(key)
-        staging = f"{self.root}/staging/{uuid.uuid4().hex}"
-        try:
-            for rel in stored_files(local_root):
-                self.fs.makedirs(f"{staging}/{rel}".rsplit("/", 1)[0], exist_ok=True)
-                self.fs.put_file(str(Path(local_root, rel)), f"{staging}/{rel}")
-            if self.fs.exists(final):  # a crashed earlier attempt without its marker: replace it
-                self.fs.rm(final, recursive=True)
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.mv(staging, final, recursive=True)
-            self.fs.pipe_file(f"{final}/{MARKER}", str(time.time()).encode())
-        finally:
-            if self.fs.exists(staging):
-                self.fs.rm(staging, recursive=True)
+        if self.local:
+            self._put_local(Path(local_root), files, Path(self._path(key)))
+        else:
+            self._put_remote(Path(local_root), files, self._path(key))
         log.info("stored %s", key)
         return key
+
+    def _put_local(self, src: Path, files: list[str], final: Path) -> None:
+        """Write the tree and its marker into a private staging folder, then rename it onto ``final``."""
+        staging = Path(self.root, "staging", uuid.uuid4().hex)
+        try:
+            for rel in files:
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / rel, staging / rel)
+            (staging / MARKER).write_bytes(str(time.time()).encode())  # inside: the rename publishes both at once
+            _publish_folder(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _put_remote(self, src: Path, files: list[str], final: str) -> None:
+        """Write the files in place, then the marker: an object store has no atomic folder rename.
+
+        Racers put the same bytes under the same names; each stops once another's marker is there, so a
+        complete tree is never rewritten. Files a crashed write left that are not in the tree are removed.
+        """
+        marker = f"{final}/{MARKER}"
+        for rel in files:
+            if self.fs.exists(marker):
+                return
+            self.fs.makedirs(f"{final}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(src / rel), f"{final}/{rel}")
+        if self.fs.exists(marker):
+            return
+        found = {p.rstrip("/")[len(final) + 1:] for p in self.fs.find(final)}
+        for rel in sorted(found - set(files)):
+            self.fs.rm_file(f"{final}/{rel}")
+        self.fs.pipe_file(marker, str(time.time()).encode())
 
     def files(self, key: str) -> list[str]:
         if not self.exists(key):
@@ -124,9 +162,7 @@ class Store:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(self._path(key, rel), str(tmp / rel))
             (tmp / MARKER).write_text("ok")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if not dest.exists():
-                os.replace(tmp, dest)
+            _publish_folder(tmp, dest)  # another reader of the same tree may have copied it first: then theirs
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
@@ -151,3 +187,62 @@ class Store:
                 mtime = mtime.timestamp()
             if time.time() - float(mtime) > older_than_s:
                 self.fs.rm(entry["name"], recursive=True)
+
+
+def _publish_folder(staging: Path, final: Path) -> None:
+    """Rename ``staging`` (complete, its marker inside) onto ``final`` unless a complete copy is there already.
+
+    The rename is atomic and fails on a non-empty target instead of nesting into it, so racers storing the same
+    content all succeed with one copy in place; markerless leftovers of a crashed write at ``final`` are
+    removed first. ``staging`` must be on the same filesystem as ``final``.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):
+        try:
+            os.rename(staging, final)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if (final / MARKER).is_file():
+            return  # another writer stored the same content first: theirs is ours
+        _remove_unfinished(final, staging.parent)
+    raise OSError(f"could not store {final}: the folder keeps reappearing without its {MARKER} marker")
+
+
+def _remove_unfinished(final: Path, scratch: Path) -> None:
+    """Delete a crashed write's leftovers at ``final`` (no marker), never a complete tree.
+
+    Removers take turns (a lock on ``scratch``, where leftovers are moved before deletion). A complete tree
+    can only appear at ``final`` once it is gone or empty, and one that did is put back rather than deleted.
+    """
+    aside = scratch / f"{uuid.uuid4().hex}.unfinished"
+    with _locked(scratch):
+        if not final.exists() or (final / MARKER).is_file():
+            return
+        os.rename(final, aside)
+        if (aside / MARKER).is_file():  # completed over an empty leftover folder between check and rename
+            try:
+                os.rename(aside, final)
+                return
+            except OSError:
+                pass  # another complete copy is at ``final`` already: this one is redundant
+    log.warning("removed %s, left without its marker by an interrupted write", final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock held on ``folder`` itself (flock: threads and processes of this host)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the marker checks around the rename still keep complete trees
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -27,13 +28,15 @@ from typing import IO, Any
 from retrogen.errors import InvalidInputError
 from retrogen.fileio import image_extension
 from retrogen.imagefolder import DatasetLayoutError, safe_class_dir
-from retrogen.imageio import BadImageError, decode_image, is_image_path
+from retrogen.imageio import BadImageError, decode_image, is_image_path, probe_image
 
 from ..core.config import Settings
 from ..core.errors import ForbiddenError, PayloadTooLargeError
 
 #: Names archivers add that are not part of the dataset and are skipped silently.
 _JUNK_DIRS = ("__MACOSX",)
+#: A path component on every common filesystem is at most this many bytes.
+MAX_NAME_BYTES = 255
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,44 @@ class UploadLimits:
     max_image_bytes: int
     max_image_pixels: int
     max_images_per_dataset: int
+    max_dataset_pixels: int = 500_000_000
+    max_concurrent_decodes: int = 2
 
     @classmethod
     def from_settings(cls, s: Settings) -> UploadLimits:
         return cls(s.max_upload_bytes, s.max_dataset_bytes, s.max_image_bytes, s.max_image_pixels,
-                   s.max_images_per_dataset)
+                   s.max_images_per_dataset, s.max_dataset_pixels, s.max_concurrent_decodes)
+
+
+_slots_guard = threading.Lock()
+_slots: tuple[int, threading.BoundedSemaphore] | None = None
+
+
+def decode_slots(size: int) -> threading.BoundedSemaphore:
+    """The process-wide bound on upload images decoded at once (``max_concurrent_decodes``).
+
+    Checking an image means decoding it, and a few KB of PNG can decode to gigabytes: eight concurrent uploads
+    once took a server from 1.5 to 5 GB. Decodes past the bound wait here. A different ``size`` (another app
+    in the same process) replaces the semaphore; holders release the one they took.
+    """
+    global _slots
+    with _slots_guard:
+        if _slots is None or _slots[0] != size:
+            _slots = (size, threading.BoundedSemaphore(max(1, size)))
+        return _slots[1]
+
+
+def check_name(text: str, what: str, where: str) -> None:
+    """A label or file name the filesystem (and the database) can hold: UTF-8, no control characters (NUL
+    included), at most 255 bytes."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{where}: the {what} is not valid UTF-8") from None
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise InvalidInputError(f"{where}: the {what} contains a control character")
+    if size > MAX_NAME_BYTES:
+        raise InvalidInputError(f"{where}: the {what} is {size} bytes long; at most {MAX_NAME_BYTES} are accepted")
 
 
 @dataclass(frozen=True)
@@ -69,6 +105,7 @@ class _Stager:
         self.root.mkdir()
         self.classes: dict[str, int] = {}
         self.num_bytes = 0
+        self.num_pixels = 0
 
     def add(self, label: str, name: str, data: bytes, where: str) -> None:
         n = sum(self.classes.values())
@@ -80,6 +117,8 @@ class _Stager:
         self.num_bytes += len(data)
         if self.num_bytes > self.limits.max_dataset_bytes:
             raise PayloadTooLargeError(f"dataset exceeds {self.limits.max_dataset_bytes} bytes when unpacked")
+        check_name(label, "class name", where)
+        check_name(name, "file name", where)
         try:
             safe_class_dir(label)
             if label.startswith("."):
@@ -89,16 +128,28 @@ class _Stager:
         if not is_image_path(name) or name.startswith(".") or "/" in name or "\\" in name:
             raise InvalidInputError(f"{where}: not an image file name (expected one of .jpg .png .webp .bmp .gif "
                                     ".tif in class_name/image layout)")
-        try:
-            decode_image(data, max_pixels=self.limits.max_image_pixels, max_bytes=self.limits.max_image_bytes)
-        except BadImageError as e:
-            raise InvalidInputError(f"{where}: not a usable image ({e})") from None
+        self.check_image(data, where)
         dest = self.root / label / name
         if dest.exists():
             raise InvalidInputError(f"{where}: duplicate file {label}/{name}")
         dest.parent.mkdir(exist_ok=True)
         dest.write_bytes(data)
         self.classes[label] = self.classes.get(label, 0) + 1
+
+    def check_image(self, data: bytes, where: str) -> None:
+        """Decode the image to prove it whole, after its header has been charged to the dataset's pixel budget
+        (so a pile of tiny pixel bombs is refused before any is decoded), one of a bounded few at a time."""
+        limits = self.limits
+        try:
+            info = probe_image(data, max_pixels=limits.max_image_pixels)
+            self.num_pixels += info.width * info.height
+            if self.num_pixels > limits.max_dataset_pixels:
+                raise PayloadTooLargeError(f"{where}: the dataset's images add up to more than "
+                                           f"{limits.max_dataset_pixels} pixels when decoded")
+            with decode_slots(limits.max_concurrent_decodes):
+                decode_image(data, max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes)
+        except BadImageError as e:
+            raise InvalidInputError(f"{where}: not a usable image ({e})") from None
 
     def finish(self) -> StagedDataset:
         if not self.classes:
@@ -257,6 +308,35 @@ def _is_tar(path: Path) -> bool:
         return False
 
 
+def _read_server_file(path: str, root: Path | None, limits: UploadLimits, where: str) -> tuple[str, bytes]:
+    """(file name, bytes) of a manifest's server-side ``path``: only under ``root`` (links followed)."""
+    if root is None:
+        raise ForbiddenError(f"{where}: this server reads no server-side paths (server_root is not set)")
+    if "\x00" in path:
+        raise InvalidInputError(f"{where}: the path contains a NUL character")
+    try:
+        p = Path(path)
+        resolved = (p if p.is_absolute() else root / p).resolve()
+        if not resolved.is_relative_to(root):
+            raise ForbiddenError(f"{where}: path {path!r} is outside the server's allowed root")
+        if not resolved.is_file():
+            raise InvalidInputError(f"{where}: no such file {path!r} under the server root")
+        if resolved.stat().st_size > limits.max_image_bytes:
+            raise PayloadTooLargeError(f"{where}: file exceeds the per-image limit")
+        return resolved.name, resolved.read_bytes()
+    except OSError as e:  # a name too long for the filesystem, a folder that cannot be read...
+        raise InvalidInputError(f"{where}: path {path!r} cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def _decode_data(data: str, limits: UploadLimits, where: str) -> bytes:
+    if len(data) > limits.max_image_bytes * 4 // 3 + 4:
+        raise PayloadTooLargeError(f"{where}: image exceeds {limits.max_image_bytes} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidInputError(f"{where}: data is not valid base64 ({e})") from None
+
+
 def stage_manifest(items: list[dict[str, Any]], limits: UploadLimits, tmp_parent: Path,
                    server_root: Path | None) -> StagedDataset:
     """Validate a JSON manifest (``{label, data: base64, filename?}`` or ``{label, path}``) into an ImageFolder.
@@ -269,29 +349,12 @@ def stage_manifest(items: list[dict[str, Any]], limits: UploadLimits, tmp_parent
     try:
         for i, item in enumerate(items):
             where = f"images[{i}]"
-            label = item["label"]
             if item.get("path") is not None:
-                if root is None:
-                    raise ForbiddenError(f"{where}: this server reads no server-side paths (server_root is not set)")
-                p = Path(item["path"])
-                resolved = (p if p.is_absolute() else root / p).resolve()
-                if not resolved.is_relative_to(root):
-                    raise ForbiddenError(f"{where}: path {item['path']!r} is outside the server's allowed root")
-                if not resolved.is_file():
-                    raise InvalidInputError(f"{where}: no such file {item['path']!r} under the server root")
-                if resolved.stat().st_size > limits.max_image_bytes:
-                    raise PayloadTooLargeError(f"{where}: file exceeds the per-image limit")
-                stager.add(label, item.get("filename") or resolved.name, resolved.read_bytes(), where)
+                name, raw = _read_server_file(item["path"], root, limits, where)
             else:
-                data = item.get("data") or ""
-                if len(data) > limits.max_image_bytes * 4 // 3 + 4:
-                    raise PayloadTooLargeError(f"{where}: image exceeds {limits.max_image_bytes} bytes")
-                try:
-                    raw = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError) as e:
-                    raise InvalidInputError(f"{where}: data is not valid base64 ({e})") from None
-                name = item.get("filename") or f"{i:06d}{image_extension(raw, default='.png')}"
-                stager.add(label, name, raw, where)
+                raw = _decode_data(item.get("data") or "", limits, where)
+                name = f"{i:06d}{image_extension(raw, default='.png')}"
+            stager.add(item["label"], item.get("filename") or name, raw, where)
         return stager.finish()
     except BaseException:
         stager.cleanup()

@@ -41,24 +41,40 @@ class _Interrupted(RetrogenError):
 
 
 class ProgressTracker:
-    """Turns library ProgressEvents into the job's progress (stage, done/total per class, ETA), throttled."""
+    """Turns library ProgressEvents into the job's progress (stage, overall done/total, done/total per class,
+    ETA), throttled.
+
+    A labelled event counts that class's own units (the ``ProgressEvent`` contract); its ``extra`` may carry
+    the whole job's count as ``overall_done`` / ``overall_total`` (generation's do; the retrieval runner adds
+    them). ``done`` / ``total`` are overall, so they never jump back when the next class starts.
+    """
 
     def __init__(self, db: Database, job_id: str, worker: str, min_interval_s: float = 0.25):
         self.db, self.job_id, self.worker = db, job_id, worker
         self.min_interval_s = min_interval_s
         self.state: dict[str, Any] = {"stage": "starting", "done": 0, "total": 0, "per_class": {}, "eta_s": None}
         self._stage_first: tuple[float, int] = (time.monotonic(), 0)  # (time, overall done) at the stage's 1st event
+        self._overall_stage: str | None = None  # a stage whose events carry overall counts
         self._last_write = 0.0
         self._last_event = 0.0
+
+    def _overall(self, ev: ProgressEvent) -> tuple[int, int]:
+        """The job's (done, total) after ``ev``: its overall extras, else (in a stage that reports them, for an
+        event without: a class's start) the last known, else the event's own."""
+        if "overall_done" in ev.extra:
+            self._overall_stage = ev.stage
+            return int(ev.extra["overall_done"]), int(ev.extra.get("overall_total", ev.total))
+        if ev.stage == self._overall_stage:
+            return self.state["done"], self.state["total"]
+        return ev.done, ev.total
 
     def __call__(self, ev: ProgressEvent) -> None:
         st = self.state
         new_stage = ev.stage != st["stage"]
-        st.update(stage=ev.stage, done=ev.done, total=ev.total, message=ev.message)
+        overall_done, overall_total = self._overall(ev)
+        st.update(stage=ev.stage, done=overall_done, total=overall_total, message=ev.message)
         if ev.label is not None:
             st["per_class"][ev.label] = {"done": ev.done, "total": ev.total}
-        overall_done = ev.extra.get("overall_done", ev.done)
-        overall_total = ev.extra.get("overall_total", ev.total)
         now = time.monotonic()
         if new_stage:
             self._stage_first = (now, overall_done)
@@ -169,7 +185,9 @@ class Worker:
             log.info("job %s failed: %s", job.id, e)
         except Exception as e:  # a bug or an environment problem: the job records it, the worker lives on
             log.exception("job %s crashed", job.id)
-            jobs.finish(self.db, job.id, self.name, state="failed", error=f"internal error: {type(e).__name__}: {e}")
+            # the owner sees the kind of failure only: the message may name server paths or object reprs
+            jobs.finish(self.db, job.id, self.name, state="failed",
+                        error=f"internal error: the job crashed ({type(e).__name__}); the server log has the details")
         finally:
             done.set()
             beat.join(timeout=5)

@@ -12,7 +12,8 @@ from ...domain.datasets import delete_dataset as delete_stored
 from ...domain.datasets import store_dataset
 from ...domain.uploads import UploadLimits, save_upload_stream, stage_archive, stage_manifest
 from ..deps import CurrentKey, DatasetId, DbDep, SettingsDep, StoreDep
-from ..schemas import DatasetManifest, DatasetPublic, DatasetsPublic
+from ..errors import documented
+from ..schemas import MAX_OFFSET, DatasetManifest, DatasetPublic, DatasetsPublic, Name
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -20,7 +21,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 @router.post("", status_code=201, response_model=DatasetPublic, summary="Upload an ImageFolder as zip or tar")
 def upload_dataset(*, owner: CurrentKey, settings: SettingsDep, db: DbDep, store: StoreDep,
                    file: Annotated[UploadFile, File(description="zip or tar (.gz/.bz2/.xz) of class_name/image files")],
-                   name: Annotated[str, Form(min_length=1, max_length=200)] = "dataset") -> DatasetPublic:
+                   name: Annotated[Name, Form()] = "dataset") -> DatasetPublic:
     tmp = Path(settings.data_dir) / "tmp"
     saved = save_upload_stream(iter(lambda: file.file.read(1 << 20), b""), tmp, settings.max_upload_bytes)
     try:
@@ -31,7 +32,7 @@ def upload_dataset(*, owner: CurrentKey, settings: SettingsDep, db: DbDep, store
 
 
 @router.post("/manifest", status_code=201, response_model=DatasetPublic,
-             summary="Upload a JSON manifest: labels + base64 images or server-side paths")
+             summary="Upload a JSON manifest: labels + base64 images or server-side paths", responses=documented(403))
 def upload_manifest(body: DatasetManifest, owner: CurrentKey, settings: SettingsDep, db: DbDep,
                     store: StoreDep) -> DatasetPublic:
     staged = stage_manifest([im.model_dump() for im in body.images], UploadLimits.from_settings(settings),
@@ -41,17 +42,19 @@ def upload_manifest(body: DatasetManifest, owner: CurrentKey, settings: Settings
 
 @router.get("", response_model=DatasetsPublic, summary="Your datasets, newest first")
 def list_datasets(owner: CurrentKey, db: DbDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> DatasetsPublic:
+                  offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> DatasetsPublic:
     found, count = rows.list_datasets(db, owner, limit=limit, offset=offset)
     return DatasetsPublic(data=[DatasetPublic.of(d) for d in found], count=count)
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic, summary="One dataset: classes and counts")
+@router.get("/{dataset_id}", response_model=DatasetPublic, summary="One dataset: classes and counts",
+            responses=documented(404))
 def get_dataset(dataset_id: DatasetId, owner: CurrentKey, db: DbDep) -> DatasetPublic:
     return DatasetPublic.of(rows.get_dataset(db, owner, dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset (refused while jobs use it)")
+@router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset (refused while jobs use it)",
+               responses=documented(404, 409))
 def delete_dataset(dataset_id: DatasetId, owner: CurrentKey, db: DbDep, store: StoreDep) -> Response:
     delete_stored(db, store, owner, dataset_id)
     return Response(status_code=204)

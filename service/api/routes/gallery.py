@@ -2,6 +2,11 @@
 
 No server-side templating: the page takes the job id from its own URL, so nothing from a request is ever
 written into HTML. Assets are a fixed allowlist from ``service/web/``.
+
+Unknown jobs: with API keys off, ``/gallery/{id}`` answers 404 for a job that does not exist. With keys on, a
+page load carries no key (the page reads it from the URL fragment, which never reaches the server), so the
+server cannot tell whose job it is: it serves the same page for every well-formed id, revealing nothing; the
+page's own keyed request for the results then answers 404 for a job the key does not own.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from fastapi import APIRouter, Path
 from fastapi.responses import FileResponse
 
 from retrogen.errors import NotFoundError
+
+from ...crud.jobs import get_job
+from ..deps import ANONYMOUS, DbDep, SettingsDep
 
 router = APIRouter(tags=["gallery"], include_in_schema=False)
 
@@ -29,7 +37,10 @@ HEADERS = {
 
 
 @router.get("/gallery/{job_id}")
-def gallery_page(job_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,40}$")]) -> FileResponse:
+def gallery_page(job_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,40}$")], settings: SettingsDep,
+                 db: DbDep) -> FileResponse:
+    if not settings.api_keys:
+        get_job(db, ANONYMOUS, job_id)  # 404 for an unknown job (with keys on, see the module docstring)
     return FileResponse(WEB_DIR / "gallery.html", media_type="text/html; charset=utf-8", headers=HEADERS)
 
 

@@ -6,7 +6,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ...domain.readiness import NotReadyError, check_store
 from ..deps import DbDep, StoreDep
+from ..schemas import ReadinessPublic
 
 router = APIRouter(tags=["health"])
 
@@ -16,7 +18,9 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database and the store answer")
+@router.get("/readyz", summary="The database answers, and the store's root exists and takes a write",
+            response_model=ReadinessPublic,
+            responses={503: {"model": ReadinessPublic, "description": "not ready: the failing check says why"}})
 def readyz(db: DbDep, store: StoreDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
@@ -25,8 +29,10 @@ def readyz(db: DbDep, store: StoreDep) -> JSONResponse:
     except Exception as e:
         checks["database"] = f"error: {type(e).__name__}"
     try:
-        store.ping()
+        check_store(store)
         checks["store"] = "ok"
+    except NotReadyError as e:
+        checks["store"] = f"error: {e}"
     except Exception as e:
         checks["store"] = f"error: {type(e).__name__}"
     ready = all(v == "ok" for v in checks.values())
@@ -34,6 +40,7 @@ def readyz(db: DbDep, store: StoreDep) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -21,12 +21,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from retrogen.errors import InvalidInputError, NotFoundError
-from retrogen.retrieval.provenance import source_uri
 
 from ...core.errors import ForbiddenError
 from ...domain.indexes import IndexRegistry, LoadedIndex
 from ...domain.queries import QueryLimits, decode_base64_image
 from ..deps import IndexRegistryDep, QueryLimitsDep, current_key_or_query
+from ..errors import documented
 from .retrieve import item_image_url
 
 # ClipClient sends no headers: the key may also come as ?api_key= in its URL.
@@ -93,7 +93,7 @@ def indices_list(registry: IndexRegistryDep) -> list[str]:
 
 
 @router.post("/knn-service", summary="k nearest corpus images (clip-retrieval)", openapi_extra=_schema(KnnQuery),
-             response_model=list[dict[str, Any]])
+             response_model=list[dict[str, Any]], responses=documented(403, 404))
 async def knn_service(request: Request, response: Response, registry: IndexRegistryDep,
                       limits: QueryLimitsDep) -> list[dict[str, Any]]:
     from starlette.concurrency import run_in_threadpool
@@ -147,7 +147,7 @@ def _knn(q: KnnQuery, request: Request, registry: IndexRegistry, limits: QueryLi
     out = []
     for h in hits[: q.num_images]:
         served = item_image_url(request, loaded.name, h.id)
-        row = _public_meta(h.meta, served)
+        row = _public_meta(loaded, h.meta, served)
         row["id"] = h.id
         row["similarity"] = h.similarity
         out.append(row)
@@ -177,14 +177,14 @@ def dedup_keep(embeddings) -> list[bool]:
     return [find(i) == i for i in range(n)]
 
 
-def _public_meta(meta: dict[str, Any], served_url: str) -> dict[str, Any]:
-    """The metadata columns a client may see (no server paths beyond the source URI)."""
+def _public_meta(loaded: LoadedIndex, meta: dict[str, Any], served_url: str) -> dict[str, Any]:
+    """The metadata columns a client may see (``source_uri`` relative to the corpus source: no server path)."""
     return {
         "url": meta.get("url") or served_url,
         "caption": meta.get("caption"),
         "image_url": served_url,
         "key": meta.get("key"),
-        "source_uri": source_uri(meta),
+        "source_uri": loaded.public_source_uri(meta),
         "licence": meta.get("licence"),
         "width": meta.get("width"),
         "height": meta.get("height"),
@@ -193,7 +193,7 @@ def _public_meta(meta: dict[str, Any], served_url: str) -> dict[str, Any]:
 
 
 @router.post("/metadata", summary="Metadata rows by id (clip-retrieval)", openapi_extra=_schema(MetadataQuery),
-             response_model=list[dict[str, Any]])
+             response_model=list[dict[str, Any]], responses=documented(404))
 async def metadata(request: Request, registry: IndexRegistryDep) -> list[dict[str, Any]]:
     from starlette.concurrency import run_in_threadpool
 
@@ -209,5 +209,5 @@ def _metadata(q: MetadataQuery, request: Request, registry: IndexRegistry) -> li
     if bad:
         raise NotFoundError(f"index {loaded.name!r} has ids 0..{loaded.ntotal - 1}; unknown: {bad[:10]}")
     metas = {int(m["id"]): m for m in loaded.corpus.metadata(sorted(set(q.ids)))}
-    return [{"id": i, "metadata": _public_meta(metas.get(i, {}), item_image_url(request, loaded.name, i))}
+    return [{"id": i, "metadata": _public_meta(loaded, metas.get(i, {}), item_image_url(request, loaded.name, i))}
             for i in q.ids]

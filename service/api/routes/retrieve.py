@@ -19,10 +19,13 @@ from retrogen.retrieval.provenance import retrieved_item_fields
 
 from ...domain.indexes import Hit, LoadedIndex
 from ...domain.queries import decode_base64_image
-from ..deps import IndexRegistryDep, QueryLimitsDep, current_key
+from ..deps import IndexRegistryDep, QueryLimitsDep, current_key, current_key_or_query
+from ..errors import documented
 
-# Every route needs the caller's API key when keys are on (current_key answers 401 otherwise).
-router = APIRouter(tags=["retrieval"], dependencies=[Depends(current_key)])
+# Every route needs the caller's API key when keys are on (401 otherwise). The item image may take it as
+# ?api_key= too: ClipClient users (and <img src>) fetch the image_url of a result bare.
+router = APIRouter(tags=["retrieval"])
+KEY = [Depends(current_key)]
 
 
 class RetrieveRequest(BaseModel):
@@ -76,14 +79,15 @@ class IndexesPublic(BaseModel):
     count: int
 
 
-@router.get("/v1/indexes", response_model=IndexesPublic, summary="Configured corpus indexes")
+@router.get("/v1/indexes", response_model=IndexesPublic, summary="Configured corpus indexes", dependencies=KEY)
 def list_indexes(registry: IndexRegistryDep) -> IndexesPublic:
     """Every configured index; facts from the manifest for those already loaded (listing loads nothing)."""
     data = [IndexInfo(**d) for d in registry.describe()]
     return IndexesPublic(data=data, count=len(data))
 
 
-@router.post("/v1/retrieve", response_model=RetrieveResponse, summary="k nearest corpus images per query")
+@router.post("/v1/retrieve", response_model=RetrieveResponse, summary="k nearest corpus images per query",
+             dependencies=KEY, responses=documented(404))
 def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep,
              limits: QueryLimitsDep) -> RetrieveResponse:
     t0 = time.perf_counter()
@@ -132,15 +136,18 @@ def item_image_url(request: Request, index_name: str, item_id: int) -> str:
 def _neighbour(request: Request, loaded: LoadedIndex, hit: Hit, query: dict[str, Any]) -> Neighbour:
     prov = {"index": loaded.name} | retrieved_item_fields(
         loaded.corpus, hit.meta, sample_id=hit.id, similarity=hit.similarity, rank=hit.rank, query=query,
-        embedder_name=loaded.embedder.name) | {"method": f"retrieval:{query['type']}"}
+        embedder_name=loaded.embedder.name) | {"method": f"retrieval:{query['type']}",
+                                               "source_uri": loaded.public_source_uri(hit.meta)}
     return Neighbour(rank=hit.rank, sample_id=hit.id, similarity=prov["similarity"], caption=prov["caption"],
                      url=prov["url"], source_uri=prov["source_uri"],
                      image_url=item_image_url(request, loaded.name, hit.id), provenance=prov)
 
 
 @router.get("/v1/indexes/{name}/items/{item_id}/image", name="get_index_item_image",
-            summary="A corpus item's image, bytes exactly as stored",
-            responses={200: {"content": {"image/*": {}}}, 404: {"description": "unknown index or item"}})
+            summary="A corpus item's image, bytes exactly as stored; the key may also come as ?api_key=",
+            dependencies=[Depends(current_key_or_query)],
+            responses={200: {"content": {"image/*": {}}}, 304: {"description": "unchanged (If-None-Match)"},
+                       **documented(404)})
 def get_item_image(name: str, item_id: Annotated[int, Path(ge=0, le=2**62)], registry: IndexRegistryDep,
                    request: Request) -> Response:
     loaded = registry.get(registry.resolve(name))
