@@ -274,7 +274,9 @@ def _write(run: _Run, selection: Selection, out_dir: str | os.PathLike, *, overw
                 name = meta.get("member") or meta.get("source")
                 writer.add(label=label, filename=f"{n:05d}_{cand.id}{image_extension(data, name)}",
                            image_bytes=data, method=f"retrieval:{run.mode}", fields=fields)
-                emit(run.progress, ProgressEvent("write", len(writer.records), total, label=label))
+                # per class, as generation reports it: this class's images of its own, and the overall count
+                emit(run.progress, ProgressEvent("write", n + 1, len(chosen[label]), label=label, extra={
+                    "overall_done": len(writer.records), "overall_total": total}))
         summary = _summary(run, selection, skipped=skipped, duration=time.perf_counter() - started, total=total)
         writer.close(summary)
         return AugmentResult(Path(out_dir), summary, writer.records)

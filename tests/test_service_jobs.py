@@ -139,7 +139,6 @@ def test_progress_is_overall_with_each_class_counted_on_its_own(monkeypatch):
     from retrogen.progress import ProgressEvent
     from retrogen.service.domain import worker
     from retrogen.service.domain.evaluations import arms_in_message
-    from retrogen.service.domain.runners import PerClassWrites
 
     rows = []
     monkeypatch.setattr(worker.jobs, "record_progress", lambda db, job, w, progress, event=None: rows.append(progress))
@@ -148,13 +147,12 @@ def test_progress_is_overall_with_each_class_counted_on_its_own(monkeypatch):
         rows.clear()
         return worker.ProgressTracker(None, "job_x", "w", min_interval_s=0)
 
-    # retrieval: augment_by_retrieval's write events name the class but count over all classes
+    # retrieval: per-class counts of the images written, the overall count in extra
     t = tracker()
-    write = PerClassWrites(t, per_class=3)
-    write(ProgressEvent("search", 1, 1))
-    for n, label in enumerate(["cat", "cat", "cat", "dog", "dog"], start=1):
-        write(ProgressEvent("write", n, 5, label=label))
-    assert t.state["per_class"] == {"cat": {"done": 3, "total": 3}, "dog": {"done": 2, "total": 3}}
+    t(ProgressEvent("search", 1, 1))
+    for n, label, i in ((1, "cat", 1), (2, "cat", 2), (3, "cat", 3), (4, "dog", 1), (5, "dog", 2)):
+        t(ProgressEvent("write", i, 3 if label == "cat" else 2, label, extra={"overall_done": n, "overall_total": 5}))
+    assert t.state["per_class"] == {"cat": {"done": 3, "total": 3}, "dog": {"done": 2, "total": 2}}
     assert (t.state["done"], t.state["total"]) == (5, 5)
     # generation: per-class counts, the overall count in extra; a class starts with a bare 0 event
     t = tracker()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retrogen.errors import InvalidInputError, NotFoundError, UnknownComponentError
-from retrogen.progress import CancelFn, ProgressEvent, ProgressFn
+from retrogen.progress import CancelFn, ProgressFn
 
 from ..core.config import Settings
 from .indexes import IndexRegistry, LoadedIndex
@@ -152,30 +152,10 @@ def run_retrieval(ctx: RunContext) -> Any:
     mode, config = retrieval_settings(ctx.params)
     loaded = ctx.index_registry.get(ctx.index_name)
     result = augment_by_retrieval(ctx.dataset_dir, ctx.out_dir, corpus=loaded.corpus, per_class=ctx.per_class,
-                                  mode=mode, config=config, embedder=loaded.embedder,
-                                  progress=PerClassWrites(ctx.progress, ctx.per_class),
+                                  mode=mode, config=config, embedder=loaded.embedder, progress=ctx.progress,
                                   should_cancel=ctx.should_cancel)
     publish_source_uris(ctx.out_dir, loaded)
     return result
-
-
-class PerClassWrites:
-    """Progress for the job row from ``augment_by_retrieval``'s ``write`` events, which name the class but count
-    images over all classes. Re-emitted per class (``done`` of the ``per_class`` requested), with the overall
-    count in ``extra`` as generation sends it, so ``progress.per_class`` holds each class's own count."""
-
-    def __init__(self, progress: ProgressFn, per_class: int):
-        self.progress, self.per_class = progress, per_class
-        self.class_done: dict[str, int] = {}
-        self.overall_done = 0
-
-    def __call__(self, ev: ProgressEvent) -> None:
-        if ev.stage == "write" and ev.label is not None and "overall_done" not in ev.extra:
-            done = self.class_done[ev.label] = self.class_done.get(ev.label, 0) + max(0, ev.done - self.overall_done)
-            self.overall_done = ev.done
-            ev = ProgressEvent(ev.stage, done, self.per_class, ev.label, ev.message,
-                               {**ev.extra, "overall_done": ev.done, "overall_total": ev.total})
-        self.progress(ev)
 
 
 def publish_source_uris(out_dir: Path, loaded: LoadedIndex) -> None:
