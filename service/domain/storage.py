@@ -9,8 +9,9 @@ or replaced by a put:
 * local folder: the files and the marker are written to a private ``staging/<uuid>/`` folder that is then
   renamed onto the final name in one atomic step. A racer whose rename finds the name taken by a complete
   tree has nothing to do; leftovers of a crashed write (no marker) are moved aside and deleted first.
-* object store (no atomic folder rename): the files are written in place, then the marker last. Racers write
-  the same bytes under the same names, and stop as soon as another racer's marker is there.
+* object store (no atomic folder rename): each file is uploaded to ``staging/<uuid>/`` and moved onto its
+  name, then the marker is written last. Racers move the same bytes onto the same names, and stop as soon
+  as another racer's marker is there.
 
 Workers read trees through :meth:`Store.local_dir` (the folder itself for a local store, a verified cache
 copy otherwise).
@@ -115,18 +116,27 @@ class Store:
         Racers put the same bytes under the same names; each stops once another's marker is there, so a
         complete tree is never rewritten. Files a crashed write left that are not in the tree are removed.
         """
-        marker = f"{final}/{MARKER}"
-        for rel in files:
+        marker, staging = f"{final}/{MARKER}", f"{self.root}/staging/{uuid.uuid4().hex}"
+        try:
+            for rel in files:
+                if self.fs.exists(marker):
+                    return
+                # Uploaded aside, then moved: a reader of the complete tree never meets a file half-rewritten
+                # by a late racer on a backend whose writes are not atomic (object-store PUTs are).
+                part = f"{staging}/{rel}"
+                self.fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.put_file(str(src / rel), part)
+                self.fs.makedirs(f"{final}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+                self.fs.mv(part, f"{final}/{rel}")
             if self.fs.exists(marker):
                 return
-            self.fs.makedirs(f"{final}/{rel}".rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(src / rel), f"{final}/{rel}")
-        if self.fs.exists(marker):
-            return
-        found = {p.rstrip("/")[len(final) + 1:] for p in self.fs.find(final)}
-        for rel in sorted(found - set(files)):
-            self.fs.rm_file(f"{final}/{rel}")
-        self.fs.pipe_file(marker, str(time.time()).encode())
+            found = {p.rstrip("/")[len(final) + 1:] for p in self.fs.find(final)}
+            for rel in sorted(found - set(files)):
+                self.fs.rm_file(f"{final}/{rel}")
+            self.fs.pipe_file(marker, str(time.time()).encode())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(staging, recursive=True)
 
     def files(self, key: str) -> list[str]:
         if not self.exists(key):
@@ -160,7 +170,8 @@ class Store:
         try:
             for rel in self.files(key):
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self._path(key, rel), str(tmp / rel))
+                # Whole-file reads: fsspec's memory store hands every reader one shared file object (and seek).
+                (tmp / rel).write_bytes(self.fs.cat_file(self._path(key, rel)))
             (tmp / MARKER).write_text("ok")
             _publish_folder(tmp, dest)  # another reader of the same tree may have copied it first: then theirs
         finally:
