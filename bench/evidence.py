@@ -26,6 +26,8 @@ output, and in the README's table):
 - the CNN runs on ``--cnn-shots`` with ``--cnn-draws`` draws of each tier (a minute per run here).
 
 Every setting is fixed before looking at test accuracy; nothing is tuned on the test split.
+An interrupted run picks up where it stopped: complete sets, and reports of the same config, arms and draws,
+are reused.
 
     .venv/bin/python bench/evidence.py --toy                      # a smoke run, minutes
     .venv/bin/python bench/evidence.py --write-readme             # the README's table and chart (hours)
@@ -227,12 +229,33 @@ def run_cell(a, tier: dict, k: int, *, data: dict, emb, model, index, cache) -> 
         cfg = EvaluationConfig(embedder=a.embedder, classifier=classifier, num_seeds=1, num_steps=a.cnn_steps,
                                leak_policy="exclude", leak_candidates=a.leak_candidates, seed=a.seed, compare=compare)
         out = a.workdir / f"report-{tier['name']}-{classifier}-k{k}"
-        t0 = time.perf_counter()
-        report = evaluate_draws(used, data["test"], config=cfg, embedder=emb, cache=cache, out_dir=out)
-        log.info("tier %s %s k=%d: %d draws evaluated in %.0fs", tier["name"], classifier, k, len(used),
-                 time.perf_counter() - t0)
-        cells.append({"tier": tier["name"], "classifier": classifier, "k": k, "report": report.to_dict()})
+        report = finished_report(out, cfg, used)
+        if report is None:
+            t0 = time.perf_counter()
+            report = evaluate_draws(used, data["test"], config=cfg, embedder=emb, cache=cache, out_dir=out).to_dict()
+            log.info("tier %s %s k=%d: %d draws evaluated in %.0fs", tier["name"], classifier, k, len(used),
+                     time.perf_counter() - t0)
+        cells.append({"tier": tier["name"], "classifier": classifier, "k": k, "report": report})
     return cells
+
+
+def finished_report(out: Path, cfg, draws: list) -> dict | None:
+    """The report an earlier (interrupted) run wrote for this cell, if it evaluated these arms and draws with
+    this config and is newer than every set it read; else None (the cell is evaluated again)."""
+    path = out / "report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    same_config = {k: v for k, v in report["config"].items() if k not in ("embedder", "seeds")} == {
+        k: v for k, v in cfg.to_dict().items() if k != "embedder"}
+    arms = ["real-only", *draws[0][1]]
+    # generated/retrieved sets (the draws' real folders are rewritten each run, the same images from the seed)
+    made = [Path(p) / "summary.json" for _, s in draws for p in s.values() if (Path(p) / "summary.json").is_file()]
+    newer = all(path.stat().st_mtime > m.stat().st_mtime for m in made)
+    if same_config and len(report["draws"]) == len(draws) and [x["name"] for x in report["arms"]] == arms and newer:
+        log.info("%s: reusing its report (same config, arms and draws)", out.name)
+        return report
+    return None
 
 
 def _pts(g: dict | None) -> str:
