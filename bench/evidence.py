@@ -8,7 +8,7 @@ protocol of ``retrogen.evaluation`` (docs/evaluation.md):
    retrieval). Test images come from the test split.
 2. For each k (shots per class) and each draw, k shots per class are drawn from the pool, and every arm adds
    ``--per-class`` images per class made *from that draw's shots*: retrieval (image kNN, EfficientNet-Lite0,
-   retrogen's filters), img2img, textual inversion and DreamBooth-LoRA (from the small SD trained here on the
+   retrogen's filters), retrieval-diverse (the same with the ``diverse`` selection policy), img2img, textual inversion and DreamBooth-LoRA (from the small SD trained here on the
    corpus, bench/train_tiny_sd.py), prompt (no shots: one set for every draw), and extra real images from the
    pool (the upper bound). Text retrieval needs an image-text embedder and variation an IP-Adapter; neither is
    available offline here, so those arms are left out (said in the output).
@@ -20,7 +20,7 @@ protocol of ``retrogen.evaluation`` (docs/evaluation.md):
 Compute is the limit on a 2-core CPU, so the arms come in two tiers, each with its own draws (printed in the
 output, and in the README's table):
 
-- tier A, every k in ``--shots`` with ``--draws`` draws: real only, retrieval, prompt, extra real;
+- tier A, every k in ``--shots`` with ``--draws`` draws: real only, both retrievals, prompt, extra real;
 - tier B, every k in ``--full-shots`` with ``--full-draws`` draws: every arm (the per-draw generators and
   trainers cost minutes per class);
 - the CNN runs on ``--cnn-shots`` with ``--cnn-draws`` draws of each tier (a minute per run here).
@@ -52,9 +52,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 log = logging.getLogger("evidence")
 
 ROOT = Path(__file__).resolve().parents[1]
-CHEAP_ARMS = ("retrieval", "prompt", "real-extra")
+RETRIEVAL_ARMS = {"retrieval": "knn", "retrieval-diverse": "diverse"}  # arm -> RetrievalConfig.selection
+CHEAP_ARMS = (*RETRIEVAL_ARMS, "prompt", "real-extra")
 GEN_ARMS = ("prompt", "img2img", "textual-inversion", "dreambooth")
-ALL_ARMS = ("retrieval", *GEN_ARMS, "real-extra")
+ALL_ARMS = (*RETRIEVAL_ARMS, *GEN_ARMS, "real-extra")
 MISSING_ARMS = {"retrieval by text": "needs an image-text embedder (no CLIP weights offline here)",
                 "variation": "needs an IP-Adapter for the project-trained generator (none exists)"}
 PAPER = [  # Burg et al. 2023, ResNet-50 on 10% of ImageNet, top-1 %
@@ -195,9 +196,9 @@ def make_arm(arm: str, shots: Path, extra: Path, out: Path, *, a, data: dict, em
         return out
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    if arm == "retrieval":
+    if arm in RETRIEVAL_ARMS:
         augment_by_retrieval(shots, out, corpus=index, per_class=a.per_class, mode="image",
-                             config=RetrievalConfig(dedup_threshold=a.dedup_threshold,
+                             config=RetrievalConfig(dedup_threshold=a.dedup_threshold, selection=RETRIEVAL_ARMS[arm],
                                                     leakage_threshold=a.leakage_threshold), embedder=emb)
     else:
         names = {c: c.replace("_", " ") for c in data["names"]}
@@ -221,6 +222,8 @@ def run_cell(a, tier: dict, k: int, *, data: dict, emb, model, index, cache) -> 
             sets[arm] = make_arm(arm, shots, extra, out, a=a, data=data, emb=emb, model=model, index=index)
         draws.append((shots, sets))
     compare = tuple(f"retrieval,{g}" for g in GEN_ARMS if g in tier["arms"] and "retrieval" in tier["arms"])
+    if {"retrieval", "retrieval-diverse"} <= set(tier["arms"]):
+        compare += ("retrieval-diverse,retrieval",)
     cells = []
     for classifier in ("linear", "cnn"):
         if classifier == "cnn" and k not in a.cnn_shots:
@@ -273,7 +276,7 @@ def table(cells: list[dict], index_build_per_image: float | None) -> str:
         draws = len(r["draws"])
         for arm in r["arms"]:
             spi = arm["cost"].get("seconds_per_image")
-            if arm["name"] == "retrieval" and spi is not None and index_build_per_image:
+            if arm["name"] in RETRIEVAL_ARMS and spi is not None and index_build_per_image:
                 spi = f"{spi:.3g} + {index_build_per_image:.3g} index"
             elif spi is not None:
                 spi = f"{spi:.3g}"
@@ -289,8 +292,15 @@ def table(cells: list[dict], index_build_per_image: float | None) -> str:
         if not gen or not r["comparisons"]:
             continue
         best = max(gen, key=lambda arm: arm["gain"]["mean"])
-        cmp = next(x for x in r["comparisons"] if x["b"] == best["name"])
+        cmp = next(x for x in r["comparisons"] if x["a"] == "retrieval" and x["b"] == best["name"])
         lines.append(f"| {c['classifier']} | {c['tier']} ({len(r['draws'])}) | {c['k']} | {best['name']} | {_pts(cmp)} |")
+    diverse = [(c, x) for c in cells for x in c["report"]["comparisons"]
+               if (x["a"], x["b"]) == ("retrieval-diverse", "retrieval")]
+    if diverse:
+        lines += ["", "Diverse selection minus kNN selection (paired per draw):", "",
+                  "| classifier | tier (draws) | k | diverse − knn, pts [95% CI] |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c['classifier']} | {c['tier']} ({len(c['report']['draws'])}) | {c['k']} | {_pts(x)} |"
+                  for c, x in diverse]
     return "\n".join(lines)
 
 
@@ -354,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         result["settings"]["duration_s"] = round(time.perf_counter() - t0, 1)
         (a.workdir / "evidence.json").write_text(json.dumps(result, indent=1))
     md = table(result["cells"], result["settings"].get("index_build_seconds_per_image"))
-    md += "\n\nNot run: " + "; ".join(f"{arm} ({why})" for arm, why in MISSING_ARMS.items()) + "."
+    missing = MISSING_ARMS | {arm: "not among this run's --arms" for arm in ALL_ARMS
+                              if arm not in result["settings"]["arms"]}
+    md += "\n\nNot run: " + "; ".join(f"{arm} ({why})" for arm, why in missing.items()) + "."
     chart(result["cells"], a.workdir / "evidence.png")
     (a.workdir / "evidence.md").write_text(md + "\n")
     if a.write_readme:
@@ -379,13 +391,13 @@ def run(a) -> dict:
     data = prepare_data(a, a.workdir / "data")
     emb = create_embedder(a.embedder)
     model = get_model(a) if any(arm in GEN_ARMS for arm in a.arms) else None
-    index = build_index(data, a.workdir, emb) if "retrieval" in a.arms else None
+    index = build_index(data, a.workdir, emb) if set(RETRIEVAL_ARMS) & set(a.arms) else None
     cache, cells = FeatureCache(), []
     for tier in tiers(a):
         for k in tier["shots"]:
             cells += run_cell(a, tier, k, data=data, emb=emb, model=model, index=index, cache=cache)
     # images retrieved over the whole benchmark: what the one index build is amortised over
-    retrieved = len(list((a.workdir / "sets" / "retrieval").glob("*/*/*.*"))) if index is not None else 0
+    retrieved = sum(len(list((a.workdir / "sets" / arm).glob("*/*/*.*"))) for arm in RETRIEVAL_ARMS if arm in a.arms)
     build_s = index.manifest.build.get("duration_s") if index is not None else None
     settings = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(a).items()} | {
         "model": model, "corpus_size": data["corpus_size"], "test_size": data["test_size"],

@@ -8,7 +8,7 @@ import mimetypes
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -22,6 +22,7 @@ from retrogen.outputs import AugmentResult, OutputFolder
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
 
 from .config import RetrievalConfig
+from .diverse import flmi_order
 from .embedders import Embedder, create_embedder
 from .index import CorpusIndex
 from .prompts import class_prompts, class_text_embeddings
@@ -51,6 +52,7 @@ class _Run:
     classes: list[str]
     progress: ProgressFn | None
     should_cancel: CancelFn | None
+    timings: dict[str, float] = field(default_factory=lambda: {"search_s": 0.0, "selection_s": 0.0})
 
 
 @dataclass
@@ -191,13 +193,23 @@ def _search_and_select(run: _Run, queries: _Queries, *, protected: np.ndarray,
     policy = SelectionPolicy(dedup_threshold=config.dedup_threshold, leakage_threshold=config.leakage_threshold,
                              min_similarity=config.min_similarity, conflict=config.conflict)
     max_queries = max(len(v) for v in queries.vectors.values())
-    k = max(4, math.ceil(config.oversample * per_class / max(1, min(len(v) for v in queries.vectors.values()))))
+    wanted = config.oversample * per_class
+    if config.selection == "diverse":  # the greedy chooses among the top diversity_pool of each class
+        wanted = max(wanted, _pool_size(run))
+    k = max(4, math.ceil(wanted / max(1, min(len(v) for v in queries.vectors.values()))))
     while True:
         check_cancel(run.should_cancel)
         emit(run.progress, ProgressEvent("search", 0, 1, message=f"k={k}"))
+        t0 = time.perf_counter()
         candidates = _search(run, queries, k)
         ids = sorted({c.id for cands in candidates.values() for c in cands})
         emb = dict(zip(ids, corpus.embeddings(ids).astype(np.float32), strict=True)) if ids else {}
+        run.timings["search_s"] += time.perf_counter() - t0
+        if config.selection == "diverse":
+            t0 = time.perf_counter()
+            candidates = {label: _diverse_order(run, cands, emb, queries.vectors[label])
+                          for label, cands in candidates.items()}
+            run.timings["selection_s"] += time.perf_counter() - t0
         predicted = checker(ids, emb) if checker else None
         selection = select(candidates, per_class, embeddings=emb, policy=policy, protected=protected,
                            predicted_label=predicted)
@@ -224,6 +236,27 @@ def _search(run: _Run, queries: _Queries, k: int) -> dict[str, list[Candidate]]:
         ]
         out[label] = round_robin(lists)
     return out
+
+
+def _diverse_order(run: _Run, cands: list[Candidate], emb: dict[int, np.ndarray],
+                   query_vectors: list[np.ndarray]) -> list[Candidate]:
+    """The class's candidates reordered by the diverse policy: 2 x N greedy picks (spares for the filters) among
+    the first ``diversity_pool`` distinct items, then the rest in kNN order."""
+    pool: list[Candidate] = []
+    seen: set[int] = set()
+    for c in cands:
+        if c.id not in seen and len(pool) < _pool_size(run):
+            seen.add(c.id)
+            pool.append(c)
+    order, gains = flmi_order(np.stack([emb[c.id] for c in pool]), np.stack(query_vectors),
+                              steps=2 * run.per_class, eta=run.config.diversity_eta)
+    picked = [replace(pool[i], gain=round(g, 6)) for i, g in zip(order, gains, strict=True)]
+    first = {id(pool[i]) for i in order}
+    return picked + [c for c in cands if id(c) not in first]
+
+
+def _pool_size(run: _Run) -> int:
+    return run.config.diversity_pool or 2 * run.per_class
 
 
 def _label_checker(run: _Run, prompts: dict[str, list[str]], text_vecs: np.ndarray | None) -> LabelChecker | None:
@@ -270,7 +303,10 @@ def _write(run: _Run, selection: Selection, out_dir: str | os.PathLike, *, overw
                 data = corpus.read_bytes(cand.id)
                 fields = retrieved_item_fields(corpus, meta, sample_id=cand.id, similarity=cand.similarity,
                                                rank=cand.rank, query=cand.query, embedder_name=run.embedder.name)
-                fields |= {"filters_passed": passed, "mime_type": mimetypes.guess_type(source_uri(meta) or "")[0]}
+                fields |= {"filters_passed": passed, "mime_type": mimetypes.guess_type(source_uri(meta) or "")[0],
+                           "selection": run.config.selection}
+                if cand.gain is not None:
+                    fields["selection_gain"] = cand.gain
                 name = meta.get("member") or meta.get("source")
                 writer.add(label=label, filename=f"{n:05d}_{cand.id}{image_extension(data, name)}",
                            image_bytes=data, method=f"retrieval:{run.mode}", fields=fields)
@@ -313,6 +349,9 @@ def _summary(run: _Run, selection: Selection, *, skipped: list[dict], duration: 
         "index_build": {"duration_s": run.corpus.manifest.build.get("duration_s"), "count": run.corpus.ntotal},
         "embedder": run.embedder.name,
         "duration_s": round(duration, 3),
+        # search (with the embeddings read back) and the selection policy's own ordering, over every widening
+        "timings": {"search_s": round(run.timings["search_s"], 4), "selection_s": round(run.timings["selection_s"], 4),
+                    "selection": run.config.selection},
         "images_per_s": round(total / duration, 3) if duration > 0 else None,
         "parameters": {"mode": run.mode, "per_class": run.per_class, **run.config.to_dict()},
     }

@@ -24,6 +24,7 @@ MAX_CLASSES = 10_000
 MAX_NPROBE = 65_536  # IVF lists / HNSW efSearch: beyond this a search is a scan
 MAX_CANDIDATES = 1_000_000
 MAX_BATCH = 4096
+MAX_DIVERSITY_POOL = 5000  # the greedy keeps a pool x pool float32 matrix (100 MB here)
 
 
 class RetrievalConfig(LibraryConfig):
@@ -50,6 +51,15 @@ class RetrievalConfig(LibraryConfig):
     class_descriptions: dict[_ClassName, Annotated[list[_Prompt], Field(max_length=MAX_PROMPTS)]] | None = Field(
         None, max_length=MAX_CLASSES,
         description="Per-class prompt lists that replace the templates: {label: list of prompts}.")
+    selection: Literal["knn", "diverse"] = Field(
+        "knn", description="How each class's candidates are ordered before the filters: knn (most similar first, "
+        "round-robin over queries) | diverse (greedy facility-location mutual information, COBRA-style).")
+    diversity_pool: int | None = Field(
+        None, ge=1, le=MAX_DIVERSITY_POOL,
+        description="diverse: candidates per class (the top of the kNN order) the greedy chooses among; default "
+        "2 x N. Larger pools spread wider but reach further from the class (docs/retrieval-selection.md).")
+    diversity_eta: float = Field(
+        1.0, gt=0.0, le=100.0, description="diverse: how far coverage may reach beyond relevance (larger: wider).")
     oversample: float = Field(
         3.0, ge=1.0, le=100.0, description="The first search asks each query for this many times its share of N.")
     max_candidates_per_class: int = Field(

@@ -31,6 +31,7 @@ class Candidate:
     similarity: float
     rank: int
     query: dict  # {"type": "image", "id": "cat/1.jpg"} or {"type": "text", "prompt": "..."}
+    gain: float | None = None  # the diverse policy's marginal gain when it picked this item
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ def test_evidence_toy_end_to_end(tmp_path, tiny_sd_dir, tiny_open_clip_dir, caps
     sys.path.insert(0, str(ROOT / "bench"))
     import evidence
 
-    arms = ["retrieval", "prompt", "img2img", "textual-inversion", "dreambooth", "real-extra"]
+    arms = ["retrieval", "retrieval-diverse", "prompt", "img2img", "textual-inversion", "dreambooth", "real-extra"]
     # The random tiny CLIP maps everything close together: only exact copies may count as duplicates here.
     rc = evidence.main(["--toy", "--workdir", str(tmp_path), "--model", str(tiny_sd_dir), "--arms", ",".join(arms),
                         "--embedder", f"open_clip:local-dir:{tiny_open_clip_dir}", "--leakage-threshold", "0.99999",
@@ -30,7 +30,7 @@ def test_evidence_toy_end_to_end(tmp_path, tiny_sd_dir, tiny_open_clip_dir, caps
     cells = {(c["tier"], c["classifier"], c["k"]): c["report"] for c in result["cells"]}
     assert set(cells) == {("A", "linear", 2), ("A", "cnn", 2), ("B", "linear", 2), ("B", "cnn", 2)}
     tier_a, tier_b = cells[("A", "linear", 2)], cells[("B", "linear", 2)]
-    assert [a["name"] for a in tier_a["arms"]] == ["real-only", "retrieval", "prompt", "real-extra"]
+    assert [a["name"] for a in tier_a["arms"]] == ["real-only", "retrieval", "retrieval-diverse", "prompt", "real-extra"]
     assert [a["name"] for a in tier_b["arms"]] == ["real-only", *arms]
     assert len(tier_b["draws"]) == 2 and all(d["train_per_class"] == {c: 2 for c in tier_b["classes"]}
                                              for d in tier_b["draws"])
@@ -38,7 +38,11 @@ def test_evidence_toy_end_to_end(tmp_path, tiny_sd_dir, tiny_open_clip_dir, caps
         assert arm["gain"]["num_draws"] == 2 and len(arm["set_dirs"]) == (1 if arm["name"] == "prompt" else 2)
         if arm["name"] != "real-extra":  # generated/retrieved sets carry their cost; plain real images do not
             assert arm["cost"]["seconds_per_image"] > 0
-    assert {(c["a"], c["b"]) for c in tier_b["comparisons"]} == {("retrieval", g) for g in arms[1:5]}
+    assert {(c["a"], c["b"]) for c in tier_b["comparisons"]} == {("retrieval", g) for g in arms[2:6]} | {
+        ("retrieval-diverse", "retrieval")}
+    diverse = [json.loads(line) for line in
+               (tmp_path / "sets" / "retrieval-diverse" / "k2-d0" / "provenance.jsonl").read_text().splitlines()]
+    assert {r["selection"] for r in diverse} == {"diverse"}
     # each draw's sets were made from that draw's own shots, through `generation` with the model given
     prov = [json.loads(line) for line in
             (tmp_path / "sets" / "img2img" / "k2-d1" / "provenance.jsonl").read_text().splitlines()]
@@ -47,4 +51,5 @@ def test_evidence_toy_end_to_end(tmp_path, tiny_sd_dir, tiny_open_clip_dir, caps
     for name in ("report.json", "report.md", "report.png"):
         assert (tmp_path / "report-B-linear-k2" / name).exists()
     assert "| linear | B (2) | 2 | img2img |" in out and "Burg et al." in out and "Not run: retrieval by text" in out
-    assert "retrieval − it" in (tmp_path / "evidence.md").read_text() and (tmp_path / "evidence.png").exists()
+    md = (tmp_path / "evidence.md").read_text()
+    assert "retrieval − it" in md and "diverse − knn" in md and (tmp_path / "evidence.png").exists()

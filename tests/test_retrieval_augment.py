@@ -127,10 +127,42 @@ def test_records_carry_the_shared_retrieved_item_fields(effnet_index, dataset, t
         expected = retrieved_item_fields(corpus, meta, sample_id=r["sample_id"], similarity=r["similarity"],
                                          rank=r["rank"], query=r["query"], embedder_name="efficientnet-lite0")
         assert {k: r[k] for k in expected} == expected
-        assert set(r) == common | set(expected) | {"filters_passed", "mime_type"}
+        assert set(r) == common | set(expected) | {"filters_passed", "mime_type", "selection"}
+        assert r["selection"] == "knn"
         assert r["source_uri"] == f"{meta['source']}#{meta['member']}" and r["mime_type"] == "image/png"
         assert (r["width"], r["height"]) == (40, 32) and r["index_version"] == corpus.manifest.build["created"]
         assert r["filters_passed"] == ["duplicate", "conflict", "leakage", "near_duplicate"]
+
+
+def test_diverse_selection_spreads_out_keeps_the_class_and_records_itself(effnet_index, dataset, tmp_path):
+    corpus = CorpusIndex.open(effnet_index)
+
+    def spread(records, label):
+        ids = [r["sample_id"] for r in records if r["label"] == label]
+        emb = corpus.embeddings(ids).astype(np.float32)
+        sims = emb @ emb.T
+        return float(sims[np.triu_indices(len(ids), 1)].mean())
+
+    knn = augment_by_retrieval(dataset, tmp_path / "knn", corpus=effnet_index, per_class=5, config=STRICT)
+    diverse_cfg = STRICT.replace(selection="diverse", diversity_pool=PER_FAMILY * 2)
+    div = augment_by_retrieval(dataset, tmp_path / "div", corpus=effnet_index, per_class=5, config=diverse_cfg)
+    assert div.counts == {"blue": 5, "green": 5, "red": 5}
+    assert np.mean([true_family(r) == r["label"] for r in div.records]) >= 0.9, "no worse in label purity"
+    for fam in FAMILIES:
+        assert spread(div.records, fam) <= spread(knn.records, fam) + 1e-6, fam
+        gains = [r["selection_gain"] for r in div.records if r["label"] == fam]
+        assert all(a >= b for a, b in zip(gains, gains[1:], strict=False)), ("picked in greedy order", gains)
+    assert {r["selection"] for r in div.records} == {"diverse"}
+    assert div.summary["parameters"]["selection"] == "diverse"
+    timings = div.summary["timings"]
+    assert timings["selection"] == "diverse" and timings["selection_s"] > 0 and timings["search_s"] > 0
+    assert knn.summary["timings"]["selection_s"] == 0
+    again = augment_by_retrieval(dataset, tmp_path / "div2", corpus=effnet_index, per_class=5, config=diverse_cfg)
+    assert [r["sample_id"] for r in again.records] == [r["sample_id"] for r in div.records]
+    with pytest.raises(InvalidRetrievalConfigError, match="selection"):
+        RetrievalConfig(selection="nearest")
+    with pytest.raises(InvalidRetrievalConfigError, match="diversity_pool"):
+        RetrievalConfig(diversity_pool=10**6)
 
 
 def test_fewer_than_n_with_a_reason_when_the_corpus_runs_out(effnet_index, dataset, tmp_path):

@@ -83,15 +83,19 @@ def test_jobs_an_index_cannot_run_are_refused_at_submission(tmp_path, mean_colou
     assert r.status_code == 404 and "index 'gone'" in r.json()["detail"] and str(tmp_path) not in r.text
     for params, field in (({"nprobe": -5}, "nprobe"), ({"batch_size": 10**9}, "batch_size"),
                           ({"max_candidates_per_class": 10**12}, "max_candidates_per_class"),
-                          ({"templates": ["{0} and {1}"]}, "templates")):
+                          ({"templates": ["{0} and {1}"]}, "templates"), ({"selection": "nearest"}, "selection"),
+                          ({"diversity_pool": 10**6}, "diversity_pool")):
         r = submit(**params)
         assert r.status_code == 422 and field in r.json()["detail"], r.text
     assert client.get("/v1/jobs").json()["count"] == 0
     assert not app.state.index_registry.is_loaded("pixels"), "checking a request loads no index or model"
-    r = submit(mode="image")
-    assert r.status_code == 202, r.text
-    assert app.state.worker.run_once("retrieval") == r.json()["id"]
-    assert client.get(f"/v1/jobs/{r.json()['id']}").json()["state"] == "succeeded"
+    for selection in ("knn", "diverse"):
+        r = submit(mode="image", selection=selection)
+        assert r.status_code == 202, r.text
+        assert app.state.worker.run_once("retrieval") == r.json()["id"]
+        assert client.get(f"/v1/jobs/{r.json()['id']}").json()["state"] == "succeeded"
+        items = client.get(f"/v1/jobs/{r.json()['id']}/results").json()["items"]
+        assert items and {it["provenance"]["selection"] for it in items} == {selection}
 
 
 @pytest.mark.timeout(300)
