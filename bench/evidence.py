@@ -8,8 +8,8 @@ protocol of ``retrogen.evaluation`` (docs/evaluation.md):
    retrieval). Test images come from the test split.
 2. For each k (shots per class) and each draw, k shots per class are drawn from the pool, and every arm adds
    ``--per-class`` images per class made *from that draw's shots*: retrieval (image kNN, EfficientNet-Lite0,
-   retrogen's filters), retrieval-diverse (the same with the ``diverse`` selection policy), img2img, textual inversion and DreamBooth-LoRA (from the small SD trained here on the
-   corpus, bench/train_tiny_sd.py), prompt (no shots: one set for every draw), and extra real images from the
+   retrogen's filters), retrieval-diverse (the same with the ``diverse`` selection policy), img2img, textual
+   inversion and DreamBooth-LoRA (from the small SD trained here on the corpus, bench/train_tiny_sd.py), prompt (no shots: one set for every draw), and extra real images from the
    pool (the upper bound). Text retrieval needs an image-text embedder and variation an IP-Adapter; neither is
    available offline here, so those arms are left out (said in the output).
 3. ``evaluate_draws`` scores every arm on the same draws: the linear protocol (logistic regression, C chosen

@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, rows in got.items():
                 pur = np.array([x["purity"] for x in rows])
                 diff = pur - base
-                half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if name != "knn" else 0
-                ci = f"{diff.mean():+.3f} [{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]" if name != "knn" else "–"
+                half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+                mid = diff.mean()
+                ci = "–" if name == "knn" else f"{mid:+.3f} [{mid - half:+.3f}, {mid + half:+.3f}]"
                 print(f"| {k} | {name} | {pur.mean():.3f} | {ci} | {1e3 * np.median([x['sel'] for x in rows]):.1f} "
                       f"| {1e3 * np.median([x['search'] for x in rows]):.1f} |", flush=True)
     return 0

@@ -17,8 +17,9 @@ are cosines clipped at 0 (facility location needs non-negative ones). COBRA's so
 needed here: every class gets exactly its own N (or fewer, with a reason).
 
 The greedy maximisation is lazy (gains of a submodular function only shrink, so a stale gain is an upper
-bound) and refreshes a batch of the best bounds at once, vectorised over the pool; it yields an order, not a set, so the usual filters walk it exactly as
-they walk the kNN order, and the items after the pool follow in kNN order.
+bound) and refreshes a batch of the best bounds at once, vectorised over the pool. It yields an order, not a
+set, so the usual filters walk it exactly as they walk the kNN order; the items after the pool follow in kNN
+order.
 """
 
 from __future__ import annotations

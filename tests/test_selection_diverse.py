@@ -10,7 +10,8 @@ def _unit(x):
 
 
 def _clusters(rng, centres, sizes, spread):
-    return np.concatenate([_unit(c + spread * rng.standard_normal((n, len(c)))) for c, n in zip(centres, sizes, strict=True)])
+    return np.concatenate([_unit(c + spread * rng.standard_normal((n, len(c))))
+                           for c, n in zip(centres, sizes, strict=True)])
 
 
 def _flmi(pool, queries, chosen, eta=1.0):
@@ -36,7 +37,7 @@ def test_diverse_covers_every_mode_the_queries_reach_while_knn_piles_onto_one():
     order, gains = flmi_order(pool, queries, steps=6)
     assert len(order) == 6 and len(set(order)) == 6
     assert set(cluster[order[:3]]) == {0, 1, 2}, "the first three picks are one per mode"
-    assert all(a >= b - 1e-6 for a, b in zip(gains, gains[1:], strict=False)), "greedy gains of a submodular objective shrink"
+    assert all(a >= b - 1e-6 for a, b in zip(gains, gains[1:], strict=False)), "submodular: greedy gains shrink"
     assert len(set(cluster[:3])) < 3, "the scenario is one where kNN's top-3 misses a mode"
 
 

@@ -111,9 +111,9 @@ class Store:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _put_remote(self, src: Path, files: list[str], final: str) -> None:
-        """Write the files in place, then the marker: an object store has no atomic folder rename.
+        """Move each file onto its name, then write the marker: an object store has no atomic folder rename.
 
-        Racers put the same bytes under the same names; each stops once another's marker is there, so a
+        Racers move the same bytes onto the same names; each stops once another's marker is there, so a
         complete tree is never rewritten. Files a crashed write left that are not in the tree are removed.
         """
         marker, staging = f"{final}/{MARKER}", f"{self.root}/staging/{uuid.uuid4().hex}"
