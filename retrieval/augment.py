@@ -25,6 +25,7 @@ from .config import RetrievalConfig
 from .diverse import flmi_order
 from .embedders import Embedder, create_embedder
 from .index import CorpusIndex
+from .opt_out import OptOut
 from .prompts import class_prompts, class_text_embeddings
 from .provenance import retrieved_item_fields, source_uri
 from .selection import FILTERS, Candidate, Selection, SelectionPolicy, round_robin, select
@@ -193,6 +194,7 @@ def _search_and_select(run: _Run, queries: _Queries, *, protected: np.ndarray,
     policy = SelectionPolicy(dedup_threshold=config.dedup_threshold, leakage_threshold=config.leakage_threshold,
                              min_similarity=config.min_similarity, conflict=config.conflict)
     max_queries = max(len(v) for v in queries.vectors.values())
+    opt_out = OptOut.parse(config.opt_out)
     wanted = config.oversample * per_class
     if config.selection == "diverse":  # the greedy chooses among the top diversity_pool of each class
         wanted = max(wanted, _pool_size(run))
@@ -212,7 +214,7 @@ def _search_and_select(run: _Run, queries: _Queries, *, protected: np.ndarray,
             run.timings["selection_s"] += time.perf_counter() - t0
         predicted = checker(ids, emb) if checker else None
         selection = select(candidates, per_class, embeddings=emb, policy=policy, protected=protected,
-                           predicted_label=predicted)
+                           predicted_label=predicted, opted_out=_opted_out(run, opt_out, ids))
         short = [c for c in run.classes if len(selection.chosen[c]) < per_class]
         can_widen = k < corpus.ntotal and k * max_queries < config.max_candidates_per_class
         if not short or not can_widen:
@@ -253,6 +255,14 @@ def _diverse_order(run: _Run, cands: list[Candidate], emb: dict[int, np.ndarray]
     picked = [replace(pool[i], gain=round(g, 6)) for i, g in zip(order, gains, strict=True)]
     first = {id(pool[i]) for i in order}
     return picked + [c for c in cands if id(c) not in first]
+
+
+def _opted_out(run: _Run, opt_out: OptOut, ids: list[int]) -> frozenset[int]:
+    """The candidate ids on the user's opt-out list (matched on the corpus's url and sha256 columns)."""
+    if not opt_out or not ids:
+        return frozenset()
+    rows = run.corpus.metadata(ids, columns=["id", "url", "sha256"])
+    return frozenset(r["id"] for r in rows if opt_out.matches(r["url"], r["sha256"]))
 
 
 def _pool_size(run: _Run) -> int:
@@ -319,12 +329,11 @@ def _write(run: _Run, selection: Selection, out_dir: str | os.PathLike, *, overw
 
 
 def _filters_passed(config: RetrievalConfig) -> list[str]:
-    """The filters every returned item went through: the two that are always on, then those enabled."""
-    enabled = (("min_similarity", config.min_similarity is not None),
-               ("leakage", config.leakage_threshold is not None),
-               ("label_check", config.label_check),
-               ("near_duplicate", config.dedup_threshold is not None))
-    return ["duplicate", "conflict"] + [name for name, on in enabled if on]
+    """The filters every returned item went through, in the order they run (selection.FILTERS)."""
+    on = {"duplicate": True, "opt_out": bool(config.opt_out), "conflict": True,
+          "min_similarity": config.min_similarity is not None, "leakage": config.leakage_threshold is not None,
+          "label_check": config.label_check, "near_duplicate": config.dedup_threshold is not None}
+    return [name for name in FILTERS if on[name]]
 
 
 def _summary(run: _Run, selection: Selection, *, skipped: list[dict], duration: float, total: int) -> dict:

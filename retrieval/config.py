@@ -24,6 +24,7 @@ MAX_CLASSES = 10_000
 MAX_NPROBE = 65_536  # IVF lists / HNSW efSearch: beyond this a search is a scan
 MAX_CANDIDATES = 1_000_000
 MAX_BATCH = 4096
+MAX_OPT_OUT = 100_000
 MAX_DIVERSITY_POOL = 5000  # the greedy keeps a pool x pool float32 matrix (100 MB here)
 
 
@@ -60,6 +61,10 @@ class RetrievalConfig(LibraryConfig):
         "2 x N. Larger pools spread wider but reach further from the class (docs/retrieval-selection.md).")
     diversity_eta: float = Field(
         1.0, gt=0.0, le=100.0, description="diverse: how far coverage may reach beyond relevance (larger: wider).")
+    opt_out: tuple[Annotated[str, Field(min_length=1, max_length=2048)], ...] = Field(
+        (), max_length=MAX_OPT_OUT,
+        description="Never return these items: source URLs, sha256 hashes of the stored bytes, or domains "
+        "(with their subdomains). Repeat the option per entry.")
     oversample: float = Field(
         3.0, ge=1.0, le=100.0, description="The first search asks each query for this many times its share of N.")
     max_candidates_per_class: int = Field(

@@ -134,24 +134,17 @@ def test_records_carry_the_shared_retrieved_item_fields(effnet_index, dataset, t
         assert r["filters_passed"] == ["duplicate", "conflict", "leakage", "near_duplicate"]
 
 
-def test_diverse_selection_spreads_out_keeps_the_class_and_records_itself(effnet_index, dataset, tmp_path):
-    corpus = CorpusIndex.open(effnet_index)
-
-    def spread(records, label):
-        ids = [r["sample_id"] for r in records if r["label"] == label]
-        emb = corpus.embeddings(ids).astype(np.float32)
-        sims = emb @ emb.T
-        return float(sims[np.triu_indices(len(ids), 1)].mean())
-
+def test_diverse_selection_keeps_the_class_and_records_itself(effnet_index, dataset, tmp_path):
+    """Through the real pipeline (its spreading is shown on vectors where the answer is known, in
+    test_selection_diverse.py: these flat colour shades all sit at cosine ~0.99 for a real CNN)."""
     knn = augment_by_retrieval(dataset, tmp_path / "knn", corpus=effnet_index, per_class=5, config=STRICT)
     diverse_cfg = STRICT.replace(selection="diverse", diversity_pool=PER_FAMILY * 2)
     div = augment_by_retrieval(dataset, tmp_path / "div", corpus=effnet_index, per_class=5, config=diverse_cfg)
     assert div.counts == {"blue": 5, "green": 5, "red": 5}
     assert np.mean([true_family(r) == r["label"] for r in div.records]) >= 0.9, "no worse in label purity"
     for fam in FAMILIES:
-        assert spread(div.records, fam) <= spread(knn.records, fam) + 1e-6, fam
         gains = [r["selection_gain"] for r in div.records if r["label"] == fam]
-        assert all(a >= b for a, b in zip(gains, gains[1:], strict=False)), ("picked in greedy order", gains)
+        assert gains[0] > 0 and all(a >= b for a, b in zip(gains, gains[1:], strict=False)), gains
     assert {r["selection"] for r in div.records} == {"diverse"}
     assert div.summary["parameters"]["selection"] == "diverse"
     timings = div.summary["timings"]
@@ -163,6 +156,25 @@ def test_diverse_selection_spreads_out_keeps_the_class_and_records_itself(effnet
         RetrievalConfig(selection="nearest")
     with pytest.raises(InvalidRetrievalConfigError, match="diversity_pool"):
         RetrievalConfig(diversity_pool=10**6)
+
+
+def test_opt_out_list_removes_items_by_url_hash_and_domain(effnet_index, dataset, tmp_path):
+    corpus = CorpusIndex.open(effnet_index)
+    first = augment_by_retrieval(dataset, tmp_path / "a", corpus=effnet_index, per_class=3, config=STRICT)
+    url_item, hash_item = first.records[0], first.records[4]
+    cfg = STRICT.replace(opt_out=(url_item["url"], hash_item["corpus_sha256"].upper()))
+    again = augment_by_retrieval(dataset, tmp_path / "b", corpus=effnet_index, per_class=3, config=cfg)
+    ids = {r["sample_id"] for r in again.records}
+    assert url_item["sample_id"] not in ids and hash_item["sample_id"] not in ids
+    assert again.counts == first.counts, "the next candidates take their places"
+    assert again.summary["removed"]["opt_out"] >= 2
+    assert again.records[0]["filters_passed"] == ["duplicate", "opt_out", "conflict", "leakage", "near_duplicate"]
+    (meta,) = corpus.metadata([url_item["sample_id"]])
+    assert meta["url"].startswith("http://example.com/")
+    none = augment_by_retrieval(dataset, tmp_path / "c", corpus=effnet_index, per_class=3,
+                                config=STRICT.replace(opt_out=("example.com",)))
+    assert none.counts == {} or not any(none.counts.values())
+    assert all(v["returned"] == 0 and v["reason"] for v in none.summary["per_class"].values())
 
 
 def test_fewer_than_n_with_a_reason_when_the_corpus_runs_out(effnet_index, dataset, tmp_path):

@@ -103,3 +103,26 @@ def test_label_check_keeps_only_items_predicted_as_their_class():
     sel = select(cands, 4, embeddings=emb, policy=NO_FILTERS, predicted_label=predicted)
     assert [c.id for c in sel.chosen["a"]] == [0, 2]
     assert sel.removed["label_check"] == 2
+
+
+def test_opted_out_items_are_never_chosen_and_never_cause_a_conflict():
+    emb = orthogonal(10)
+    # 7 is opted out: class a would have lost it to b in a conflict; now neither gets it, and a keeps 8
+    cands = {"a": [cand(7, "a", 0.5), cand(8, "a", 0.4)], "b": [cand(7, "b", 0.9), cand(9, "b", 0.3)]}
+    sel = select(cands, 1, embeddings=emb, policy=NO_FILTERS, opted_out=frozenset({7}))
+    assert [c.id for c in sel.chosen["a"]] == [8] and [c.id for c in sel.chosen["b"]] == [9]
+    assert sel.removed["opt_out"] == 2 and sel.removed["conflict"] == 0
+
+
+def test_opt_out_entries_by_url_hash_and_domain():
+    from retrogen.retrieval.opt_out import OptOut
+
+    sha = "AB" * 32
+    opt = OptOut.parse(["HTTPS://Example.org/a.png", sha, "*.photos.net", "artist.com."])
+    assert opt.matches("https://example.org/a.png", None), "scheme and host compare case-insensitively"
+    assert not opt.matches("https://example.org/A.png", None), "the path is exact"
+    assert opt.matches(None, sha.lower())
+    assert opt.matches("http://cdn.photos.net/x.jpg", None) and opt.matches("http://photos.net/x.jpg", None)
+    assert opt.matches("http://www.artist.com:8080/x", None)
+    assert not opt.matches("http://notartist.com/x", None), "a domain matches whole labels only"
+    assert not opt.matches(None, None) and not OptOut.parse([])

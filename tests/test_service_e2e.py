@@ -90,7 +90,7 @@ def test_jobs_an_index_cannot_run_are_refused_at_submission(tmp_path, mean_colou
     assert client.get("/v1/jobs").json()["count"] == 0
     assert not app.state.index_registry.is_loaded("pixels"), "checking a request loads no index or model"
     for selection in ("knn", "diverse"):
-        r = submit(mode="image", selection=selection)
+        r = submit(mode="image", selection=selection, opt_out=["example.org", "f" * 64])
         assert r.status_code == 202, r.text
         assert app.state.worker.run_once("retrieval") == r.json()["id"]
         assert client.get(f"/v1/jobs/{r.json()['id']}").json()["state"] == "succeeded"
