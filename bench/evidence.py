@@ -9,8 +9,8 @@ protocol of ``retrogen.evaluation`` (docs/evaluation.md):
 2. For each k (shots per class) and each draw, k shots per class are drawn from the pool, and every arm adds
    ``--per-class`` images per class made *from that draw's shots*: retrieval (image kNN, EfficientNet-Lite0,
    retrogen's filters), retrieval-diverse (the same with the ``diverse`` selection policy), img2img, textual
-   inversion and DreamBooth-LoRA (from the small SD trained here on the corpus, bench/train_tiny_sd.py), prompt (no shots: one set for every draw), and extra real images from the
-   pool (the upper bound). Text retrieval needs an image-text embedder and variation an IP-Adapter; neither is
+   inversion and DreamBooth-LoRA (from the small SD trained here on the corpus, bench/train_tiny_sd.py),
+   prompt (no shots: one set for every draw), and extra real images from the pool (the upper bound). Text retrieval needs an image-text embedder and variation an IP-Adapter; neither is
    available offline here, so those arms are left out (said in the output).
 3. ``evaluate_draws`` scores every arm on the same draws: the linear protocol (logistic regression, C chosen
    per draw on the real shots) and the CNN; copies of test images are excluded from every arm (leak policy
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--toy", action="store_true", help="Tiny sizes everywhere: a smoke run.")
     p.add_argument("--write-readme", action="store_true", help="Also replace the README's evidence section and "
-                   "docs/img/evidence.png.")
+                   "docs/img/evidence.png, evidence-sets.png.")
     p.add_argument("--collect", action="store_true", help="Only redo the table from the reports in --workdir.")
     a = p.parse_args(argv)
     if a.toy:
@@ -338,6 +338,34 @@ def chart(cells: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def sets_figure(workdir: Path, settings: dict, path: Path, *, per: int = 3, cell: int = 48) -> None:
+    """What each arm added at the last tier's smallest k, draw 0: a row per arm, ``per`` images of every other
+    class (the real shots on top)."""
+    from PIL import Image, ImageDraw
+
+    tier = settings["tiers"][-1]
+    k = min(tier["shots"])
+    draw = workdir / "data" / "draws" / f"k{k}" / "d0"
+    sets = workdir / "sets"
+    rows = [(f"real shots (k={k})", draw / "shots")] + [
+        (arm, draw / "extra" if arm == "real-extra" else sets / (arm if arm == "prompt" else f"{arm}/k{k}-d0"))
+        for arm in tier["arms"]]
+    classes = sorted(p.name for p in (draw / "shots").iterdir() if p.is_dir())[::2]
+    label_w, gap = 130, 8
+    img = Image.new("RGB", (label_w + len(classes) * (per * cell + gap), 20 + len(rows) * (cell + 4)), "white")
+    pen = ImageDraw.Draw(img)
+    for j, c in enumerate(classes):
+        pen.text((label_w + j * (per * cell + gap), 4), c, fill="black")
+    for i, (name, folder) in enumerate(rows):
+        y = 20 + i * (cell + 4)
+        pen.text((4, y + cell // 2 - 5), name, fill="black")
+        for j, c in enumerate(classes):
+            for n, f in enumerate(sorted((folder / c).glob("*.*"))[:per]):
+                with Image.open(f) as im:
+                    img.paste(im.convert("RGB").resize((cell, cell)), (label_w + j * (per * cell + gap) + n * cell, y))
+    img.save(path, optimize=True)
+
+
 def write_readme(md: str, chart_path: Path) -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -347,6 +375,7 @@ def write_readme(md: str, chart_path: Path) -> None:
     readme.write_text(re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), lambda _m: block, text,
                              flags=re.S))
     shutil.copyfile(chart_path, ROOT / "docs" / "img" / "evidence.png")
+    shutil.copyfile(chart_path.with_name("evidence-sets.png"), ROOT / "docs" / "img" / "evidence-sets.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                               if arm not in result["settings"]["arms"]}
     md += "\n\nNot run: " + "; ".join(f"{arm} ({why})" for arm, why in missing.items()) + "."
     chart(result["cells"], a.workdir / "evidence.png")
+    sets_figure(a.workdir, result["settings"], a.workdir / "evidence-sets.png")
     (a.workdir / "evidence.md").write_text(md + "\n")
     if a.write_readme:
         write_readme(md, a.workdir / "evidence.png")

@@ -53,3 +53,4 @@ def test_evidence_toy_end_to_end(tmp_path, tiny_sd_dir, tiny_open_clip_dir, caps
     assert "| linear | B (2) | 2 | img2img |" in out and "Burg et al." in out and "Not run: retrieval by text" in out
     md = (tmp_path / "evidence.md").read_text()
     assert "retrieval − it" in md and "diverse − knn" in md and (tmp_path / "evidence.png").exists()
+    assert (tmp_path / "evidence-sets.png").stat().st_size > 0
