@@ -10,8 +10,9 @@ protocol of ``retrogen.evaluation`` (docs/evaluation.md):
    ``--per-class`` images per class made *from that draw's shots*: retrieval (image kNN, EfficientNet-Lite0,
    retrogen's filters), retrieval-diverse (the same with the ``diverse`` selection policy), img2img, textual
    inversion and DreamBooth-LoRA (from the small SD trained here on the corpus, bench/train_tiny_sd.py),
-   prompt (no shots: one set for every draw), and extra real images from the pool (the upper bound). Text retrieval needs an image-text embedder and variation an IP-Adapter; neither is
-   available offline here, so those arms are left out (said in the output).
+   prompt (no shots: one set for every draw), and extra real images from the pool (the upper bound). Text
+   retrieval needs an image-text embedder and variation an IP-Adapter; neither is available offline here, so
+   those arms are left out (said in the output).
 3. ``evaluate_draws`` scores every arm on the same draws: the linear protocol (logistic regression, C chosen
    per draw on the real shots) and the CNN; copies of test images are excluded from every arm (leak policy
    ``exclude``) and counted. Gains are paired per draw, the intervals are over draws (and test items), and
@@ -198,7 +199,7 @@ def make_arm(arm: str, shots: Path, extra: Path, out: Path, *, a, data: dict, em
     t0 = time.perf_counter()
     if arm in RETRIEVAL_ARMS:
         augment_by_retrieval(shots, out, corpus=index, per_class=a.per_class, mode="image",
-                             config=RetrievalConfig(dedup_threshold=a.dedup_threshold, selection=RETRIEVAL_ARMS[arm],
+                             config=RetrievalConfig(selection=RETRIEVAL_ARMS[arm], dedup_threshold=a.dedup_threshold,
                                                     leakage_threshold=a.leakage_threshold), embedder=emb)
     else:
         names = {c: c.replace("_", " ") for c in data["names"]}
