@@ -9,8 +9,8 @@ of bench_index.py: unit-sphere Gaussian clusters, within-cluster cosine ~0.67), 
 - search: bare ``faiss.IndexFlatIP.search`` for the candidates (the baseline: what the library alone costs),
   asking each query for M (the pool size) neighbours;
 - knn: retrogen's round-robin + ``select`` (its filters on) over those candidates;
-- diverse: ``flmi_order`` over the first M distinct candidates (timed alone: the policy's own cost), then the
-  same ``select``.
+- diverse: ``diverse_order`` (its pool of the first M distinct candidates and the greedy, timed alone: the
+  policy's own cost), then the same ``select``.
 
 Prints median and min-max over rounds per pool size M, the ratio greedy / search, and how similar the N
 picks are to each other under each policy. Asserts nothing.
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 
 def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_class: int) -> dict[str, float]:
-    from retrogen.retrieval.diverse import flmi_order
+    from retrogen.retrieval.diverse import diverse_order
     from retrogen.retrieval.selection import Candidate, SelectionPolicy, round_robin, select
 
     policy = SelectionPolicy(dedup_threshold=0.97, leakage_threshold=0.95)
@@ -52,18 +52,9 @@ def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_
     t_knn = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    seen, first = set(), []
-    for c in cands:
-        if c.id not in seen and len(first) < pool:
-            seen.add(c.id)
-            first.append(c)
-    t1 = time.perf_counter()
-    order, _ = flmi_order(np.stack([emb[c.id] for c in first]), queries, steps=2 * per_class)
-    t_greedy = time.perf_counter() - t1
-    picked = [first[i] for i in order]
-    chosen = {id(c) for c in picked}
-    div = select({"c": picked + [c for c in cands if id(c) not in chosen]}, per_class, embeddings=emb,
-                 policy=policy, protected=queries)
+    picked = diverse_order(cands, emb, queries, pool_size=pool, steps=2 * per_class)
+    t_greedy = time.perf_counter() - t0  # the policy's own cost (its pool, the greedy)
+    div = select({"c": picked}, per_class, embeddings=emb, policy=policy, protected=queries)
     t_div = time.perf_counter() - t0
     spread = {}
     for name, sel in (("knn", knn), ("diverse", div)):

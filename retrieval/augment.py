@@ -8,7 +8,7 @@ import mimetypes
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -22,7 +22,7 @@ from retrogen.outputs import AugmentResult, OutputFolder
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
 
 from .config import RetrievalConfig
-from .diverse import flmi_order
+from .diverse import diverse_order
 from .embedders import Embedder, create_embedder
 from .index import CorpusIndex
 from .opt_out import OptOut
@@ -209,7 +209,10 @@ def _search_and_select(run: _Run, queries: _Queries, *, protected: np.ndarray,
         run.timings["search_s"] += time.perf_counter() - t0
         if config.selection == "diverse":
             t0 = time.perf_counter()
-            candidates = {label: _diverse_order(run, cands, emb, queries.vectors[label])
+            # 2 x N greedy picks: spares for the filters that come after
+            candidates = {label: diverse_order(cands, emb, np.stack(queries.vectors[label]),
+                                               pool_size=_pool_size(run), steps=2 * per_class,
+                                               eta=config.diversity_eta)
                           for label, cands in candidates.items()}
             run.timings["selection_s"] += time.perf_counter() - t0
         predicted = checker(ids, emb) if checker else None
@@ -238,23 +241,6 @@ def _search(run: _Run, queries: _Queries, k: int) -> dict[str, list[Candidate]]:
         ]
         out[label] = round_robin(lists)
     return out
-
-
-def _diverse_order(run: _Run, cands: list[Candidate], emb: dict[int, np.ndarray],
-                   query_vectors: list[np.ndarray]) -> list[Candidate]:
-    """The class's candidates reordered by the diverse policy: 2 x N greedy picks (spares for the filters) among
-    the first ``diversity_pool`` distinct items, then the rest in kNN order."""
-    pool: list[Candidate] = []
-    seen: set[int] = set()
-    for c in cands:
-        if c.id not in seen and len(pool) < _pool_size(run):
-            seen.add(c.id)
-            pool.append(c)
-    order, gains = flmi_order(np.stack([emb[c.id] for c in pool]), np.stack(query_vectors),
-                              steps=2 * run.per_class, eta=run.config.diversity_eta)
-    picked = [replace(pool[i], gain=round(g, 6)) for i, g in zip(order, gains, strict=True)]
-    first = {id(pool[i]) for i in order}
-    return picked + [c for c in cands if id(c) not in first]
 
 
 def _opted_out(run: _Run, opt_out: OptOut, ids: list[int]) -> frozenset[int]:

@@ -24,7 +24,11 @@ order.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+
+from .selection import Candidate
 
 _BATCH = 32  # candidates whose gains are refreshed together: one vectorised (batch x pool) step
 
@@ -75,3 +79,21 @@ def flmi_order(pool: np.ndarray, queries: np.ndarray, *, steps: int, eta: float 
     picked = set(order)
     rest = [i for i in range(m) if i not in picked][: steps - len(order)]
     return order + rest, gains + [0.0] * len(rest)
+
+
+def diverse_order(cands: list[Candidate], emb: dict[int, np.ndarray], queries: np.ndarray, *, pool_size: int,
+                  steps: int, eta: float = 1.0) -> list[Candidate]:
+    """A class's candidates (kNN priority order) reordered: ``steps`` greedy picks, each carrying its gain,
+    among the first ``pool_size`` distinct items, then the rest in kNN order."""
+    pool: list[Candidate] = []
+    seen: set[int] = set()
+    for c in cands:
+        if c.id not in seen and len(pool) < pool_size:
+            seen.add(c.id)
+            pool.append(c)
+    if not pool:
+        return list(cands)
+    order, gains = flmi_order(np.stack([emb[c.id] for c in pool]), queries, steps=steps, eta=eta)
+    picked = [replace(pool[i], gain=round(g, 6)) for i, g in zip(order, gains, strict=True)]
+    first = {id(pool[i]) for i in order}
+    return picked + [c for c in cands if id(c) not in first]
