@@ -8,7 +8,9 @@ protocol of ``retrogen.evaluation`` (docs/evaluation.md):
    retrieval). Test images come from the test split.
 2. For each k (shots per class) and each draw, k shots per class are drawn from the pool, and every arm adds
    ``--per-class`` images per class made *from that draw's shots*: retrieval (image kNN, EfficientNet-Lite0,
-   retrogen's filters), retrieval-diverse (the same with the ``diverse`` selection policy), img2img, textual
+   retrogen's filters), retrieval-diverse (the same with the ``diverse`` selection policy), retrieval-caption
+   (no shots: corpus captions naming the class, one set for every draw; these captions were written from the
+   labels, so caption matching is near an oracle here, which LAION's captions are not), img2img, textual
    inversion and DreamBooth-LoRA (from the small SD trained here on the corpus, bench/train_tiny_sd.py),
    prompt (no shots: one set for every draw), and extra real images from the pool (the upper bound). Text
    retrieval needs an image-text embedder and variation an IP-Adapter; neither is available offline here, so
@@ -21,7 +23,7 @@ protocol of ``retrogen.evaluation`` (docs/evaluation.md):
 Compute is the limit on a 2-core CPU, so the arms come in two tiers, each with its own draws (printed in the
 output, and in the README's table):
 
-- tier A, every k in ``--shots`` with ``--draws`` draws: real only, both retrievals, prompt, extra real;
+- tier A, every k in ``--shots`` with ``--draws`` draws: real only, the retrievals, prompt, extra real;
 - tier B, every k in ``--full-shots`` with ``--full-draws`` draws: every arm (the per-draw generators and
   trainers cost minutes per class);
 - the CNN runs on ``--cnn-shots`` with ``--cnn-draws`` draws of each tier (a minute per run here).
@@ -54,9 +56,12 @@ log = logging.getLogger("evidence")
 
 ROOT = Path(__file__).resolve().parents[1]
 RETRIEVAL_ARMS = {"retrieval": "knn", "retrieval-diverse": "diverse"}  # arm -> RetrievalConfig.selection
-CHEAP_ARMS = (*RETRIEVAL_ARMS, "prompt", "real-extra")
+CAPTION_ARM = "retrieval-caption"  # names only: corpus captions that name the class (REAL / SuS-X's setting)
+INDEX_ARMS = (*RETRIEVAL_ARMS, CAPTION_ARM)  # arms that read the index
+SHARED_ARMS = ("prompt", CAPTION_ARM)  # arms that use no shots: one set serves every draw
+CHEAP_ARMS = (*INDEX_ARMS, "prompt", "real-extra")
 GEN_ARMS = ("prompt", "img2img", "textual-inversion", "dreambooth")
-ALL_ARMS = (*RETRIEVAL_ARMS, *GEN_ARMS, "real-extra")
+ALL_ARMS = (*INDEX_ARMS, *GEN_ARMS, "real-extra")
 MISSING_ARMS = {"retrieval by text": "needs an image-text embedder (no CLIP weights offline here)",
                 "variation": "needs an IP-Adapter for the project-trained generator (none exists)"}
 PAPER = [  # Burg et al. 2023, ResNet-50 on 10% of ImageNet, top-1 %
@@ -175,12 +180,15 @@ def get_model(a) -> str:
     return str(tsd.train(cfg, out))
 
 
-def build_index(data: dict, workdir: Path, emb):
+def build_index(data: dict, workdir: Path, emb, *, captions: bool = False):
     from retrogen.index_builder.build import build_index as build
+    from retrogen.index_builder.build import refresh_metadata
     from retrogen.retrieval.index import CorpusIndex
 
     t0 = time.perf_counter()
-    build([str(s) for s in data["shards"]], workdir / "index", embedder=emb)  # returns at once when built
+    manifest = build([str(s) for s in data["shards"]], workdir / "index", embedder=emb)  # at once when built
+    if captions and not manifest.captions:  # built before caption indexes existed
+        refresh_metadata(workdir / "index")
     log.info("index of %d corpus images ready in %.0fs", data["corpus_size"], time.perf_counter() - t0)
     return CorpusIndex.open(workdir / "index")
 
@@ -189,7 +197,7 @@ def make_arm(arm: str, shots: Path, extra: Path, out: Path, *, a, data: dict, em
     """The arm's augmentation folder for one draw (reused when already complete)."""
     from retrogen.generation import GenerationConfig, augment_by_generation
     from retrogen.outputs import OutputFolder
-    from retrogen.retrieval import RetrievalConfig, augment_by_retrieval
+    from retrogen.retrieval import RetrievalConfig, augment_by_retrieval, augment_from_names
 
     if arm == "real-extra":
         return extra
@@ -197,10 +205,13 @@ def make_arm(arm: str, shots: Path, extra: Path, out: Path, *, a, data: dict, em
         return out
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
+    filters = RetrievalConfig(dedup_threshold=a.dedup_threshold, leakage_threshold=a.leakage_threshold)
     if arm in RETRIEVAL_ARMS:
         augment_by_retrieval(shots, out, corpus=index, per_class=a.per_class, mode="image",
-                             config=RetrievalConfig(selection=RETRIEVAL_ARMS[arm], dedup_threshold=a.dedup_threshold,
-                                                    leakage_threshold=a.leakage_threshold), embedder=emb)
+                             config=filters.replace(selection=RETRIEVAL_ARMS[arm]), embedder=emb)
+    elif arm == CAPTION_ARM:
+        augment_from_names(list(data["names"]), out, corpus=index, per_class=a.per_class, mode="caption",
+                           config=filters, embedder=emb)
     else:
         names = {c: c.replace("_", " ") for c in data["names"]}
         cfg = GenerationConfig(num_inference_steps=a.gen_steps, guidance_scale=a.guidance_scale, batch_size=10,
@@ -219,12 +230,12 @@ def run_cell(a, tier: dict, k: int, *, data: dict, emb, model, index, cache) -> 
         shots, extra = draw_folders(a, data, k, d)
         sets = {}
         for arm in tier["arms"]:
-            out = a.workdir / "sets" / (arm if arm == "prompt" else f"{arm}/k{k}-d{d}")
+            out = a.workdir / "sets" / (arm if arm in SHARED_ARMS else f"{arm}/k{k}-d{d}")
             sets[arm] = make_arm(arm, shots, extra, out, a=a, data=data, emb=emb, model=model, index=index)
         draws.append((shots, sets))
     compare = tuple(f"retrieval,{g}" for g in GEN_ARMS if g in tier["arms"] and "retrieval" in tier["arms"])
-    if {"retrieval", "retrieval-diverse"} <= set(tier["arms"]):
-        compare += ("retrieval-diverse,retrieval",)
+    compare += tuple(f"{arm},retrieval" for arm in ("retrieval-diverse", CAPTION_ARM)
+                     if {"retrieval", arm} <= set(tier["arms"]))
     cells = []
     for classifier in ("linear", "cnn"):
         if classifier == "cnn" and k not in a.cnn_shots:
@@ -277,7 +288,7 @@ def table(cells: list[dict], index_build_per_image: float | None) -> str:
         draws = len(r["draws"])
         for arm in r["arms"]:
             spi = arm["cost"].get("seconds_per_image")
-            if arm["name"] in RETRIEVAL_ARMS and spi is not None and index_build_per_image:
+            if arm["name"] in INDEX_ARMS and spi is not None and index_build_per_image:
                 spi = f"{spi:.3g} + {index_build_per_image:.3g} index"
             elif spi is not None:
                 spi = f"{spi:.3g}"
@@ -295,13 +306,13 @@ def table(cells: list[dict], index_build_per_image: float | None) -> str:
         best = max(gen, key=lambda arm: arm["gain"]["mean"])
         cmp = next(x for x in r["comparisons"] if x["a"] == "retrieval" and x["b"] == best["name"])
         lines.append(f"| {c['classifier']} | {c['tier']} ({len(r['draws'])}) | {c['k']} | {best['name']} | {_pts(cmp)} |")
-    diverse = [(c, x) for c in cells for x in c["report"]["comparisons"]
-               if (x["a"], x["b"]) == ("retrieval-diverse", "retrieval")]
-    if diverse:
-        lines += ["", "Diverse selection minus kNN selection (paired per draw):", "",
-                  "| classifier | tier (draws) | k | diverse − knn, pts [95% CI] |", "| --- | --- | --- | --- |"]
-        lines += [f"| {c['classifier']} | {c['tier']} ({len(c['report']['draws'])}) | {c['k']} | {_pts(x)} |"
-                  for c, x in diverse]
+    for arm, title in (("retrieval-diverse", "Diverse selection"), (CAPTION_ARM, "Caption matching (names only)")):
+        rows = [(c, x) for c in cells for x in c["report"]["comparisons"] if (x["a"], x["b"]) == (arm, "retrieval")]
+        if rows:
+            lines += ["", f"{title} minus kNN image retrieval (paired per draw):", "",
+                      f"| classifier | tier (draws) | k | {arm} − retrieval, pts [95% CI] |", "| --- | --- | --- | --- |"]
+            lines += [f"| {c['classifier']} | {c['tier']} ({len(c['report']['draws'])}) | {c['k']} | {_pts(x)} |"
+                      for c, x in rows]
     return "\n".join(lines)
 
 
@@ -349,7 +360,7 @@ def sets_figure(workdir: Path, settings: dict, path: Path, *, per: int = 3, cell
     draw = workdir / "data" / "draws" / f"k{k}" / "d0"
     sets = workdir / "sets"
     rows = [(f"real shots (k={k})", draw / "shots")] + [
-        (arm, draw / "extra" if arm == "real-extra" else sets / (arm if arm == "prompt" else f"{arm}/k{k}-d0"))
+        (arm, draw / "extra" if arm == "real-extra" else sets / (arm if arm in SHARED_ARMS else f"{arm}/k{k}-d0"))
         for arm in tier["arms"]]
     classes = sorted(p.name for p in (draw / "shots").iterdir() if p.is_dir())[::2]
     label_w, gap = 130, 8
@@ -422,13 +433,15 @@ def run(a) -> dict:
     data = prepare_data(a, a.workdir / "data")
     emb = create_embedder(a.embedder)
     model = get_model(a) if any(arm in GEN_ARMS for arm in a.arms) else None
-    index = build_index(data, a.workdir, emb) if set(RETRIEVAL_ARMS) & set(a.arms) else None
+    index = build_index(data, a.workdir, emb, captions=CAPTION_ARM in a.arms) if set(INDEX_ARMS) & set(a.arms) \
+        else None
     cache, cells = FeatureCache(), []
     for tier in tiers(a):
         for k in tier["shots"]:
             cells += run_cell(a, tier, k, data=data, emb=emb, model=model, index=index, cache=cache)
     # images retrieved over the whole benchmark: what the one index build is amortised over
-    retrieved = sum(len(list((a.workdir / "sets" / arm).glob("*/*/*.*"))) for arm in RETRIEVAL_ARMS if arm in a.arms)
+    retrieved = sum(len(list((a.workdir / "sets" / arm).glob("*/*.*" if arm in SHARED_ARMS else "*/*/*.*")))
+                    for arm in INDEX_ARMS if arm in a.arms)
     build_s = index.manifest.build.get("duration_s") if index is not None else None
     settings = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(a).items()} | {
         "model": model, "corpus_size": data["corpus_size"], "test_size": data["test_size"],

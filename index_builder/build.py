@@ -186,6 +186,7 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
                  "files": skipped[:MAX_SKIPPED_LISTED], "truncated": len(skipped) > MAX_SKIPPED_LISTED},
         build={"parameters": params, "retrogen_version": __version__, "faiss_version": faiss.__version__},
     )
+    describe_metadata(directory, manifest, progress)
     if plan.kind != "flat":
         emit(progress, ProgressEvent("recall", 0, 1))
         corpus = CorpusIndex(directory, manifest, faiss_index)
@@ -197,6 +198,23 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
     manifest.build.update({"created": now_iso(), "duration_s": round(duration, 3), **(extra_build or {})})
     directory.write_manifest(manifest)
     directory.remove_build_state()
+    return manifest
+
+
+def describe_metadata(directory: IndexDirectory, manifest: Manifest, progress: ProgressFn | None = None) -> None:
+    """Fill the manifest's ``metadata`` (values per optional column) and ``captions`` (the full-text index)."""
+    emit(progress, ProgressEvent("captions", 0, 1))
+    manifest.metadata = {"non_null": directory.count_optional_values(manifest.shards)}
+    manifest.captions = directory.write_caption_index(manifest.shards)
+    emit(progress, ProgressEvent("captions", 1, 1, extra={"rows": (manifest.captions or {}).get("rows", 0)}))
+
+
+def refresh_metadata(path: str | os.PathLike) -> Manifest:
+    """Add the caption index and column counts to an index built before they existed (vectors untouched)."""
+    directory = IndexDirectory(path)
+    manifest = directory.read_manifest()
+    describe_metadata(directory, manifest)
+    directory.write_manifest(manifest)
     return manifest
 
 

@@ -1,4 +1,4 @@
-"""``retrogen index build | info | import``: the batch CLI of the index builder (registered by retrogen/cli.py).
+"""``retrogen index build | import | captions | info``: the batch CLI of the index builder (registered by retrogen/cli.py).
 
 The settings' options are derived from :class:`IndexBuildConfig`; the work (torch, faiss) loads on demand,
 so ``retrogen --help`` stays fast.
@@ -70,6 +70,16 @@ def import_(
     typer.echo(_summary_line(out, manifest))
 
 
+@app.command("captions")
+def captions(*, directory: Path = typer.Argument(..., help="Index directory.")) -> None:
+    """Write an index's caption full-text index and metadata column counts (for indexes built before them)."""
+    from .build import refresh_metadata
+
+    m = refresh_metadata(directory)
+    cols = ", ".join(f"{k} {v}" for k, v in m.metadata["non_null"].items() if v) or "none"
+    typer.echo(f"index {directory}: {(m.captions or {}).get('rows', 0)} captions indexed; optional columns: {cols}")
+
+
 @app.command("info")
 def info(
     *,
@@ -96,6 +106,8 @@ def info(
                           else "exact (flat index)"),
         "sources     " + "; ".join(f"{s.get('path')} ({s.get('kind')}, {s.get('records')})" for s in m.sources),
         f"skipped     {m.skipped.get('count', 0)}" + (f" ({reasons})" if reasons else ""),
+        "captions    " + (f"{m.captions['rows']} in a full-text index" if m.captions else "no full-text index"),
+        "columns     " + (", ".join(f"{k} ({v})" for k, v in m.metadata.get("non_null", {}).items() if v) or "-"),
         f"built       {build.get('created')} in {build.get('duration_s')} s"
         + (f", {build['images_per_s']} images/s" if build.get("images_per_s") else ""),
     ]
@@ -113,5 +125,6 @@ def _quiet_faiss_logs() -> None:
 def _summary_line(out: Path, m) -> str:
     recall = f", recall@10 {m.recall['recall_at_10']:.3f}" if m.recall else ", exact"
     rate = f", {m.build['images_per_s']} images/s" if m.build.get("images_per_s") else ""
+    captions = f", {m.captions['rows']} captions full-text indexed" if m.captions else ""
     return (f"index {out}: {m.count} vectors (dim {m.dim}), {m.faiss['factory']}{recall}, "
-            f"{m.skipped.get('count', 0)} skipped{rate}")
+            f"{m.skipped.get('count', 0)} skipped{rate}{captions}")

@@ -49,7 +49,7 @@ def _load(record: Record, preprocess: Callable, max_pixels: int, max_bytes: int)
                       "reason": "preprocess_failed", "detail": f"{type(e).__name__}: {e}"[:200]}
     row = {"key": record.key, "source": record.source, "member": record.member, "offset": record.offset,
            "size": len(data), "caption": record.caption, "url": record.url, "licence": record.licence,
-           "width": image.width, "height": image.height, "sha256": sha256_bytes(data)}
+           "width": image.width, "height": image.height, "sha256": sha256_bytes(data), **record.extra}
     return array, row
 
 

@@ -22,7 +22,15 @@ from retrogen.retrieval.index_directory import DTYPES, Dtype, IndexDirectory, Ma
 from .build import finish_index, start_or_resume
 from .config import IndexBuildConfig
 from .errors import SourceError
-from .sources import CAPTION_COLUMNS, KEY_COLUMNS, LICENCE_COLUMNS, URL_COLUMNS, first_present, first_text
+from .sources import (
+    CAPTION_COLUMNS,
+    KEY_COLUMNS,
+    LICENCE_COLUMNS,
+    URL_COLUMNS,
+    extra_columns,
+    first_present,
+    first_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,4 +125,4 @@ def _map_row(row: dict, i: int) -> dict:
             "member": None, "offset": None, "size": None, "caption": first_text(row, CAPTION_COLUMNS),
             "url": first_text(row, URL_COLUMNS), "licence": first_text(row, LICENCE_COLUMNS),
             "width": int(width) if width is not None else None, "height": int(height) if height is not None else None,
-            "sha256": first_text(row, ("sha256",))}
+            "sha256": first_text(row, ("sha256",)), **extra_columns(row)}

@@ -15,7 +15,7 @@ import logging
 import os
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,13 @@ CAPTION_COLUMNS = ("caption", "text", "TEXT")
 URL_COLUMNS = ("url", "URL")
 LICENCE_COLUMNS = ("licence", "license", "LICENSE", "LICENCE")
 KEY_COLUMNS = ("key", "id")
+#: the optional metadata columns (index_directory.OPTIONAL_COLUMNS) and the names corpora give them:
+#: LAION's parquet (punsafe, pwatermark, NSFW), img2dataset's json (status), aesthetic predictors' scores
+EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {
+    "punsafe": ("punsafe", "PUNSAFE"), "pwatermark": ("pwatermark", "PWATERMARK"), "nsfw": ("NSFW", "nsfw"),
+    "status": ("status",), "opt_out": ("opt_out", "opted_out", "OPT_OUT"),
+    "aesthetic": ("aesthetic", "AESTHETIC_SCORE", "aesthetic_score"),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Record:
     caption: str | None = None
     url: str | None = None
     licence: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # optional columns (extra_columns), by canonical name
 
     def read(self) -> bytes:
         """The stored bytes (raises OSError when the file is gone, or a tar member is short).
@@ -179,6 +187,7 @@ def _tar_group(tar: tarfile.TarFile, path: str, key: str, group: dict[str, tarfi
     if image is None:
         return  # a key without an image (img2dataset writes only successes; anything else is not ours)
     caption = url = licence = None
+    meta: Any = None
     if "txt" in group:
         caption = tar.extractfile(group["txt"]).read().decode("utf-8", "replace").strip()
     if "json" in group:
@@ -191,7 +200,8 @@ def _tar_group(tar: tarfile.TarFile, path: str, key: str, group: dict[str, tarfi
             licence = first_text(meta, LICENCE_COLUMNS)
             caption = caption if caption is not None else first_text(meta, CAPTION_COLUMNS)
     yield Record(key=os.path.basename(key), source=path, member=image.name, offset=image.offset_data,
-                 size=image.size, caption=caption, url=url, licence=licence)
+                 size=image.size, caption=caption, url=url, licence=licence,
+                 extra=extra_columns(meta) if isinstance(meta, dict) else {})
 
 
 def first_present(row: dict, names: tuple[str, ...]) -> Any:
@@ -207,6 +217,39 @@ def first_text(row: dict, names: tuple[str, ...]) -> str | None:
     """:func:`first_present` as a string."""
     v = first_present(row, names)
     return None if v is None else str(v)
+
+
+def extra_columns(row: dict) -> dict[str, Any]:
+    """The optional columns ``row`` has, typed; a value that does not parse is left out (as unknown)."""
+    out: dict[str, Any] = {}
+    for name, aliases in EXTRA_COLUMNS.items():
+        v = first_present(row, aliases)
+        if v is None:
+            continue
+        try:
+            if name in ("punsafe", "pwatermark", "aesthetic"):
+                v = float(v)
+                if v != v or v in (float("inf"), float("-inf")):
+                    continue
+            elif name == "opt_out":
+                v = _as_bool(v)
+            else:
+                v = str(v)
+        except (TypeError, ValueError):
+            continue
+        out[name] = v
+    return out
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("1", "true", "yes", "y", "t"):
+        return True
+    if text in ("0", "false", "no", "n", "f", ""):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
 
 
 def _listing_records(path: str) -> Iterator[Record]:
@@ -237,4 +280,5 @@ def _listing_records(path: str) -> Iterator[Record]:
         size = os.path.getsize(p) if "://" not in p and os.path.isfile(p) else None
         key = first_text(row, KEY_COLUMNS) or f"{Path(path).stem}/{i:09d}"
         yield Record(key=key, source=p, size=size, caption=first_text(row, CAPTION_COLUMNS),
-                     url=first_text(row, URL_COLUMNS), licence=first_text(row, LICENCE_COLUMNS))
+                     url=first_text(row, URL_COLUMNS), licence=first_text(row, LICENCE_COLUMNS),
+                     extra=extra_columns(row))

@@ -21,6 +21,8 @@ _EXPORTS = {
     "IndexNotFoundError": ".errors",
     "EmbedderMismatchError": ".errors",
     "augment_by_retrieval": ".augment",
+    "augment_from_names": ".augment",
+    "ItemClassifier": ".safety",
     "RetrievalConfig": ".config",
     "retrieved_item_fields": ".provenance",
     "source_uri": ".provenance",

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 
@@ -21,21 +20,18 @@ from retrogen.imageio import BadImageError, decode_image, read_image_file
 from retrogen.outputs import AugmentResult, OutputFolder
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
 
+from .candidates import Queries, caption_list, caption_matches, vector_lists
 from .config import RetrievalConfig
 from .diverse import diverse_order
-from .embedders import Embedder, create_embedder
+from .embedders import Embedder, create_embedder, l2_normalize
 from .index import CorpusIndex
-from .opt_out import OptOut
+from .modes import METHODS, check_class_names, mode_name, parse_mode
 from .prompts import class_prompts, class_text_embeddings
 from .provenance import retrieved_item_fields, source_uri
+from .safety import ItemScreen, screen_for
 from .selection import FILTERS, Candidate, Selection, SelectionPolicy, round_robin, select
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["image", "text", "mixed"]
-MODES: tuple[str, ...] = get_args(Mode)
-#: the ``method`` of every output this backend writes: what ``overwrite`` may replace
-METHODS: tuple[str, ...] = tuple(f"retrieval:{m}" for m in MODES)
 
 #: ids -> zero-shot predicted class per id, given the candidates' embeddings (the label check)
 LabelChecker = Callable[[list[int], dict[int, np.ndarray]], dict[int, str]]
@@ -48,24 +44,17 @@ class _Run:
     corpus: CorpusIndex
     embedder: Embedder
     config: RetrievalConfig
-    mode: str
+    sources: frozenset[str]
     per_class: int
     classes: list[str]
+    screen: ItemScreen
     progress: ProgressFn | None
     should_cancel: CancelFn | None
     timings: dict[str, float] = field(default_factory=lambda: {"search_s": 0.0, "selection_s": 0.0})
 
-
-@dataclass
-class _Queries:
-    """Query vectors per class, with what each one is (for provenance)."""
-
-    vectors: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    infos: dict[str, list[dict]] = field(default_factory=dict)
-
-    def add(self, label: str, vector: np.ndarray, info: dict) -> None:
-        self.vectors.setdefault(label, []).append(vector)
-        self.infos.setdefault(label, []).append(info)
+    @property
+    def mode(self) -> str:
+        return mode_name(self.sources)
 
 
 @dataclass
@@ -77,13 +66,22 @@ class _Embedded:
     skipped: list[dict]
 
 
+@dataclass(frozen=True)
+class _Output:
+    """Where the result goes: the folder, whether it may replace an earlier one, when the work started."""
+
+    out_dir: str | os.PathLike
+    overwrite: bool
+    started: float
+
+
 def augment_by_retrieval(
     dataset_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     corpus: CorpusIndex | str | os.PathLike,
     per_class: int,
-    mode: Mode = "image",
+    mode: str = "image",
     holdout_dir: str | os.PathLike | None = None,
     config: RetrievalConfig | None = None,
     embedder: Embedder | None = None,
@@ -98,8 +96,9 @@ def augment_by_retrieval(
         out_dir: output folder (ImageFolder + provenance.jsonl + summary.json).
         corpus: a ``CorpusIndex``, or an index directory to open.
         per_class: images wanted per class; fewer are returned, with a reason, when the corpus runs out.
-        mode: ``image`` (kNN of each training image, round-robin), ``text`` (class-name prompt ensemble) or
-            ``mixed`` (both, interleaved).
+        mode: ``image`` (kNN of each training image, round-robin), ``text`` (class-name prompt ensemble),
+            ``caption`` (corpus captions naming the class or its ``class_synonyms``), ``mixed`` (image+text), or
+            any "+"-joined set of image, text and caption (their lists interleaved).
         holdout_dir: held-out images (ImageFolder) nothing returned may near-duplicate.
         embedder: the query embedder; default: the one named in the index manifest.
         overwrite: replace an earlier retrieval output in ``out_dir`` (cleared first); without it ``out_dir``
@@ -109,46 +108,101 @@ def augment_by_retrieval(
         InvalidInputError: bad arguments or dataset; EmbedderMismatchError: embedder differs from the index's;
         OutputExistsError: ``out_dir`` cannot take the output (see ``OutputFolder.check_writable``).
     """
-    t0 = time.perf_counter()
-    # 1. Check inputs before any model work.
-    if mode not in MODES:
-        raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if per_class < 1:
-        raise InvalidInputError(f"per_class must be >= 1, got {per_class}")
-    config = config or RetrievalConfig()
-    OutputFolder.check_writable(out_dir, overwrite=overwrite, methods=METHODS)
+    output = _Output(out_dir, overwrite, time.perf_counter())
+    sources = _check_request(mode, per_class, out_dir, overwrite)
     items = scan_imagefolder(dataset_dir)
     holdout = scan_imagefolder(holdout_dir) if holdout_dir else []
+    run = _open_run(corpus, sources=sources, per_class=per_class, classes=class_names(items), has_images=True,
+                    config=config, embedder=embedder, progress=progress, should_cancel=should_cancel)
+    train = _embed_items(run, items, "embed_dataset")
+    for label in run.classes:
+        if not any(it.label == label for it in train.items) and "image" in run.sources:
+            bad = [f"{sk['file']} ({sk['reason']})" for sk in train.skipped if sk["file"].startswith(f"{label}/")]
+            raise InvalidInputError(f"class {label!r} has no readable image in {dataset_dir}: {', '.join(bad[:3])}"
+                                    f"{', ...' if len(bad) > 3 else ''}; replace them or use mode='text'")
+    return _augment(run, train, _embed_items(run, holdout, "embed_holdout"), output, classes_from="dataset")
+
+
+def augment_from_names(
+    classes: list[str],
+    out_dir: str | os.PathLike,
+    *,
+    corpus: CorpusIndex | str | os.PathLike,
+    per_class: int,
+    mode: str = "text",
+    holdout_dir: str | os.PathLike | None = None,
+    config: RetrievalConfig | None = None,
+    embedder: Embedder | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    overwrite: bool = False,
+) -> AugmentResult:
+    """Retrieve ``per_class`` corpus images for each class name, with no images of the user's (SuS-X's setting).
+
+    ``mode`` is ``text``, ``caption`` or ``text+caption``; ``config.class_descriptions`` replaces a class's
+    prompts and ``config.class_synonyms`` adds names its captions may hold. With ``holdout_dir``, nothing
+    returned near-duplicates a held-out image (the leakage check). Other arguments as
+    :func:`augment_by_retrieval`; the output is the same folder, ``summary.json`` saying ``classes_from: names``.
+    """
+    output = _Output(out_dir, overwrite, time.perf_counter())
+    sources = _check_request(mode, per_class, out_dir, overwrite)
+    if "image" in sources:
+        raise InvalidInputError(f"mode {mode!r} searches with the dataset's images; with class names only, "
+                                "use text, caption or text+caption")
+    names = check_class_names(classes)
+    holdout = scan_imagefolder(holdout_dir) if holdout_dir else []
+    run = _open_run(corpus, sources=sources, per_class=per_class, classes=names, has_images=False,
+                    config=config, embedder=embedder, progress=progress, should_cancel=should_cancel)
+    train = _Embedded(np.zeros((0, run.embedder.dim), np.float32), [], [])
+    return _augment(run, train, _embed_items(run, holdout, "embed_holdout"), output, classes_from="names")
+
+
+def _check_request(mode: str, per_class: int, out_dir: str | os.PathLike, overwrite: bool) -> frozenset[str]:
+    """Checks that need no model or index: the mode, N and the output folder."""
+    sources = parse_mode(mode)
+    if per_class < 1:
+        raise InvalidInputError(f"per_class must be >= 1, got {per_class}")
+    OutputFolder.check_writable(out_dir, overwrite=overwrite, methods=METHODS)
+    return sources
+
+
+def _open_run(corpus: CorpusIndex | str | os.PathLike, *, sources: frozenset[str], per_class: int,
+              classes: list[str], has_images: bool, config: RetrievalConfig | None, embedder: Embedder | None,
+              progress: ProgressFn | None, should_cancel: CancelFn | None) -> _Run:
+    """Open the index and embedder and check that they can serve the request, before any embedding work."""
+    config = config or RetrievalConfig()
     corpus = CorpusIndex.open(corpus) if isinstance(corpus, (str, os.PathLike)) else corpus
     if embedder is None:
         embedder = create_embedder(corpus.manifest.embedder["name"])
     corpus.check_embedder(embedder.name)
-    if mode in ("text", "mixed") and not embedder.supports_text:
-        raise InvalidInputError(f"mode {mode!r} needs an image-text embedder; the index uses {embedder.name!r}")
-    run = _Run(corpus=corpus, embedder=embedder, config=config, mode=mode, per_class=per_class,
-               classes=class_names(items), progress=progress, should_cancel=should_cancel)
+    name = mode_name(sources)
+    if "text" in sources and not embedder.supports_text:
+        raise InvalidInputError(f"mode {name!r} needs an image-text embedder; the index uses {embedder.name!r}")
+    if "caption" in sources:
+        corpus.check_captions()
+    if config.selection == "diverse" and not has_images and not embedder.supports_text:
+        raise InvalidInputError("selection 'diverse' measures relevance to the class's images or text; with class "
+                                f"names only and the image-only embedder {embedder.name!r} there is neither")
+    if config.caption_rerank == "text" and not embedder.supports_text:
+        raise InvalidInputError(f"caption_rerank 'text' needs an image-text embedder; the index uses {embedder.name!r}")
+    if config.caption_rerank == "image" and not has_images:
+        raise InvalidInputError("caption_rerank 'image' needs the dataset's images; use text or none")
+    return _Run(corpus=corpus, embedder=embedder, config=config, sources=sources, per_class=per_class,
+                classes=classes, screen=screen_for(config, corpus.manifest, embedder), progress=progress,
+                should_cancel=should_cancel)
 
-    # 2. Embed the user's images (training and held-out): queries for image mode, protected set for leakage.
-    train = _embed_items(run, items, "embed_dataset")
-    hold = _embed_items(run, holdout, "embed_holdout")
-    for label in run.classes:
-        if not any(it.label == label for it in train.items) and mode != "text":
-            bad = [f"{sk['file']} ({sk['reason']})" for sk in train.skipped if sk["file"].startswith(f"{label}/")]
-            raise InvalidInputError(f"class {label!r} has no readable image in {dataset_dir}: {', '.join(bad[:3])}"
-                                    f"{', ...' if len(bad) > 3 else ''}; replace them or use mode='text'")
+
+def _augment(run: _Run, train: _Embedded, hold: _Embedded, output: _Output, *, classes_from: str) -> AugmentResult:
+    """Queries from the embedded images and class names, then search + selection, then the output folder."""
+    config, embedder = run.config, run.embedder
     protected = np.concatenate([train.vectors, hold.vectors]) if len(hold.vectors) else train.vectors
-
-    # 3. Build queries per class.
     prompts = class_prompts(run.classes, config.templates, config.class_descriptions)
     text_vecs = class_text_embeddings(embedder, prompts) if embedder.supports_text else None
     queries = _build_queries(run, train, prompts, text_vecs)
-
-    # 4. Search, widening k until every class is full or its candidates are exhausted.
+    references = _references(run, train, text_vecs)
     checker = _label_checker(run, prompts, text_vecs)
-    selection = _search_and_select(run, queries, protected=protected, checker=checker)
-
-    # 5. Write the images exactly as stored in the corpus, with provenance, then the summary.
-    return _write(run, selection, out_dir, overwrite=overwrite, skipped=train.skipped + hold.skipped, started=t0)
+    selection = _search_and_select(run, queries, references, protected=protected, checker=checker)
+    return _write(run, selection, output, skipped=train.skipped + hold.skipped, classes_from=classes_from)
 
 
 def _embed_items(run: _Run, items: list[LabelledImage], stage: str) -> _Embedded:
@@ -176,50 +230,52 @@ def _embed_items(run: _Run, items: list[LabelledImage], stage: str) -> _Embedded
 
 
 def _build_queries(run: _Run, train: _Embedded, prompts: dict[str, list[str]],
-                   text_vecs: np.ndarray | None) -> _Queries:
-    queries = _Queries()
-    if run.mode in ("image", "mixed"):
+                   text_vecs: np.ndarray | None) -> Queries:
+    queries = Queries()
+    if "image" in run.sources:
         for it, vec in zip(train.items, train.vectors, strict=True):
             queries.add(it.label, vec, {"type": "image", "id": it.image_id})
-    if run.mode in ("text", "mixed"):
+    if "text" in run.sources:
         for c, vec in zip(run.classes, text_vecs, strict=True):
             queries.add(c, vec, {"type": "text", "prompt": prompts[c][0], "num_prompts": len(prompts[c])})
     return queries
 
 
-def _search_and_select(run: _Run, queries: _Queries, *, protected: np.ndarray,
-                       checker: LabelChecker | None) -> Selection:
+def _references(run: _Run, train: _Embedded, text_vecs: np.ndarray | None) -> dict[str, np.ndarray | None]:
+    """Per class, the vector caption matches are compared with (caption_rerank; auto: text, else images)."""
+    rerank = run.config.caption_rerank
+    out: dict[str, np.ndarray | None] = {}
+    for n, label in enumerate(run.classes):
+        mine = [v for it, v in zip(train.items, train.vectors, strict=True) if it.label == label]
+        image_ref = l2_normalize(np.mean(mine, axis=0, keepdims=True))[0] if mine else None
+        text_ref = text_vecs[n] if text_vecs is not None else None
+        out[label] = image_ref if rerank == "image" or text_ref is None else text_ref
+    return out
+
+
+def _search_and_select(run: _Run, queries: Queries, references: dict[str, np.ndarray | None], *,
+                       protected: np.ndarray, checker: LabelChecker | None) -> Selection:
     """Search with k large enough for ``oversample`` x each query's share; widen k x4 while a class is short."""
     config, corpus, per_class = run.config, run.corpus, run.per_class
     policy = SelectionPolicy(dedup_threshold=config.dedup_threshold, leakage_threshold=config.leakage_threshold,
                              min_similarity=config.min_similarity, conflict=config.conflict)
-    max_queries = max(len(v) for v in queries.vectors.values())
-    opt_out = OptOut.parse(config.opt_out)
+    per_label = [len(queries.vectors.get(c, [])) + ("caption" in run.sources) for c in run.classes]
     wanted = config.oversample * per_class
     if config.selection == "diverse":  # the greedy chooses among the top diversity_pool of each class
         wanted = max(wanted, _pool_size(run))
-    k = max(4, math.ceil(wanted / max(1, min(len(v) for v in queries.vectors.values()))))
+    k = max(4, math.ceil(wanted / max(1, min(per_label))))
     while True:
         check_cancel(run.should_cancel)
         emit(run.progress, ProgressEvent("search", 0, 1, message=f"k={k}"))
-        t0 = time.perf_counter()
-        candidates = _search(run, queries, k)
-        ids = sorted({c.id for cands in candidates.values() for c in cands})
-        emb = dict(zip(ids, corpus.embeddings(ids).astype(np.float32), strict=True)) if ids else {}
-        run.timings["search_s"] += time.perf_counter() - t0
+        candidates, emb = _candidates(run, queries, references, k)
         if config.selection == "diverse":
-            t0 = time.perf_counter()
-            # 2 x N greedy picks: spares for the filters that come after
-            candidates = {label: diverse_order(cands, emb, np.stack(queries.vectors[label]),
-                                               pool_size=_pool_size(run), steps=2 * per_class,
-                                               eta=config.diversity_eta)
-                          for label, cands in candidates.items()}
-            run.timings["selection_s"] += time.perf_counter() - t0
+            candidates = _diverse(run, candidates, emb, queries, references)
+        ids = sorted(emb)
         predicted = checker(ids, emb) if checker else None
         selection = select(candidates, per_class, embeddings=emb, policy=policy, protected=protected,
-                           predicted_label=predicted, opted_out=_opted_out(run, opt_out, ids))
+                           predicted_label=predicted, excluded=_screen(run, ids))
         short = [c for c in run.classes if len(selection.chosen[c]) < per_class]
-        can_widen = k < corpus.ntotal and k * max_queries < config.max_candidates_per_class
+        can_widen = k < corpus.ntotal and k * max(per_label) < config.max_candidates_per_class
         if not short or not can_widen:
             break
         k = min(corpus.ntotal, k * 4)
@@ -227,28 +283,53 @@ def _search_and_select(run: _Run, queries: _Queries, *, protected: np.ndarray,
     return selection
 
 
-def _search(run: _Run, queries: _Queries, k: int) -> dict[str, list[Candidate]]:
-    """Each class's candidates: its queries' result lists, interleaved by rank."""
-    corpus, out = run.corpus, {}
-    for label in sorted(queries.vectors):
-        mat = np.stack(queries.vectors[label]).astype(np.float32)
-        scores, ids = corpus.search(mat, min(k, corpus.ntotal), nprobe=run.config.nprobe,
-                                    ef_search=run.config.ef_search)
-        lists = [
-            [Candidate(int(i), label, float(s), r, info) for r, (s, i) in enumerate(zip(srow, irow, strict=True))
-             if i >= 0]
-            for srow, irow, info in zip(scores, ids, queries.infos[label], strict=True)
-        ]
-        out[label] = round_robin(lists)
+def _candidates(run: _Run, queries: Queries, references: dict[str, np.ndarray | None],
+                k: int) -> tuple[dict[str, list[Candidate]], dict[int, np.ndarray]]:
+    """Each class's candidates in priority order, and the embeddings of every candidate (timed as search)."""
+    t0 = time.perf_counter()
+    corpus, config = run.corpus, run.config
+    lists = vector_lists(corpus, queries, k, nprobe=config.nprobe, ef_search=config.ef_search)
+    matches = caption_matches(corpus, run.classes, k, config.class_synonyms) if "caption" in run.sources else {}
+    ids = sorted({c.id for per_query in lists.values() for lst in per_query for c in lst}
+                 | {i for _, hits in matches.values() for i, _ in hits})
+    emb = dict(zip(ids, corpus.embeddings(ids).astype(np.float32), strict=True)) if ids else {}
+    for label, (names, hits) in matches.items():
+        lists.setdefault(label, []).append(caption_list(label, names, hits, emb=emb, reference=references[label],
+                                                        rerank=config.caption_rerank != "none"))
+    run.timings["search_s"] += time.perf_counter() - t0
+    return {label: round_robin(lists.get(label, [])) for label in run.classes}, emb
+
+
+def _diverse(run: _Run, candidates: dict[str, list[Candidate]], emb: dict[int, np.ndarray], queries: Queries,
+             references: dict[str, np.ndarray | None]) -> dict[str, list[Candidate]]:
+    """The diverse policy's order: 2 x N greedy picks per class (spares for the filters that come after)."""
+    t0 = time.perf_counter()
+    quality = _quality(run, sorted(emb)) if run.config.diversity_quality else None
+    out = {}
+    for label, cands in candidates.items():
+        relevant = queries.vectors.get(label) or [references[label]]
+        out[label] = diverse_order(cands, emb, np.stack(relevant), pool_size=_pool_size(run),
+                                   steps=2 * run.per_class, eta=run.config.diversity_eta, quality=quality,
+                                   quality_weight=run.config.diversity_quality_weight if quality else 0.0)
+    run.timings["selection_s"] += time.perf_counter() - t0
     return out
 
 
-def _opted_out(run: _Run, opt_out: OptOut, ids: list[int]) -> frozenset[int]:
-    """The candidate ids on the user's opt-out list (matched on the corpus's url and sha256 columns)."""
-    if not opt_out or not ids:
-        return frozenset()
-    rows = run.corpus.metadata(ids, columns=["id", "url", "sha256"])
-    return frozenset(r["id"] for r in rows if opt_out.matches(r["url"], r["sha256"]))
+def _quality(run: _Run, ids: list[int]) -> dict[int, float]:
+    """COBRA's quality score per candidate: its aesthetic score, or 1 - its watermark probability."""
+    column = "aesthetic" if run.config.diversity_quality == "aesthetic" else "pwatermark"
+    rows = run.corpus.metadata(ids, columns=["id", column])
+    return {r["id"]: (r[column] if column == "aesthetic" else 1.0 - r[column])
+            for r in rows if r[column] is not None}
+
+
+def _screen(run: _Run, ids: list[int]) -> dict[int, str]:
+    """The reason each screened-out candidate is excluded (opt-out, unsafe, watermark)."""
+    corpus, max_pixels = run.corpus, run.config.max_pixels
+    return run.screen.excluded(
+        ids, metadata=lambda i, cols: corpus.metadata(i, columns=cols),
+        embeddings=lambda i: corpus.embeddings(i).astype(np.float32),
+        images=lambda i: [decode_image(corpus.read_bytes(x), max_pixels=max_pixels) for x in i])
 
 
 def _pool_size(run: _Run) -> int:
@@ -285,13 +366,13 @@ def _label_checker(run: _Run, prompts: dict[str, list[str]], text_vecs: np.ndarr
     return predict
 
 
-def _write(run: _Run, selection: Selection, out_dir: str | os.PathLike, *, overwrite: bool, skipped: list[dict],
-           started: float) -> AugmentResult:
+def _write(run: _Run, selection: Selection, output: _Output, *, skipped: list[dict],
+           classes_from: str) -> AugmentResult:
     corpus, chosen = run.corpus, selection.chosen
     total = sum(len(v) for v in chosen.values())
     metas = {m["id"]: m for m in corpus.metadata(sorted({c.id for v in chosen.values() for c in v}))}
-    passed = _filters_passed(run.config)
-    with OutputFolder.create(out_dir, overwrite=overwrite, methods=METHODS) as writer:
+    passed = _filters_passed(run)
+    with OutputFolder.create(output.out_dir, overwrite=output.overwrite, methods=METHODS) as writer:
         for label in run.classes:
             for n, cand in enumerate(chosen[label]):
                 check_cancel(run.should_cancel)
@@ -303,20 +384,26 @@ def _write(run: _Run, selection: Selection, out_dir: str | os.PathLike, *, overw
                            "selection": run.config.selection}
                 if cand.gain is not None:
                     fields["selection_gain"] = cand.gain
+                if cand.id in run.screen.scores:
+                    fields["safety_score"] = run.screen.scores[cand.id]
                 name = meta.get("member") or meta.get("source")
                 writer.add(label=label, filename=f"{n:05d}_{cand.id}{image_extension(data, name)}",
                            image_bytes=data, method=f"retrieval:{run.mode}", fields=fields)
                 # per class, as generation reports it: this class's images of its own, and the overall count
                 emit(run.progress, ProgressEvent("write", n + 1, len(chosen[label]), label=label, extra={
                     "overall_done": len(writer.records), "overall_total": total}))
-        summary = _summary(run, selection, skipped=skipped, duration=time.perf_counter() - started, total=total)
+        summary = _summary(run, selection, skipped=skipped, duration=time.perf_counter() - output.started,
+                           total=total) | {"classes_from": classes_from}
         writer.close(summary)
-        return AugmentResult(Path(out_dir), summary, writer.records)
+        return AugmentResult(Path(output.out_dir), summary, writer.records)
 
 
-def _filters_passed(config: RetrievalConfig) -> list[str]:
+def _filters_passed(run: _Run) -> list[str]:
     """The filters every returned item went through, in the order they run (selection.FILTERS)."""
-    on = {"duplicate": True, "opt_out": bool(config.opt_out), "conflict": True,
+    config, t = run.config, run.screen.thresholds
+    unsafe = t.max_punsafe is not None or bool(t.nsfw_exclude) or run.screen.classifier is not None
+    on = {"duplicate": True, "opt_out": bool(run.screen.opt_out) or t.respect_corpus_opt_out, "unsafe": unsafe,
+          "watermark": t.max_pwatermark is not None, "conflict": True,
           "min_similarity": config.min_similarity is not None, "leakage": config.leakage_threshold is not None,
           "label_check": config.label_check, "near_duplicate": config.dedup_threshold is not None}
     return [name for name in FILTERS if on[name]]
@@ -336,6 +423,7 @@ def _summary(run: _Run, selection: Selection, *, skipped: list[dict], duration: 
         "method": f"retrieval:{run.mode}",
         "per_class": per,
         "removed": {f: int(selection.removed.get(f, 0)) for f in FILTERS},
+        "screening": run.screen.report(),
         "similarity": {"mean": float(np.mean(sims)), "min": float(np.min(sims)), "max": float(np.max(sims))}
         if sims else None,
         "skipped_dataset_images": skipped,

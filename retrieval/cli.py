@@ -19,30 +19,42 @@ from .config import RetrievalConfig
 def retrieve(
     *,
     index_dir: Path = typer.Option(..., "--index-dir", help="Index directory (built by `retrogen index build`)."),
-    dataset: Path = typer.Option(..., "--dataset", help="Labelled dataset: class_name/*.jpg"),
+    dataset: Path | None = typer.Option(None, "--dataset", help="Labelled dataset: class_name/*.jpg"),
+    classes: list[str] | None = typer.Option(
+        None, "--classes", help="Instead of --dataset: class names (repeat, or comma-separated); modes text, "
+        "caption, text+caption. --class-descriptions and --class-synonyms refine them."),
     per_class: int = typer.Option(..., "--per-class", min=1, help="Images to retrieve per class."),
     out: Path = typer.Option(..., "--out", help="Output folder (new or empty, or --overwrite): ImageFolder + "
                                                  "provenance.jsonl + summary.json"),
-    mode: str = typer.Option("image", "--mode", help="image | text | mixed"),
+    mode: str | None = typer.Option(None, "--mode", help="image | text | caption | mixed (image+text) | a '+'-joined "
+                                    "set, e.g. text+caption. Default: image with --dataset, text with --classes."),
     holdout: Path | None = typer.Option(None, "--holdout", help="Held-out images (ImageFolder) to protect from leakage."),
     embedder: str | None = typer.Option(None, "--embedder", help="Query embedder; default: the index's."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier retrieval output in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     config: RetrievalConfig,
 ) -> None:
-    """Retrieve N corpus images per class, filtered (dedup, conflicts, leakage, label check), with provenance."""
+    """Retrieve N corpus images per class of a dataset (or for class names alone), filtered, with provenance."""
     from retrogen.console import TqdmProgress
     from retrogen.outputs import OutputFolder
 
-    from .augment import METHODS, augment_by_retrieval
+    from .augment import augment_by_retrieval, augment_from_names
     from .embedders import create_embedder
+    from .modes import METHODS, parse_mode
 
+    if (dataset is None) == (not classes):
+        raise typer.BadParameter("give exactly one of --dataset and --classes", param_hint="--dataset/--classes")
+    names = [c.strip() for arg in classes or [] for c in arg.split(",") if c.strip()]
+    mode = mode or ("image" if dataset is not None else "text")
+    parse_mode(mode)
     OutputFolder.check_writable(out, overwrite=overwrite, methods=METHODS)  # before --embedder loads a model
+    kwargs = {"corpus": index_dir, "per_class": per_class, "mode": mode, "holdout_dir": holdout, "config": config,
+              "overwrite": overwrite, "embedder": create_embedder(embedder) if embedder else None}
     with TqdmProgress(disable=quiet or None) as bars:
-        result = augment_by_retrieval(
-            dataset, out, corpus=index_dir, per_class=per_class, mode=mode, holdout_dir=holdout, config=config,
-            embedder=create_embedder(embedder) if embedder else None, progress=bars, overwrite=overwrite,
-        )
+        if dataset is not None:
+            result = augment_by_retrieval(dataset, out, progress=bars, **kwargs)
+        else:
+            result = augment_from_names(names, out, progress=bars, **kwargs)
     s = result.summary
     for label, c in s["per_class"].items():
         line = f"{label}: {c['returned']}/{c['requested']}"

@@ -25,7 +25,7 @@ MAX_NPROBE = 65_536  # IVF lists / HNSW efSearch: beyond this a search is a scan
 MAX_CANDIDATES = 1_000_000
 MAX_BATCH = 4096
 MAX_OPT_OUT = 100_000
-MAX_DIVERSITY_POOL = 5000  # the greedy keeps a pool x pool float32 matrix (100 MB here)
+MAX_DIVERSITY_POOL = 20_000  # dense pool x pool up to diverse.DENSE_MAX, a sparse kNN graph beyond (115 MB measured at 20k)
 
 
 class RetrievalConfig(LibraryConfig):
@@ -65,6 +65,32 @@ class RetrievalConfig(LibraryConfig):
         (), max_length=MAX_OPT_OUT,
         description="Never return these items: source URLs, sha256 hashes of the stored bytes, or domains "
         "(with their subdomains). Repeat the option per entry.")
+    respect_corpus_opt_out: bool = Field(
+        True, description="Never return items the corpus itself marks opted out (its opt_out column).")
+    max_punsafe: float | None = Field(
+        None, ge=0.0, le=1.0, description="Drop items whose corpus punsafe score (LAION's NSFW probability) is "
+        "above this; items with no score are kept and counted. Needs an index with a punsafe column.")
+    max_pwatermark: float | None = Field(
+        None, ge=0.0, le=1.0, description="Drop items whose corpus pwatermark score is above this (as max_punsafe).")
+    nsfw_exclude: tuple[Annotated[str, Field(min_length=1, max_length=32)], ...] = Field(
+        (), max_length=8, description="Drop items whose corpus NSFW tag is one of these (LAION: NSFW, UNSURE, "
+        "UNLIKELY). Repeat the option per tag.")
+    safety_classifier: str | None = Field(
+        None, min_length=1, max_length=200, description="Drop items an unsafe-image classifier scores at or above "
+        "safety_threshold: zero-shot:violence | zero-shot:nsfw | package.module:factory (docs/retrieval-selection.md).")
+    safety_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="safety_classifier: the score from which an item counts as unsafe.")
+    class_synonyms: dict[_ClassName, Annotated[list[_Prompt], Field(max_length=MAX_PROMPTS)]] | None = Field(
+        None, max_length=MAX_CLASSES,
+        description="caption mode: {label: more names} whose captions also match the class (the name itself "
+        "always does; underscores read as spaces).")
+    caption_rerank: Literal["auto", "text", "image", "none"] = Field(
+        "auto", description="caption mode: reorder caption matches by embedding similarity to the class's text "
+        "prompts | its images | keep full-text (bm25) order; auto: text when the embedder has text, else image.")
+    diversity_quality: Literal["aesthetic", "no_watermark"] | None = Field(
+        None, description="diverse: add COBRA's quality term, from the corpus's aesthetic score | 1 - pwatermark.")
+    diversity_quality_weight: float = Field(
+        1.0, ge=0.0, le=100.0, description="diverse: weight of the quality term against coverage.")
     oversample: float = Field(
         3.0, ge=1.0, le=100.0, description="The first search asks each query for this many times its share of N.")
     max_candidates_per_class: int = Field(

@@ -136,6 +136,23 @@ class CorpusIndex:
                                                np.take_along_axis(c, order, axis=1), -1)
         return out_s, out_i
 
+    def search_captions(self, match: str, limit: int) -> list[tuple[int, float]]:
+        """Rows whose caption matches FTS5 expression ``match`` (see ``retrieval.captions``), best bm25 first.
+
+        Raises:
+            InvalidInputError: the index has no caption index (see :meth:`check_captions`).
+        """
+        self.check_captions()
+        return self.directory.search_captions(match, limit)
+
+    def check_captions(self) -> None:
+        """Raise InvalidInputError unless the index has a caption index (a corpus without captions has none, nor
+        has an index built before caption matching)."""
+        if not self.manifest.captions:
+            raise InvalidInputError(
+                f"index {str(self.directory.path)!r} has no caption index: its corpus has no captions, or it was "
+                "built before caption matching (run `retrogen index captions DIR` to add one)")
+
     # -- rows ---------------------------------------------------------------------------------------------
 
     def _locate(self, ids) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ DIR/manifest.json                    written last: its presence means the index 
 DIR/img_emb/img_emb_{N}.npy          (rows, dim) float16/float32, L2-normalised, N zero-padded to 4 digits
 DIR/metadata/metadata_{N}.parquet    row-aligned with the shard
 DIR/image.index                      FAISS index over all rows in shard order (row id = global row number)
+DIR/captions.sqlite                  when the corpus has captions: SQLite FTS5 over them (rowid = row id)
 DIR/build_state.json                 while a build runs: the arguments it was started with (for resume)
 ```
 
@@ -47,6 +48,9 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "image.index"
 STATE_FILE = "build_state.json"
+CAPTIONS_FILE = "captions.sqlite"
+#: Porter stemming over unicode61 words: "cats" finds "cat"; diacritics folded ("café" finds "cafe")
+CAPTIONS_TOKENIZER = "porter unicode61 remove_diacritics 2"
 EMB_DIR = "img_emb"
 META_DIR = "metadata"
 
@@ -65,13 +69,20 @@ METADATA_COLUMNS: dict[str, str] = {
     "size": "int64", "caption": "string", "url": "string", "licence": "string", "width": "int32",
     "height": "int32", "sha256": "string",
 }
+#: Columns a corpus may carry about each item (LAION's safety and watermark scores, img2dataset's status,
+#: a rights-holder opt-out flag, an aesthetic score). Builds before they existed lack them: readers see nulls,
+#: so the format version stays 1. The manifest's ``metadata.non_null`` counts each one's values.
+OPTIONAL_COLUMNS: dict[str, str] = {
+    "punsafe": "float32", "pwatermark": "float32", "nsfw": "string", "status": "string", "opt_out": "bool_",
+    "aesthetic": "float32",
+}
 
 
 def metadata_schema():
     """The pyarrow schema of ``metadata_{N}.parquet`` (pyarrow loads lazily: a manifest read needs none)."""
     import pyarrow as pa
 
-    return pa.schema([(name, getattr(pa, typ)()) for name, typ in METADATA_COLUMNS.items()])
+    return pa.schema([(name, getattr(pa, typ)()) for name, typ in (METADATA_COLUMNS | OPTIONAL_COLUMNS).items()])
 
 
 class Manifest(BaseModel):
@@ -92,11 +103,17 @@ class Manifest(BaseModel):
     sources: list[dict[str, Any]] = Field(default_factory=list)
     skipped: dict[str, Any] = Field(default_factory=lambda: {"count": 0, "files": []})
     build: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)  # {"non_null": {optional column: count}}
+    captions: dict[str, Any] | None = None  # the caption full-text index: {"file", "rows", "tokenizer"}
 
     @property
     def version(self) -> str | None:
         """When this build finished: what provenance calls the index version."""
         return self.build.get("created")
+
+    def has_column(self, name: str) -> bool:
+        """Whether any row has a value in optional metadata column ``name`` (older builds record none)."""
+        return bool(self.metadata.get("non_null", {}).get(name))
 
 
 def _emb_name(n: int) -> str:
@@ -305,7 +322,17 @@ class IndexDirectory:
             raise IndexFormatError(f"metadata shard {path} is unreadable: {e}") from None
         if table.num_rows != shard["rows"]:
             raise IndexFormatError(f"metadata shard {path} has {table.num_rows} rows, expected {shard['rows']}")
-        return table
+        return with_optional_columns(table)
+
+    def count_optional_values(self, shards: list[dict[str, Any]]) -> dict[str, int]:
+        """Non-null values of each optional column over ``shards``: what the manifest records under ``metadata``."""
+        counts = dict.fromkeys(OPTIONAL_COLUMNS, 0)
+        for shard in shards:
+            table = self.read_metadata(shard)
+            for name in OPTIONAL_COLUMNS:
+                column = table.column(name)
+                counts[name] += len(column) - column.null_count
+        return counts
 
     # -- the FAISS index ---------------------------------------------------------------------------------------
 
@@ -331,6 +358,54 @@ class IndexDirectory:
         except RuntimeError as e:
             raise IndexFormatError(f"{path} is not a readable FAISS index: {str(e).splitlines()[0]}") from None
 
+    # -- the caption full-text index ----------------------------------------------------------------------
+
+    def write_caption_index(self, shards: list[dict[str, Any]], *, batch: int = 50_000) -> dict[str, Any] | None:
+        """Index every non-empty caption of ``shards`` (manifest entries) for full-text search.
+
+        Returns the manifest's ``captions`` entry, or None (and no file) when no row has a caption.
+        """
+        import sqlite3
+
+        rows = 0
+        with atomic_path(self.path / CAPTIONS_FILE, suffix=".sqlite") as tmp:
+            tmp.unlink()  # sqlite creates its own file
+            con = sqlite3.connect(tmp)
+            try:
+                con.execute(f"CREATE VIRTUAL TABLE captions USING fts5(caption, tokenize='{CAPTIONS_TOKENIZER}')")
+                for shard in shards:
+                    table = self.read_metadata(shard).select(["id", "caption"])
+                    for lo in range(0, table.num_rows, batch):
+                        part = table.slice(lo, batch).to_pydict()
+                        pairs = [(i, c) for i, c in zip(part["id"], part["caption"], strict=True) if c and c.strip()]
+                        con.executemany("INSERT INTO captions(rowid, caption) VALUES (?, ?)", pairs)
+                        rows += len(pairs)
+                con.execute("INSERT INTO captions(captions) VALUES ('optimize')")
+                con.commit()
+            finally:
+                con.close()
+            if rows == 0:
+                return None
+        return {"file": CAPTIONS_FILE, "rows": rows, "tokenizer": CAPTIONS_TOKENIZER}
+
+    def search_captions(self, match: str, limit: int) -> list[tuple[int, float]]:
+        """Rows whose caption matches the FTS5 query ``match``: ``[(row id, bm25 score)]``, best first
+        (scores are positive: larger is better). Opened read-only per call, so threads never share a connection."""
+        import sqlite3
+
+        path = self.path / CAPTIONS_FILE
+        if not path.is_file():
+            raise IndexFormatError(f"{str(self.path)!r} has no caption index ({CAPTIONS_FILE})")
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        try:
+            got = con.execute("SELECT rowid, bm25(captions) FROM captions WHERE captions MATCH ? "
+                              "ORDER BY bm25(captions), rowid LIMIT ?", (match, int(limit))).fetchall()
+        except sqlite3.Error as e:
+            raise IndexFormatError(f"caption search in {path} failed: {e}") from None
+        finally:
+            con.close()
+        return [(int(i), -float(score)) for i, score in got]
+
     # -- a build in progress -----------------------------------------------------------------------------------
 
     def has_build_state(self) -> bool:
@@ -351,7 +426,7 @@ class IndexDirectory:
 
     def clear(self) -> None:
         """Remove what a build writes, and nothing else the folder may hold."""
-        for name in (MANIFEST_FILE, INDEX_FILE, STATE_FILE):
+        for name in (MANIFEST_FILE, INDEX_FILE, STATE_FILE, CAPTIONS_FILE):
             (self.path / name).unlink(missing_ok=True)
         for sub in (EMB_DIR, META_DIR):
             shutil.rmtree(self.path / sub, ignore_errors=True)
@@ -360,6 +435,17 @@ class IndexDirectory:
         """Create the folder, and delete leftovers of atomic writes a crash interrupted."""
         self.path.mkdir(parents=True, exist_ok=True)
         remove_temp_files(self.path, self.path / EMB_DIR, self.path / META_DIR)
+
+
+def with_optional_columns(table):
+    """``table`` with every optional column, as nulls where an older build did not write it."""
+    import pyarrow as pa
+
+    for name, typ in OPTIONAL_COLUMNS.items():
+        if name not in table.column_names:
+            table = table.append_column(pa.field(name, getattr(pa, typ)()),
+                                        pa.nulls(table.num_rows, getattr(pa, typ)()))
+    return table
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from .index import CorpusIndex
 
 
+def _score(value: float | None) -> float | None:
+    """A stored float32 score as written (0.1, not 0.10000000149)."""
+    return None if value is None else round(float(value), 6)
+
+
 def source_uri(meta: dict[str, Any]) -> str | None:
     """Where the item's bytes are: the file, or ``tar#member`` for a webdataset member."""
     source = meta.get("source")
@@ -31,6 +36,12 @@ def retrieved_item_fields(corpus: CorpusIndex, meta: dict[str, Any], *, sample_i
         "caption": meta.get("caption"),
         "url": meta.get("url"),
         "licence": meta.get("licence"),
+        # what the corpus says of the item's rights and safety (None where its metadata has no such column)
+        "opt_out": meta.get("opt_out"),
+        "status": meta.get("status"),
+        "punsafe": _score(meta.get("punsafe")),
+        "pwatermark": _score(meta.get("pwatermark")),
+        "nsfw": meta.get("nsfw"),
         "corpus_sha256": meta.get("sha256"),
         "width": meta.get("width"),
         "height": meta.get("height"),

@@ -4,23 +4,25 @@ Pure numpy over ids, scores and embeddings, so every filter is testable on synth
 checks for each candidate, walked in round-robin priority order per class:
 
 1. ``duplicate``: the same corpus id already seen for this class (another query also found it);
-2. ``opt_out``: on the user's opt-out list (``retrieval.opt_out``), never returned;
-3. ``conflict``: the id would be returned for several classes; it goes to the class whose queries found it
+2. ``opt_out``: on the user's opt-out list or flagged opted out by the corpus, never returned;
+3. ``unsafe`` / 4. ``watermark``: over a safety or watermark threshold (``retrieval.safety``);
+5. ``conflict``: the id would be returned for several classes; it goes to the class whose queries found it
    most similar (or is dropped everywhere with ``conflict="drop"``);
-4. ``min_similarity``: similarity to its query below the threshold;
-5. ``leakage``: a near-duplicate (cosine >= ``leakage_threshold``) of a training or held-out image;
-6. ``label_check``: its zero-shot prediction over the dataset's class names is another class;
-7. ``near_duplicate``: cosine >= ``dedup_threshold`` with an item already selected (for any class).
+6. ``min_similarity``: similarity to its query below the threshold;
+7. ``leakage``: a near-duplicate (cosine >= ``leakage_threshold``) of a training or held-out image;
+8. ``label_check``: its zero-shot prediction over the dataset's class names is another class;
+9. ``near_duplicate``: cosine >= ``dedup_threshold`` with an item already selected (for any class).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-FILTERS = ("duplicate", "opt_out", "conflict", "min_similarity", "leakage", "label_check", "near_duplicate")
+FILTERS = ("duplicate", "opt_out", "unsafe", "watermark", "conflict", "min_similarity", "leakage", "label_check", "near_duplicate")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ def select(
     policy: SelectionPolicy,
     protected: np.ndarray | None = None,
     predicted_label: dict[int, str] | None = None,
-    opted_out: frozenset[int] = frozenset(),
+    excluded: Mapping[int, str] | None = None,
 ) -> Selection:
     """Choose up to ``per_class`` items per class from priority-ordered ``candidates``.
 
@@ -79,7 +81,7 @@ def select(
         embeddings: normalised embedding of every candidate id.
         protected: (m, dim) normalised embeddings of the user's training + held-out images (leakage filter).
         predicted_label: zero-shot predicted class per id (label check); None disables the check.
-        opted_out: ids on the user's opt-out list.
+        excluded: ids screened out before selection, with their reason (``opt_out``, ``unsafe``, ``watermark``).
     """
     leak_sims = _max_sims(embeddings, protected) if policy.leakage_threshold is not None else {}
     best = {label: {} for label in candidates}  # class -> id -> best similarity any of its queries gave
@@ -89,7 +91,7 @@ def select(
     lost: dict[str, set[int]] = {label: set() for label in candidates}
     while True:
         sel = _select_once(candidates, per_class, embeddings=embeddings, policy=policy, leak_sims=leak_sims,
-                           predicted_label=predicted_label, lost=lost, opted_out=opted_out)
+                           predicted_label=predicted_label, lost=lost, excluded=excluded or {})
         owners: dict[int, list[str]] = {}
         for label, chosen in sel.chosen.items():
             for c in chosen:
@@ -106,7 +108,7 @@ def select(
 
 def _select_once(candidates: dict[str, list[Candidate]], per_class: int, *, embeddings: dict[int, np.ndarray],
                  policy: SelectionPolicy, leak_sims: dict[int, float], predicted_label: dict[int, str] | None,
-                 lost: dict[str, set[int]], opted_out: frozenset[int]) -> Selection:
+                 lost: dict[str, set[int]], excluded: Mapping[int, str]) -> Selection:
     """One pass of selection with the ``lost`` conflicts excluded."""
     sel = Selection(chosen={label: [] for label in candidates})
     dim = next(iter(embeddings.values())).shape[0] if embeddings else 0
@@ -122,8 +124,8 @@ def _select_once(candidates: dict[str, list[Candidate]], per_class: int, *, embe
             reason = None
             if c.id in seen:
                 reason = "duplicate"
-            elif c.id in opted_out:
-                reason = "opt_out"
+            elif c.id in excluded:
+                reason = excluded[c.id]
             elif c.id in lost[label]:
                 reason = "conflict"
             elif policy.min_similarity is not None and c.similarity < policy.min_similarity:

@@ -94,11 +94,16 @@ class RetrogenClient:
         self._check(self.http.delete(f"/v1/datasets/{dataset_id}"))
 
     # -- jobs -------------------------------------------------------------------------------------------------
-    def submit(self, dataset_id: str, method: str, *, per_class: int, index_name: str | None = None,
-               model_name: str | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Queue a job; ``index_name`` / ``model_name`` are the server's configured names (default: its first)."""
+    def submit(self, dataset_id: str | None, method: str, *, per_class: int, index_name: str | None = None,
+               model_name: str | None = None, params: dict[str, Any] | None = None,
+               classes: list[str] | None = None, holdout: str | None = None) -> dict[str, Any]:
+        """Queue a job; ``index_name`` / ``model_name`` are the server's configured names (default: its first).
+
+        A retrieval job may give ``classes`` (names, no images) with ``dataset_id=None``, and a ``holdout``
+        dataset id whose images nothing returned may near-duplicate."""
         body = {"dataset": dataset_id, "method": method, "per_class": per_class, "index": index_name,
                 "model": model_name, "params": params or {}}
+        body |= {k: v for k, v in (("classes", classes), ("holdout", holdout)) if v is not None}
         return self._check(self.http.post("/v1/jobs", json=body)).json()
 
     def job(self, job_id: str) -> dict[str, Any]:

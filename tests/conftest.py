@@ -136,7 +136,8 @@ def png_bytes(img) -> bytes:
 
 
 def write_service_corpus_tar(path):
-    """An img2dataset-style shard: ``{family}-{i}.png`` + ``.txt`` caption + ``.json`` with the source url."""
+    """An img2dataset-style shard: ``{family}-{i}.png`` + ``.txt`` caption + ``.json`` with the source url and
+    LAION's safety fields (``punsafe`` = i / 5: items 3, 4 and 5 of each family are above 0.5; item 5 is tagged NSFW)."""
     import io
     import json
     import tarfile
@@ -148,7 +149,9 @@ def write_service_corpus_tar(path):
                 shade = tuple(int(np.clip(c + (i - 3) * 8, 0, 255)) for c in rgb)
                 files = {f"{key}.png": png_bytes(colour_image(shade, noise_seed=i)),
                          f"{key}.txt": f"a {fam} square".encode(),
-                         f"{key}.json": json.dumps({"url": f"http://example.com/{key}.png"}).encode()}
+                         f"{key}.json": json.dumps({"url": f"http://example.com/{key}.png", "punsafe": i / 5,
+                                                    "NSFW": "NSFW" if i == 5 else "UNLIKELY",
+                                                    "status": "success"}).encode()}
                 for name, data in files.items():
                     info = tarfile.TarInfo(name)
                     info.size = len(data)

@@ -268,7 +268,8 @@ def test_clip_retrieval_import_without_reembedding(tmp_path):
             "image_path": [f"/data/{n}/{i}.jpg" for i in range(rows)], "caption": [f"c{n}-{i}" for i in range(rows)],
             "url": [f"http://u/{n}/{i}" for i in range(rows)], "LICENSE": ["cc0"] * rows,
             "key": [f"{n}{i:04d}" for i in range(rows)], "width": [64] * rows, "height": [48] * rows,
-            "status": ["success"] * rows}), src / "metadata" / f"metadata_{n}.parquet")
+            "status": ["success"] * rows, "punsafe": [i / 100 for i in range(rows)],
+            "NSFW": ["UNLIKELY"] * (rows - 1) + ["NSFW"]}), src / "metadata" / f"metadata_{n}.parquet")
     m = import_clip_retrieval(src, tmp_path / "idx", embedder="open_clip:ViT-B-32:openai")
     assert m.count == 120 and m.dtype == "float16" and m.embedder["name"] == "open_clip:ViT-B-32:openai"
     assert m.build["renormalised"] == 120 and m.faiss["kind"] == "flat"
@@ -279,7 +280,13 @@ def test_clip_retrieval_import_without_reembedding(tmp_path):
     row = corpus.metadata([75])[0]
     assert row == {"id": 75, "key": "10005", "source": "/data/1/5.jpg", "member": None, "offset": None,
                    "size": None, "caption": "c1-5", "url": "http://u/1/5", "licence": "cc0", "width": 64,
-                   "height": 48, "sha256": None}
+                   "height": 48, "sha256": None, "punsafe": pytest.approx(0.05), "pwatermark": None,
+                   "nsfw": "UNLIKELY", "status": "success", "opt_out": None, "aesthetic": None}
+    # LAION's optional columns are counted in the manifest; the captions are searchable
+    assert m.metadata["non_null"] == {"punsafe": 120, "pwatermark": 0, "nsfw": 120, "status": 120, "opt_out": 0,
+                                      "aesthetic": 0}
+    assert m.captions["rows"] == 120
+    assert [i for i, _ in corpus.search_captions('"c1 5"', 10)] == [75]
     q = expected[:4]
     _, ids = corpus.search(q, 5)
     np.testing.assert_array_equal(ids, np.argsort(-(q @ corpus.embeddings(range(120)).astype(np.float32).T),

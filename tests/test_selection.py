@@ -109,7 +109,7 @@ def test_opted_out_items_are_never_chosen_and_never_cause_a_conflict():
     emb = orthogonal(10)
     # 7 is opted out: class a would have lost it to b in a conflict; now neither gets it, and a keeps 8
     cands = {"a": [cand(7, "a", 0.5), cand(8, "a", 0.4)], "b": [cand(7, "b", 0.9), cand(9, "b", 0.3)]}
-    sel = select(cands, 1, embeddings=emb, policy=NO_FILTERS, opted_out=frozenset({7}))
+    sel = select(cands, 1, embeddings=emb, policy=NO_FILTERS, excluded={7: "opt_out"})
     assert [c.id for c in sel.chosen["a"]] == [8] and [c.id for c in sel.chosen["b"]] == [9]
     assert sel.removed["opt_out"] == 2 and sel.removed["conflict"] == 0
 

@@ -98,6 +98,50 @@ def test_jobs_an_index_cannot_run_are_refused_at_submission(tmp_path, mean_colou
         assert items and {it["provenance"]["selection"] for it in items} == {selection}
 
 
+def test_names_only_caption_job_with_a_holdout(tmp_path, mean_colour_embedder):
+    """A job with class names and no dataset: caption matching on the corpus's captions ("a red square"), with
+    a held-out dataset whose images nothing returned may near-duplicate."""
+    from retrogen.index_builder.build import build_index
+    from retrogen.index_builder.config import IndexBuildConfig
+    from retrogen.service.api.main import create_app
+    from tests.conftest import write_service_corpus_tar
+
+    tar = write_service_corpus_tar(tmp_path / "00000.tar")
+    build_index([str(tar)], tmp_path / "pixels", embedder=mean_colour_embedder,
+                config=IndexBuildConfig(index_type="flat", num_workers=1))
+    app = create_app(make_settings(tmp_path / "data", indexes={"pixels": {"path": str(tmp_path / "pixels")}}),
+                     start_worker=False)
+    client = TestClient(app)
+    holdout = _dataset(client)  # red and blue squares
+
+    def submit(**body):
+        return client.post("/v1/jobs", json={"method": "retrieval", "per_class": 2, **body})
+
+    for body, words in (({"classes": ["red"], "dataset": holdout}, "exactly one of"), ({}, "exactly one of"),
+                        ({"classes": ["red"], "params": {"mode": "image"}}, "class names only"),
+                        ({"classes": ["red"], "params": {"mode": "text"}}, "image-only embedder"),
+                        ({"classes": ["a/b"]}, "folder name"), ({"classes": ["red", "red"]}, "unique"),
+                        ({"classes": ["red"], "params": {"classes": ["x"]}}, "top-level"),
+                        ({"classes": ["red"], "params": {"mode": "caption", "max_punsafe": 0.5,
+                                                         "safety_classifier": "evil:run"}}, "not offered")):
+        r = submit(**body)
+        assert r.status_code == 422 and words in r.text, (body, r.text)
+    r = submit(classes=["red", "green"], holdout=holdout,
+               params={"mode": "caption", "leakage_threshold": 0.9999, "dedup_threshold": None, "max_punsafe": 0.5})
+    assert r.status_code == 202, r.text
+    assert r.json()["dataset"] is None and r.json()["params"]["classes"] == ["green", "red"]
+    assert app.state.worker.run_once("retrieval") == r.json()["id"]
+    job = client.get(f"/v1/jobs/{r.json()['id']}").json()
+    assert job["state"] == "succeeded", job
+    assert job["summary"]["classes_from"] == "names" and job["summary"]["method"] == "retrieval:caption"
+    items = client.get(f"/v1/jobs/{job['id']}/results").json()["items"]
+    assert sorted(it["label"] for it in items) == ["green", "green", "red", "red"]
+    for it in items:
+        p = it["provenance"]
+        assert p["caption"] == f"a {it['label']} square" and p["query"]["type"] == "caption"
+        assert p["punsafe"] <= 0.5 and "unsafe" in p["filters_passed"]
+
+
 @pytest.mark.timeout(300)
 def test_generation_prompt_job_end_to_end(tmp_path, tiny_sd_dir):
     from retrogen.service.api.main import create_app

@@ -24,9 +24,10 @@ from tests.conftest import SERVICE_FAMILIES, ThreadedUvicorn, colour_image, make
 
 
 def clip_payload(text=None, image=None, image_url=None, embedding_input=None, *, indice_name="corpus",
-                 num_images=40, modality="image", deduplicate=True, use_safety_model=True,
-                 use_violence_detector=True, aesthetic_score=9, aesthetic_weight=0.5, use_mclip=False) -> str:
-    """The exact body ClipClient sends (its defaults: dedup, safety, violence on; aesthetic 9 / 0.5)."""
+                 num_images=40, modality="image", deduplicate=True, use_safety_model=False,
+                 use_violence_detector=False, aesthetic_score=9, aesthetic_weight=0.5, use_mclip=False) -> str:
+    """The exact body ClipClient sends (its defaults: dedup, aesthetic 9 / 0.5, and safety and violence on,
+    which these tests turn on only where they test them: they change which items come back)."""
     return json.dumps({
         "text": text, "image": image, "image_url": image_url, "embedding_input": embedding_input,
         "deduplicate": deduplicate, "use_safety_model": use_safety_model,
@@ -78,8 +79,64 @@ def test_text_query_shape_and_order(client, registry):
     scores, ids = loaded.corpus.search(loaded.embedder.embed_texts(["a red square"]), 5)
     assert [row["id"] for row in out] == [int(i) for i in ids[0]]
     np.testing.assert_allclose([row["similarity"] for row in out], scores[0], atol=1e-5)
-    # flags clip-retrieval applies only when its models are loaded are accepted, and named as ignored
-    assert r.headers["x-retrogen-ignored"] == "use_safety_model,use_violence_detector,aesthetic_score"
+    # the aesthetic re-weighting is accepted and named as ignored; no filter was asked for, none is unavailable
+    assert r.headers["x-retrogen-ignored"] == "aesthetic_score"
+    assert "x-retrogen-unavailable" not in r.headers
+
+
+def test_safety_model_flag_uses_the_corpus_punsafe_scores(client, registry):
+    """ClipClient's use_safety_model drops items whose punsafe is above 0.5 (items 3-5 of each family here)."""
+    loaded = registry.get("corpus")
+    r = post_raw(client, "/knn-service", clip_payload(text="a red square", num_images=18, deduplicate=False,
+                                                      use_safety_model=True))
+    assert r.status_code == 200, r.text
+    assert "x-retrogen-unavailable" not in r.headers
+    got = [row["id"] for row in r.json()]
+    punsafe = {m["id"]: m["punsafe"] for m in loaded.corpus.metadata(range(loaded.ntotal))}
+    assert len(got) == 9 and all(punsafe[i] <= 0.5 for i in got)
+    _, ids = loaded.corpus.search(loaded.embedder.embed_texts(["a red square"]), 18)
+    assert got == [int(i) for i in ids[0] if punsafe[int(i)] <= 0.5], "the unfiltered order, screened"
+
+
+def test_violence_detector_flag_runs_the_zero_shot_detector(client, registry):
+    """use_violence_detector: items the zero-shot detector puts nearer the violent prompt are dropped."""
+    from retrogen.retrieval.safety import VIOLENCE_PROMPTS
+
+    loaded = registry.get("corpus")
+    r = post_raw(client, "/knn-service", clip_payload(text="a blue square", num_images=18, deduplicate=False,
+                                                      use_violence_detector=True))
+    assert r.status_code == 200, r.text
+    prompts = loaded.embedder.embed_texts(list(VIOLENCE_PROMPTS))
+    emb = loaded.corpus.embeddings(range(loaded.ntotal)).astype(np.float32)
+    violent = {i for i in range(loaded.ntotal) if (emb[i] @ prompts.T).argmax() == 1}
+    expected = [int(i) for i in loaded.corpus.search(loaded.embedder.embed_texts(["a blue square"]), 18)[1][0]
+                if int(i) not in violent]
+    assert [row["id"] for row in r.json()] == expected
+
+
+@pytest.fixture(scope="module")
+def bare_client(tmp_path_factory, mean_colour_embedder):
+    """A service over an image-only index of a plain folder: no captions, no punsafe scores, no text."""
+    from retrogen.index_builder.build import build_index
+    from retrogen.index_builder.config import IndexBuildConfig
+
+    root = tmp_path_factory.mktemp("bare")
+    for fam in SERVICE_FAMILIES:
+        for i in range(3):
+            colour_image(SERVICE_FAMILIES[fam], noise_seed=i).save(root / f"{fam}-{i}.png")
+    build_index([str(root)], root / "index", embedder=mean_colour_embedder,
+                config=IndexBuildConfig(index_type="flat", num_workers=1))
+    registry = IndexRegistry({"corpus": IndexConfig(path=root / "index")})
+    return TestClient(make_router_app(knn_router, retrieve_router, index_registry=registry))
+
+
+def test_a_flag_the_index_cannot_serve_is_named_in_a_header(bare_client):
+    """An image-only index has neither punsafe scores nor text: both flags are reported unavailable."""
+    r = post_raw(bare_client, "/knn-service", clip_payload(image=image_b64("red"), num_images=3, deduplicate=False,
+                                                           use_safety_model=True, use_violence_detector=True))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-retrogen-unavailable"] == "use_safety_model,use_violence_detector"
+    assert len(r.json()) == 3, "the results are not filtered by a filter that is unavailable"
 
 
 def test_image_and_embedding_queries_agree(client, registry):
@@ -204,3 +261,36 @@ def test_full_app_lets_clip_client_pass_its_key_in_the_url(registry, tmp_path):
         assert post_raw(c, "/knn-service", body).status_code == 401
         r = post_raw(c, "/knn-service?api_key=k-0123456789", body)
         assert r.status_code == 200 and len(r.json()) == 2
+
+
+def test_v1_retrieve_screens_by_opt_out_and_punsafe_and_still_fills_k(client, registry):
+    """Opted-out and unsafe items are skipped, the search goes deeper so k items come back, and the response
+    counts what was removed above the k-th item."""
+    loaded = registry.get("corpus")
+    metas = {m["id"]: m for m in loaded.corpus.metadata(range(loaded.ntotal))}
+    _, ids = loaded.corpus.search(loaded.embedder.embed_texts(["a green square"]), loaded.ntotal)
+    order = [int(i) for i in ids[0]]
+    first = metas[order[0]]
+    body = {"texts": ["a green square"], "k": 4, "max_punsafe": 0.5,
+            "opt_out": [first["url"].replace("http://example.com", "HTTP://Example.COM")]}
+    r = client.post("/v1/retrieve", json=body)
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    got = [n["sample_id"] for n in result["neighbours"]]
+    expected = [i for i in order if i != order[0] and metas[i]["punsafe"] <= 0.5][:4]
+    assert got == expected and [n["rank"] for n in result["neighbours"]] == [0, 1, 2, 3]
+    cut = order.index(expected[-1])
+    above = order[: cut + 1]
+    assert result["removed"] == {k: v for k, v in {
+        "opt_out": 1, "unsafe": sum(1 for i in above if i != order[0] and metas[i]["punsafe"] > 0.5)}.items() if v}
+    prov = result["neighbours"][0]["provenance"]
+    assert prov["status"] == "success" and prov["nsfw"] == "UNLIKELY"
+    assert prov["punsafe"] == round(metas[got[0]]["punsafe"], 6) and prov["punsafe"] in (0.0, 0.2, 0.4)
+    assert r.json()["screening"]["max_punsafe"] == 0.5
+
+
+def test_v1_retrieve_refuses_thresholds_the_corpus_cannot_check_and_unoffered_classifiers(bare_client, client):
+    r = bare_client.post("/v1/retrieve", json={"images": [image_b64("red")], "k": 2, "max_pwatermark": 0.5})
+    assert r.status_code == 422 and "pwatermark" in r.json()["detail"]
+    r = client.post("/v1/retrieve", json={"texts": ["x"], "k": 2, "safety_classifier": "os:system"})
+    assert r.status_code == 422 and "not offered" in r.json()["detail"]

@@ -6,7 +6,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ..core.tables import Dataset, Job
 
@@ -107,19 +107,37 @@ class DatasetManifest(BaseModel):
     images: list[ManifestImage] = Field(min_length=1)
 
 
+_ClassName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
 class JobCreate(BaseModel):
-    """An augmentation request. ``method``: ``retrieval`` (``params.mode``: image | text | mixed) or a
-    generation method (``prompt``, ``img2img``, ...); ``params`` are the method's settings
-    (``RetrievalConfig`` / ``GenerationConfig`` fields)."""
+    """An augmentation request. ``method``: ``retrieval`` (``params.mode``: image | text | caption | mixed, or a
+    "+"-joined set such as text+caption) or a generation method (``prompt``, ``img2img``, ...); ``params`` are
+    the method's settings (``RetrievalConfig`` / ``GenerationConfig`` fields). A retrieval job may name
+    ``classes`` instead of a ``dataset`` (no images needed; modes text and caption), and a ``holdout`` dataset
+    nothing returned may near-duplicate."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(min_length=1, max_length=40)
+    dataset: str | None = Field(None, min_length=1, max_length=40)
+    classes: list[_ClassName] | None = Field(None, min_length=1, max_length=10_000,
+                                             description="class names, instead of a dataset (retrieval)")
+    holdout: str | None = Field(None, min_length=1, max_length=40,
+                                description="an uploaded dataset of held-out images to protect (retrieval)")
     method: str = Field(min_length=1, max_length=50)
     per_class: int = Field(ge=1, le=MAX_OFFSET)
     index: str | None = Field(None, max_length=200, description="configured index name (retrieval)")
     model: str | None = Field(None, max_length=200, description="configured model name (generation)")
     params: SmallJson = Field(default_factory=dict, description=f"at most {MAX_PARAMS_BYTES} bytes as JSON")
+
+
+    @model_validator(mode="after")
+    def _dataset_or_classes(self) -> JobCreate:
+        if (self.dataset is None) == (self.classes is None):
+            raise ValueError("give exactly one of 'dataset' (an uploaded dataset id) and 'classes' (class names)")
+        if self.classes is not None and len(json.dumps(self.classes)) > MAX_PARAMS_BYTES:
+            raise ValueError(f"'classes' must be at most {MAX_PARAMS_BYTES} bytes as JSON (it is stored on the job)")
+        return self
 
 
 class JobProgress(BaseModel):
@@ -134,7 +152,7 @@ class JobProgress(BaseModel):
 
 class JobPublic(BaseModel):
     id: str
-    dataset: str
+    dataset: str | None  # None for a names-only job: its classes are in params.classes
     method: str
     kind: str
     per_class: int
@@ -155,7 +173,7 @@ class JobPublic(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> JobPublic:
-        return cls(id=job.id, dataset=job.dataset_id, method=job.method, kind=job.kind, per_class=job.per_class,
+        return cls(id=job.id, dataset=job.dataset_id or None, method=job.method, kind=job.kind, per_class=job.per_class,
                    index=job.index_name, model=job.model_name, params=dict(job.params or {}), state=job.state,
                    cancel_requested=bool(job.cancel_requested), attempts=job.attempts,
                    progress=JobProgress(**(job.progress or {})), error=job.error, num_images=job.num_images,

@@ -29,6 +29,9 @@ class IndexConfig(BaseModel):
 
     path: Path
     embedder: str | None = None
+    # what /knn-service's use_safety_model runs when the corpus has no punsafe scores (a safety_classifiers
+    # entry or a built-in, e.g. zero-shot:nsfw); None: the flag is reported unavailable for this index
+    safety_classifier: str | None = None
 
 
 class Settings(BaseSettings):
@@ -46,6 +49,9 @@ class Settings(BaseSettings):
     # What jobs may use
     indexes: dict[str, IndexConfig] = Field(default_factory=dict)
     models: dict[str, str] = Field(default_factory=dict)  # name -> hub id or local diffusers dir
+    # unsafe-image classifiers (package.module:factory) jobs and queries may name, besides the built-in zero-shot
+    # ones: importing code is the operator's decision, never a request's
+    safety_classifiers: list[str] = Field(default_factory=list)
     device: str = "cpu"  # embedders of the index registry; generation jobs use GenerationConfig.device
     max_concurrent_embeds: int = Field(2, ge=1)  # model calls at once per query embedder; more requests queue
     # Limits

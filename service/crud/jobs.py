@@ -33,10 +33,12 @@ def _event(s: Session, job_id: str, kind: str, message: str | None = None, **fie
     s.add(JobEvent(job_id=job_id, time=time.time(), kind=kind, message=message, **fields))
 
 
-def submit(db: Database, *, owner: str, dataset: Dataset, kind: str, method: str, per_class: int,
+def submit(db: Database, *, owner: str, dataset: Dataset | None, kind: str, method: str, per_class: int,
            index_name: str | None, model_name: str | None, params: dict[str, Any]) -> Job:
+    """Queue a job; ``dataset`` None is a names-only job (its classes in ``params``), stored with empty ids."""
     now = time.time()
-    job = Job(id=new_id("job"), owner=owner, dataset_id=dataset.id, dataset_key=dataset.content_key, kind=kind,
+    job = Job(id=new_id("job"), owner=owner, dataset_id=dataset.id if dataset else "",
+              dataset_key=dataset.content_key if dataset else "", kind=kind,
               method=method, per_class=per_class, index_name=index_name, model_name=model_name, params=params,
               state="queued",
               cancel_requested=False, attempts=0, progress={}, created=now)
@@ -44,7 +46,7 @@ def submit(db: Database, *, owner: str, dataset: Dataset, kind: str, method: str
         s.add(job)
         s.flush()
         _event(s, job.id, "state", "queued")
-    log.info("job %s queued: %s x%d on %s", job.id, method, per_class, dataset.id)
+    log.info("job %s queued: %s x%d on %s", job.id, method, per_class, dataset.id if dataset else "class names")
     return job
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrogen.errors import InvalidInputError, NotFoundError
+from retrogen.imageio import decode_image
 
 from ..core.config import IndexConfig, Settings
 
@@ -26,11 +28,14 @@ if TYPE_CHECKING:
     from retrogen.retrieval.embedders import Embedder
     from retrogen.retrieval.index import CorpusIndex
     from retrogen.retrieval.index_directory import Manifest
+    from retrogen.retrieval.safety import ItemClassifier, ItemScreen
 
 log = logging.getLogger(__name__)
 
 #: Embedder families that embed texts as well as images: the fallback for a manifest that lists no modalities.
 TEXT_FAMILIES = ("open_clip", "hf")
+#: how deep a screened search may go: k x this many neighbours per query, at most
+MAX_SCREEN_DEPTH = 64
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -88,6 +93,16 @@ class Hit:
     meta: dict[str, Any]
 
 
+def _cut(row: list[Hit], excluded: dict[int, str], k: int) -> int:
+    """How far down ``row`` a reader went to keep ``k`` items: the removed items counted are those above it."""
+    kept = 0
+    for n, h in enumerate(row):
+        kept += h.id not in excluded
+        if kept == k:
+            return n + 1
+    return len(row)
+
+
 @dataclass
 class LoadedIndex:
     """A loaded index with the embedder that maps queries into its space."""
@@ -99,6 +114,7 @@ class LoadedIndex:
     # Bounds concurrent model calls on the embedder (shared by the indexes that share it): 32 request threads
     # each running a multi-threaded torch op oversubscribe the cores, and tail latency explodes.
     gate: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2), repr=False)
+    classifiers: dict[str, ItemClassifier] = field(default_factory=dict, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -140,6 +156,35 @@ class LoadedIndex:
              if i >= 0]
             for srow, irow in zip(scores, ids, strict=True)
         ]
+
+    def classifier(self, spec: str) -> ItemClassifier:
+        """The safety classifier ``spec`` on this index's embedder, built once (zero-shot ones embed prompts)."""
+        from retrogen.retrieval.safety import load_classifier
+
+        with self.gate:
+            if spec not in self.classifiers:
+                self.classifiers[spec] = load_classifier(spec, self.embedder)
+            return self.classifiers[spec]
+
+    def screened_neighbours(self, vectors: np.ndarray, k: int, screen: ItemScreen, *, nprobe: int | None = None,
+                            ef_search: int | None = None) -> tuple[list[list[Hit]], list[Counter]]:
+        """:meth:`neighbours` without the items ``screen`` excludes, searching deeper (x4 at a time, up to
+        ``MAX_SCREEN_DEPTH`` x k) so each query still gets ``k`` when the corpus has them; with the count of
+        removed items per query and reason."""
+        depth = k
+        while True:
+            rows = self.neighbours(vectors, depth, nprobe=nprobe, ef_search=ef_search)
+            ids = sorted({h.id for row in rows for h in row})
+            excluded = screen.excluded(
+                ids, metadata=lambda i, cols: self.corpus.metadata(i, columns=cols),
+                embeddings=lambda i: self.corpus.embeddings(i).astype(np.float32),
+                images=lambda i: [decode_image(self.corpus.read_bytes(x)) for x in i])
+            kept = [[h for h in row if h.id not in excluded] for row in rows]
+            if all(len(r) >= k for r in kept) or depth >= min(self.ntotal, MAX_SCREEN_DEPTH * k):
+                break
+            depth = min(self.ntotal, MAX_SCREEN_DEPTH * k, depth * 4)
+        removed = [Counter(excluded[h.id] for h in row[: _cut(row, excluded, k)] if h.id in excluded) for row in rows]
+        return [[replace(h, rank=r) for r, h in enumerate(row[:k])] for row in kept], removed
 
     @property
     def dim(self) -> int:
@@ -217,14 +262,18 @@ class IndexRegistry:
         loaded = self._loaded.get(name)
         if loaded is not None:
             return EmbedderInfo(name, loaded.embedder.name, bool(loaded.embedder.supports_text))
-        entry = self._manifest(name).embedder
+        entry = self.manifest(name).embedder
         embedder = self.configs[name].embedder or str(entry.get("name") or "unknown")
         modalities = entry.get("modalities")
         supports_text = ("text" in modalities if isinstance(modalities, list)
                          else embedder.partition(":")[0] in TEXT_FAMILIES)
         return EmbedderInfo(name, embedder, supports_text)
 
-    def _manifest(self, name: str) -> Manifest:
+    def manifest(self, name: str | None = None) -> Manifest:
+        """Index ``name``'s manifest (read from disk unless loaded; no model, no FAISS index is loaded)."""
+        name = self.resolve(name)
+        if name in self._loaded:
+            return self._loaded[name].corpus.manifest
         from retrogen.retrieval.errors import IndexFormatError, IndexNotFoundError
         from retrogen.retrieval.index_directory import IndexDirectory
 

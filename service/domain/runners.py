@@ -18,13 +18,15 @@ from retrogen.progress import CancelFn, ProgressFn
 
 from ..core.config import Settings
 from .indexes import IndexRegistry, LoadedIndex
+from .queries import check_classifier_allowed
 from .storage import Store
 
 if TYPE_CHECKING:
     from retrogen.retrieval import RetrievalConfig
 
 KINDS = ("retrieval", "generation")
-RETRIEVAL_MODES = ("image", "text", "mixed")
+#: job params that are not RetrievalConfig fields: how the job asks, not how it selects
+RETRIEVAL_REQUEST_PARAMS = ("mode", "classes", "holdout")
 
 # Parameters that name server-side files or models, pick hardware, or lift safety limits: the operator's
 # choice (settings), never a job's. A job naming one gets a 422 saying so.
@@ -39,7 +41,7 @@ class RunContext:
     """Everything a runner needs; ``params`` are the job's method parameters (validated at submission)."""
 
     job_id: str
-    dataset_dir: Path
+    dataset_dir: Path | None  # None for a names-only job (params["classes"])
     out_dir: Path
     per_class: int
     params: dict[str, Any]
@@ -51,6 +53,7 @@ class RunContext:
     progress: ProgressFn
     should_cancel: CancelFn
     artifacts_dir: Path | None = None
+    holdout_dir: Path | None = None  # a retrieval job's held-out set (params["holdout"], a dataset id)
 
 
 Runner = Callable[[RunContext], Any]
@@ -110,15 +113,20 @@ def _refuse_server_only(kind: str, params: dict[str, Any]) -> None:
 
 
 def retrieval_settings(params: dict[str, Any]) -> tuple[str, RetrievalConfig]:
-    """(mode, RetrievalConfig) from a job's params; InvalidInputError names what is wrong."""
+    """(mode, RetrievalConfig) from a job's params; InvalidInputError names what is wrong.
+
+    The mode defaults to ``image`` for a dataset and ``text`` for class names (``params.classes``)."""
     from retrogen.retrieval import RetrievalConfig
+    from retrogen.retrieval.modes import mode_name, parse_mode
 
     _refuse_server_only("retrieval", params)
-    params = dict(params)
-    mode = params.pop("mode", "image")
-    if mode not in RETRIEVAL_MODES:
-        raise InvalidInputError(f"params.mode must be one of {', '.join(RETRIEVAL_MODES)}, got {mode!r}")
-    return mode, RetrievalConfig.from_dict(params)
+    mode = params.get("mode") or ("text" if params.get("classes") else "image")
+    try:
+        sources = parse_mode(mode)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"params.{e}") from None
+    config = RetrievalConfig.from_dict({k: v for k, v in params.items() if k not in RETRIEVAL_REQUEST_PARAMS})
+    return mode_name(sources), config
 
 
 def validate_retrieval(params: dict[str, Any]) -> None:
@@ -126,15 +134,31 @@ def validate_retrieval(params: dict[str, Any]) -> None:
 
 
 def check_retrieval(sub: SubmitCheck) -> None:
-    """Text queries (``mode`` text / mixed) and the label check need an image-text embedder: refuse them on an
-    index whose embedder is image-only, from its manifest (no model is loaded)."""
+    """Refuse, from the index's manifest (no model is loaded), what it cannot serve: text queries or the label
+    check on an image-only embedder, caption mode without a caption index, thresholds on scores it lacks, a
+    safety classifier the operator has not allowed, image queries in a names-only job."""
+    from retrogen.retrieval.modes import parse_mode
+    from retrogen.retrieval.safety import check_columns
+
     mode, config = retrieval_settings(sub.params)
-    needs_text = [what for what, on in ((f"params.mode={mode!r}", mode in ("text", "mixed")),
-                                        ("params.label_check", config.label_check)) if on]
+    sources = parse_mode(mode)
+    if sub.params.get("classes") and "image" in sources:
+        raise InvalidInputError(f"params.mode={mode!r} searches with a dataset's images; a job with class names "
+                                "only may use text, caption or text+caption")
+    needs_text = [what for what, on in ((f"params.mode={mode!r}", "text" in sources),
+                                        ("params.label_check", config.label_check),
+                                        ("params.caption_rerank='text'", config.caption_rerank == "text")) if on]
     embedder = sub.index_registry.embedder_of(sub.index_name)  # the index is there (404 otherwise)
     if needs_text and not embedder.supports_text:
         raise InvalidInputError(f"{' and '.join(needs_text)} need(s) an image-text embedder; index "
                                 f"{embedder.index!r} uses the image-only embedder {embedder.name!r}")
+    manifest = sub.index_registry.manifest(sub.index_name)
+    if "caption" in sources and not manifest.captions:
+        raise InvalidInputError(f"params.mode={mode!r} matches captions; index {sub.index_name!r} has no caption "
+                                "index (its corpus has no captions, or it predates them: `retrogen index captions`)")
+    check_columns(config, manifest)
+    check_classifier_allowed(config.safety_classifier, sub.settings.safety_classifiers,
+                             what="params.safety_classifier")
 
 
 def validate_generation(params: dict[str, Any]) -> None:
@@ -147,13 +171,17 @@ def validate_generation(params: dict[str, Any]) -> None:
 
 def run_retrieval(ctx: RunContext) -> Any:
     """``retrieval`` through ``augment_by_retrieval`` on a configured index (loaded once per process)."""
-    from retrogen.retrieval import augment_by_retrieval
+    from retrogen.retrieval import augment_by_retrieval, augment_from_names
 
     mode, config = retrieval_settings(ctx.params)
     loaded = ctx.index_registry.get(ctx.index_name)
-    result = augment_by_retrieval(ctx.dataset_dir, ctx.out_dir, corpus=loaded.corpus, per_class=ctx.per_class,
-                                  mode=mode, config=config, embedder=loaded.embedder, progress=ctx.progress,
-                                  should_cancel=ctx.should_cancel)
+    kwargs = {"corpus": loaded.corpus, "per_class": ctx.per_class, "mode": mode, "config": config,
+              "embedder": loaded.embedder, "holdout_dir": ctx.holdout_dir, "progress": ctx.progress,
+              "should_cancel": ctx.should_cancel}
+    if ctx.dataset_dir is None:
+        result = augment_from_names(list(ctx.params["classes"]), ctx.out_dir, **kwargs)
+    else:
+        result = augment_by_retrieval(ctx.dataset_dir, ctx.out_dir, **kwargs)
     publish_source_uris(ctx.out_dir, loaded)
     return result
 

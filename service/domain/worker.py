@@ -210,7 +210,9 @@ class Worker:
 
     def _context(self, job: Job, out_dir: Path, tracker: ProgressTracker,
                  should_cancel: Callable[[], bool]) -> RunContext:
-        return RunContext(job_id=job.id, dataset_dir=self.store.local_dir(job.dataset_key), out_dir=out_dir,
+        holdout = (job.params or {}).get("holdout")
+        return RunContext(job_id=job.id, dataset_dir=self.store.local_dir(job.dataset_key) if job.dataset_key else None,
+                          holdout_dir=self.store.local_dir(holdout["key"]) if holdout else None, out_dir=out_dir,
                           per_class=job.per_class, params=dict(job.params or {}), index_name=job.index_name,
                           model_name=job.model_name, settings=self.settings, index_registry=self.index_registry,
                           store=self.store, progress=tracker, should_cancel=should_cancel,

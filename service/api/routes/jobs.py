@@ -62,13 +62,33 @@ def _check_job(body: JobCreate, spec: MethodSpec, settings: Settings,
     return index_name, model_name
 
 
+def _with_request_params(body: JobCreate, spec: MethodSpec, db, owner: str) -> dict:
+    """``params`` plus the request's ``classes`` and ``holdout`` (a retrieval job's; stored with its params, so
+    the worker and every listing see them). Params may not set them themselves: a holdout names a stored tree."""
+    params = dict(body.params)
+    reserved = sorted(set(params) & {"classes", "holdout"})
+    if reserved:
+        raise InvalidInputError(f"params {reserved} are set by the request's top-level fields, not in params")
+    if (body.classes or body.holdout) and spec.kind != "retrieval":
+        raise InvalidInputError(f"method {spec.name!r} needs a dataset; 'classes' and 'holdout' are for retrieval")
+    if body.classes:
+        from retrogen.retrieval.modes import check_class_names
+
+        params["classes"] = check_class_names(body.classes)
+    if body.holdout:
+        held = dataset_rows.get_dataset(db, owner, body.holdout)
+        params["holdout"] = {"dataset": held.id, "key": held.content_key}
+    return params
+
+
 @router.post("", status_code=202, response_model=JobPublic, summary="Submit an augmentation job",
              responses=documented(404))
 def create_job(*, body: JobCreate, response: Response, owner: CurrentKey, settings: SettingsDep, db: DbDep,
                methods: MethodsDep, registry: IndexRegistryDep) -> JobPublic:
     # 1. Check everything a worker would trip over later, so a queued job is a runnable job.
-    dataset = dataset_rows.get_dataset(db, owner, body.dataset)
     spec = methods.get(body.method)
+    body = body.model_copy(update={"params": _with_request_params(body, spec, db, owner)})
+    dataset = dataset_rows.get_dataset(db, owner, body.dataset) if body.dataset else None
     index_name, model_name = _check_job(body, spec, settings, registry)
     # 2. Queue it.
     job = crud.submit(db, owner=owner, dataset=dataset, kind=spec.kind, method=spec.name, per_class=body.per_class,

@@ -6,8 +6,12 @@ as JSON whatever the header says (Flask's ``get_json(force=True)``). Differences
 
 - ``image_url`` is refused (403): fetching arbitrary URLs from the server is an SSRF hole. Send ``image``.
 - ``modality: "text"`` (search caption embeddings) is refused: retrogen indexes hold image embeddings only.
-- The safety/violence/aesthetic models are not loaded; like clip-retrieval without them, the flags are
-  accepted and have no effect, and the response header ``X-Retrogen-Ignored`` names them.
+- ``use_safety_model`` drops items whose corpus ``punsafe`` score is above 0.5 when the corpus has the scores,
+  else runs the index's configured ``safety_classifier``; ``use_violence_detector`` runs a zero-shot CLIP
+  violence detector (as clip-retrieval's does) on image-text indexes. A flag this index cannot serve is
+  named in the response header ``X-Retrogen-Unavailable`` and the results are not filtered by it. The
+  aesthetic re-weighting is not offered (``X-Retrogen-Ignored: aesthetic_score``). Items the corpus marks
+  opted out are never returned.
 - With API keys on, the key may also come as ``?api_key=`` in the URL, since ClipClient sends no headers.
 - ``url`` falls back to this server's image URL when the corpus row has none; ``image_url`` is always there.
 """
@@ -24,7 +28,7 @@ from retrogen.errors import InvalidInputError, NotFoundError
 
 from ...core.errors import ForbiddenError
 from ...domain.indexes import IndexRegistry, LoadedIndex
-from ...domain.queries import QueryLimits, decode_base64_image
+from ...domain.queries import QueryLimits, clip_client_screen, decode_base64_image
 from ..deps import IndexRegistryDep, QueryLimitsDep, current_key_or_query
 from ..errors import documented
 from .retrieve import item_image_url
@@ -99,15 +103,13 @@ async def knn_service(request: Request, response: Response, registry: IndexRegis
     from starlette.concurrency import run_in_threadpool
 
     q: KnnQuery = await _json_body(request, KnnQuery)
-    ignored = [name for name in ("use_safety_model", "use_violence_detector") if getattr(q, name)]
     if q.aesthetic_score not in (None, "") and q.aesthetic_weight not in (None, "", 0, 0.0):
-        ignored.append("aesthetic_score")
-    if ignored:
-        response.headers["X-Retrogen-Ignored"] = ",".join(ignored)
-    return await run_in_threadpool(_knn, q, request, registry, limits)
+        response.headers["X-Retrogen-Ignored"] = "aesthetic_score"
+    return await run_in_threadpool(_knn, q, request, response, registry, limits)
 
 
-def _knn(q: KnnQuery, request: Request, registry: IndexRegistry, limits: QueryLimits) -> list[dict[str, Any]]:
+def _knn(q: KnnQuery, request: Request, response: Response, registry: IndexRegistry,
+         limits: QueryLimits) -> list[dict[str, Any]]:
     import numpy as np
 
     # 1. Check inputs (clip-retrieval's precedence: text, then image / image_url, then embedding_input).
@@ -139,8 +141,16 @@ def _knn(q: KnnQuery, request: Request, registry: IndexRegistry, limits: QueryLi
         vec = vec / norm
     else:
         raise InvalidInputError("must fill one of text, image, image_url and embedding_input")
-    # 3. Search, then drop near-duplicates as clip-retrieval does.
-    hits = loaded.neighbours(vec, num_result_ids)[0]
+    # 3. Search (screened as the flags ask, where this index can), then drop near-duplicates as clip-retrieval does.
+    screen, unavailable = clip_client_screen(
+        loaded, use_safety_model=q.use_safety_model, use_violence_detector=q.use_violence_detector,
+        safety_classifier=registry.configs[loaded.name].safety_classifier)
+    if unavailable:
+        response.headers["X-Retrogen-Unavailable"] = ",".join(unavailable)
+    if screen is None:
+        hits = loaded.neighbours(vec, num_result_ids)[0]
+    else:
+        hits = loaded.screened_neighbours(vec, num_result_ids, screen)[0][0]
     if q.deduplicate and len(hits) > 1:
         keep = dedup_keep(loaded.corpus.embeddings([h.id for h in hits]))
         hits = [h for h, k in zip(hits, keep, strict=True) if k]

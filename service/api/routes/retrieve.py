@@ -18,7 +18,7 @@ from retrogen.fileio import media_type, sha256_bytes
 from retrogen.retrieval.provenance import retrieved_item_fields
 
 from ...domain.indexes import Hit, LoadedIndex
-from ...domain.queries import decode_base64_image
+from ...domain.queries import SCREEN_FIELDS, decode_base64_image, query_screen
 from ..deps import IndexRegistryDep, QueryLimitsDep, current_key, current_key_or_query
 from ..errors import documented
 
@@ -39,6 +39,18 @@ class RetrieveRequest(BaseModel):
     k: int = Field(10, ge=1, description="neighbours per query")
     nprobe: int | None = Field(None, ge=1, le=1_000_000, description="IVF cells to visit (IVF indexes)")
     ef_search: int | None = Field(None, ge=1, le=1_000_000, description="HNSW search depth (HNSW indexes)")
+    # Screening (RetrievalConfig's fields of the same names): excluded items are skipped and the search goes
+    # deeper, so each query still gets k where the corpus has them; QueryResult.removed counts them.
+    opt_out: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(
+        default_factory=list, max_length=10_000, description="source URLs, sha256 hashes or domains never returned")
+    respect_corpus_opt_out: bool = Field(True, description="skip items the corpus marks opted out")
+    max_punsafe: float | None = Field(None, ge=0.0, le=1.0, description="skip items whose punsafe is above this")
+    max_pwatermark: float | None = Field(None, ge=0.0, le=1.0, description="skip items whose pwatermark is above")
+    nsfw_exclude: list[Annotated[str, Field(min_length=1, max_length=32)]] = Field(
+        default_factory=list, max_length=8, description="skip items with these NSFW tags (LAION: NSFW, UNSURE)")
+    safety_classifier: str | None = Field(None, max_length=200, description="zero-shot:violence | zero-shot:nsfw "
+                                          "| an operator-allowed classifier; skip items it scores >= threshold")
+    safety_threshold: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class Neighbour(BaseModel):
@@ -55,6 +67,7 @@ class Neighbour(BaseModel):
 class QueryResult(BaseModel):
     query: dict[str, Any]
     neighbours: list[Neighbour]
+    removed: dict[str, int] = Field(default_factory=dict, description="items above the k-th skipped, by reason")
 
 
 class RetrieveResponse(BaseModel):
@@ -64,6 +77,7 @@ class RetrieveResponse(BaseModel):
     k: int
     duration_ms: float
     results: list[QueryResult]
+    screening: dict[str, Any] | None = None
 
 
 class IndexInfo(BaseModel):
@@ -103,6 +117,7 @@ def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep
     if body.texts and not loaded.embedder.supports_text:
         raise InvalidInputError(f"index {loaded.name!r} uses the image-only embedder {loaded.embedder.name!r}; "
                                 "it cannot answer text queries")
+    screen = query_screen(loaded, limits, body.model_dump(include=set(SCREEN_FIELDS)))
     images, queries = [], []
     for i, b64 in enumerate(body.images):
         image, raw = decode_base64_image(b64, what=f"images[{i}]", limits=limits)
@@ -118,15 +133,22 @@ def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep
         parts.append(loaded.embed_images(images))
     if body.texts:
         parts.append(loaded.embed_texts(body.texts))
-    hits = loaded.neighbours(np.concatenate(parts), body.k, nprobe=body.nprobe, ef_search=body.ef_search)
+    vectors = np.concatenate(parts)
+    if screen is None:
+        hits = loaded.neighbours(vectors, body.k, nprobe=body.nprobe, ef_search=body.ef_search)
+        removed = [{} for _ in hits]
+    else:
+        hits, removed = loaded.screened_neighbours(vectors, body.k, screen, nprobe=body.nprobe,
+                                                   ef_search=body.ef_search)
 
     # 3. Attach provenance and image URLs.
     results = [
-        QueryResult(query=q, neighbours=[_neighbour(request, loaded, h, q) for h in row])
-        for q, row in zip(queries, hits, strict=True)
+        QueryResult(query=q, neighbours=[_neighbour(request, loaded, h, q) for h in row], removed=dict(gone))
+        for q, row, gone in zip(queries, hits, removed, strict=True)
     ]
     return RetrieveResponse(index=loaded.name, index_id=loaded.index_id, embedder=loaded.embedder.name,
-                            k=body.k, duration_ms=round((time.perf_counter() - t0) * 1000, 3), results=results)
+                            k=body.k, duration_ms=round((time.perf_counter() - t0) * 1000, 3), results=results,
+                            screening=screen.report() if screen is not None else None)
 
 
 def item_image_url(request: Request, index_name: str, item_id: int) -> str:
