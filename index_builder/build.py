@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from retrogen import __version__
@@ -29,7 +29,7 @@ from retrogen.retrieval.index_directory import IndexDirectory, Manifest, ShardIn
 from .config import IndexBuildConfig
 from .embed import ShardEmbedder
 from .errors import BuildMismatchError, IndexBuildError, SourceError
-from .faiss_build import build_faiss, measure_recall, plan_index, sample_ids
+from .faiss_build import RecallProbe, build_faiss, has_hnsw, plan_index, sample_ids, tune_search
 from .sources import Record, records_digest, resolve_sources, scan_sources
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,6 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
     """Train + fill the FAISS index from the shards, measure recall, and write the manifest (last)."""
     import faiss
 
-    from retrogen.retrieval.index import CorpusIndex
 
     started = started if started is not None else time.perf_counter()
     count = sum(s.rows for s in shards)
@@ -169,11 +168,14 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
                               f"({', '.join(f'{r} {n}' for r, n in reasons.most_common())})")
     dim = int(embedder_entry["dim"])
     plan = plan_index(count, dim, index_type=config.index_type, memory_budget=config.memory_budget)
+    if config.rerank_k_factor is not None:
+        plan = replace(plan, rerank_k_factor=config.rerank_k_factor)
     train_ids = sample_ids(count, plan.train_size, config.seed) if plan.train_size else None
     train = directory.gather_vectors(shards, train_ids) if train_ids is not None else None
     log.info("building FAISS %s over %d vectors", plan.factory, count)
     chunks = lambda: directory.iter_vectors(shards)  # noqa: E731
-    faiss_index = build_faiss(plan, dim, count, chunks, train_vectors=train, progress=progress)
+    faiss_index = build_faiss(plan, dim, count, chunks, train_vectors=train, progress=progress,
+                              ef_construction=config.ef_construction)
     directory.write_faiss_index(faiss_index)
 
     digest = hashlib.sha256(f"{params.get('corpus_digest')}|{embedder_entry.get('name')}|{plan.factory}|{count}"
@@ -188,17 +190,35 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
     )
     describe_metadata(directory, manifest, progress)
     if plan.kind != "flat":
-        emit(progress, ProgressEvent("recall", 0, 1))
-        corpus = CorpusIndex(directory, manifest, faiss_index)
-        manifest.recall = measure_recall(corpus, chunks, num_queries=config.num_recall_queries, seed=config.seed,
-                                         exclude=train_ids)
-        emit(progress, ProgressEvent("recall", 1, 1, extra={"recall_at_10": manifest.recall["recall_at_10"]}))
-        log.info("recall@10 against exact search: %.3f", manifest.recall["recall_at_10"])
+        tune_operating_point(directory, manifest, faiss_index, chunks, config=config, exclude=train_ids,
+                             progress=progress)
     duration = time.perf_counter() - started
     manifest.build.update({"created": now_iso(), "duration_s": round(duration, 3), **(extra_build or {})})
     directory.write_manifest(manifest)
     directory.remove_build_state()
     return manifest
+
+
+def tune_operating_point(directory: IndexDirectory, manifest: Manifest, faiss_index: Any, chunks, *,
+                         config: IndexBuildConfig, exclude, progress: ProgressFn | None = None) -> None:
+    """Measure recall on held-out queries at rising search cost and record, as the manifest's search defaults,
+    the cheapest point that reaches ``config.target_recall`` (``manifest.recall`` keeps every point tried)."""
+    from retrogen.retrieval.index import CorpusIndex
+
+    emit(progress, ProgressEvent("recall", 0, 1))
+    corpus = CorpusIndex(directory, manifest, faiss_index)
+    probe = RecallProbe.make(corpus, chunks, num_queries=config.num_recall_queries, seed=config.seed,
+                             exclude=exclude)
+    manifest.recall = tune_search(corpus, probe, target=config.target_recall, rerank=config.rerank_k_factor)
+    point = manifest.recall["operating_point"]
+    defaults = {"nprobe": point["nprobe"]} if "nprobe" in point else \
+        {"efSearch": point["ef_search"]} if "ef_search" in point else {}
+    manifest.faiss = {**manifest.faiss, "search_defaults": defaults, "rerank_k_factor": point["rerank_k_factor"]}
+    if has_hnsw(faiss_index):
+        manifest.faiss["ef_construction"] = config.ef_construction
+    emit(progress, ProgressEvent("recall", 1, 1, extra={"recall_at_10": manifest.recall["recall_at_10"]}))
+    log.info("recall@10 against exact search: %.3f at %s (target %.2f)", manifest.recall["recall_at_10"], point,
+             config.target_recall)
 
 
 def describe_metadata(directory: IndexDirectory, manifest: Manifest, progress: ProgressFn | None = None) -> None:

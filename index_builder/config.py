@@ -54,6 +54,14 @@ class IndexBuildConfig(LibraryConfig):
         DEFAULT_MAX_PIXELS, ge=1, description="Larger images are skipped as decompression bombs.")
     num_recall_queries: int = Field(
         1000, ge=1, description="Stored vectors used as queries to measure an approximate index's recall@10.")
+    target_recall: float = Field(
+        0.95, gt=0.0, le=1.0, description="recall@10 the build tunes the search defaults to reach (the cheapest "
+        "efSearch, or nprobe x re-rank depth, that reaches it on held-out queries).")
+    ef_construction: int = Field(
+        128, ge=8, le=4096, description="HNSW graph build depth (faiss's default 40 levels off near recall 0.92).")
+    rerank_k_factor: int | None = Field(
+        None, ge=1, le=1000, description="Exact re-rank depth (x k) of lossy indexes; default: tuned to "
+        "target_recall.")
     seed: int = Field(0, description="Seed of the training sample and the recall queries.")
 
     @field_validator("memory_budget")

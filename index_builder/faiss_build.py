@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -151,11 +152,18 @@ def sample_ids(count: int, size: int, seed: int, exclude: np.ndarray | None = No
 
 
 def build_faiss(plan: IndexPlan, dim: int, count: int, chunks: Callable[[], Iterable[np.ndarray]], *,
-                train_vectors: np.ndarray | None = None, progress: ProgressFn | None = None):
-    """Create the index from ``plan``, train it on ``train_vectors`` if needed, add all ``chunks`` in row order."""
+                train_vectors: np.ndarray | None = None, progress: ProgressFn | None = None,
+                ef_construction: int | None = None):
+    """Create the index from ``plan``, train it on ``train_vectors`` if needed, add all ``chunks`` in row order.
+
+    ``ef_construction``: the HNSW graph's build depth, for indexes with an HNSW graph (faiss's default is 40).
+    """
     import faiss
 
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    hnsw = _hnsw_of(index)
+    if hnsw is not None and ef_construction is not None:
+        hnsw.hnsw.efConstruction = int(ef_construction)
     if not index.is_trained:
         if train_vectors is None or len(train_vectors) == 0:
             raise IndexBuildError(f"index {plan.factory!r} needs training vectors")
@@ -172,6 +180,58 @@ def build_faiss(plan: IndexPlan, dim: int, count: int, chunks: Callable[[], Iter
     return index
 
 
+def has_hnsw(index) -> bool:
+    return _hnsw_of(index) is not None
+
+
+def _hnsw_of(index):
+    """The ``IndexHNSW`` inside ``index`` (itself, or under a pre-transform / refine), or None."""
+    import faiss
+
+    inner = index.index if isinstance(index, faiss.IndexPreTransform) else index
+    inner = faiss.downcast_index(inner)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+@dataclass
+class RecallProbe:
+    """Held-out stored vectors as queries, with their exact top-k (the query's own row dropped)."""
+
+    qids: np.ndarray
+    queries: np.ndarray
+    truth: list[list[int]]
+    k: int
+    seed: int
+
+    @classmethod
+    def make(cls, corpus, chunks: Callable[[], Iterable[np.ndarray]], *, num_queries: int = 1000, k: int = 10,
+             seed: int = 0, exclude: np.ndarray | None = None) -> RecallProbe:
+        import faiss
+        from faiss.contrib.exhaustive_search import knn_ground_truth
+
+        qids = sample_ids(corpus.ntotal, num_queries, seed + 1, exclude)
+        queries = corpus.embeddings(qids).astype(np.float32)
+        _, exact = knn_ground_truth(queries, chunks(), min(corpus.ntotal, k + 1),
+                                    metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
+        truth = [[int(i) for i in row if i != q][:k] for q, row in zip(qids, exact, strict=True)]
+        return cls(qids, queries, truth, k, seed)
+
+    def recall(self, corpus, **overrides) -> tuple[float, float]:
+        """(recall@k of ``corpus.search`` with these per-call overrides, milliseconds per query in a batch)."""
+        t0 = time.perf_counter()
+        _, approx = corpus.search(self.queries, min(corpus.ntotal, self.k + 1), **overrides)
+        ms = 1000 * (time.perf_counter() - t0) / max(1, len(self.qids))
+        hits = [len(set([i for i in a_row if i != q and i >= 0][: self.k]) & set(t)) / len(t)
+                for q, a_row, t in zip(self.qids, approx.tolist(), self.truth, strict=True) if t]
+        return (float(np.mean(hits)) if hits else 1.0), ms
+
+    def entry(self, recall: float) -> dict:
+        return {"recall_at_10" if self.k == 10 else f"recall_at_{self.k}": round(recall, 4),
+                "num_queries": len(self.qids), "seed": self.seed,
+                "method": "stored vectors held out of training as queries; exact inner-product ground truth; "
+                          "search with the manifest's defaults and re-rank; query's own row excluded"}
+
+
 def measure_recall(corpus, chunks: Callable[[], Iterable[np.ndarray]], *, num_queries: int = 1000, k: int = 10,
                    seed: int = 0, exclude: np.ndarray | None = None) -> dict:
     """recall@k of ``corpus.search`` (defaults + re-rank, as users get it) against exact inner product.
@@ -179,22 +239,49 @@ def measure_recall(corpus, chunks: Callable[[], Iterable[np.ndarray]], *, num_qu
     Queries are stored vectors not used to train the index; each query's own row is dropped from both
     result lists, so recall is not inflated by trivially finding the query itself.
     """
-    import faiss
-    from faiss.contrib.exhaustive_search import knn_ground_truth
+    probe = RecallProbe.make(corpus, chunks, num_queries=num_queries, k=k, seed=seed, exclude=exclude)
+    return probe.entry(probe.recall(corpus)[0])
 
-    qids = sample_ids(corpus.ntotal, num_queries, seed + 1, exclude)
-    queries = corpus.embeddings(qids).astype(np.float32)
-    kk = min(corpus.ntotal, k + 1)
-    _, exact = knn_ground_truth(queries, chunks(), kk, metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
-    _, approx = corpus.search(queries, kk)
-    hits = []
-    for qid, e_row, a_row in zip(qids, exact, approx, strict=True):
-        truth = [i for i in e_row if i != qid][:k]
-        got = set([i for i in a_row if i != qid and i >= 0][:k])
-        if truth:
-            hits.append(len(got & set(truth)) / len(truth))
-    recall = float(np.mean(hits)) if hits else 1.0
-    return {"recall_at_10" if k == 10 else f"recall_at_{k}": round(recall, 4), "num_queries": len(qids),
-            "method": "stored vectors held out of training as queries; exact inner-product ground truth; "
-                      "search with the manifest's defaults and re-rank; query's own row excluded",
-            "seed": seed}
+
+EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+RERANK_GRID = (1, 2, 5, 10, 20, 50, 100)
+
+
+def operating_points(corpus, *, rerank: int | None) -> list[list[dict]]:
+    """Search settings to try, as ladders of rising cost (each ladder stops at its first point that reaches the
+    target): efSearch for HNSW; nprobe (powers of 2 up to nlist) for each re-rank depth for IVF."""
+    import faiss
+
+    index = corpus.faiss_index
+    inner = index.index if isinstance(index, faiss.IndexPreTransform) else index
+    ivf = faiss.try_extract_index_ivf(inner)
+    lossy = corpus.rerank_k_factor > 1 or corpus.manifest.faiss.get("kind") == "ivfpq"
+    depths = (rerank,) if rerank is not None else (RERANK_GRID if lossy else (1,))
+    if ivf is not None:
+        probes = [2 ** i for i in range(int(math.log2(max(1, ivf.nlist))) + 1)]
+        return [[{"nprobe": p, "rerank_k_factor": d} for p in probes] for d in depths]
+    if _hnsw_of(index) is not None:
+        return [[{"ef_search": e, "rerank_k_factor": d} for e in EF_SEARCH_GRID] for d in depths]
+    return [[{"rerank_k_factor": d}] for d in depths]
+
+
+def tune_search(corpus, probe: RecallProbe, *, target: float, rerank: int | None = None) -> dict:
+    """The cheapest measured operating point whose recall@k reaches ``target`` (else the most accurate one).
+
+    Returns the manifest's ``recall`` entry: the chosen point, whether it met the target, and every point tried
+    (recall and batched ms/query), so the numbers a reader sees are the ones measured.
+    """
+    tried = []
+    for ladder in operating_points(corpus, rerank=rerank):
+        for point in ladder:
+            recall, ms = probe.recall(corpus, **point)
+            tried.append({**point, "recall": round(recall, 4), "ms_per_query": round(ms, 4)})
+            if recall >= target:
+                break
+    met = [t for t in tried if t["recall"] >= target]
+    best = min(met, key=lambda t: (t["ms_per_query"], -t["recall"])) if met else max(tried, key=lambda t: t["recall"])
+    if not met:
+        log.warning("no operating point reached recall %.3f; using the most accurate (%.3f)", target, best["recall"])
+    point = {key: best[key] for key in ("nprobe", "ef_search", "rerank_k_factor") if key in best}
+    return probe.entry(best["recall"]) | {"target": target, "met": bool(met), "operating_point": point,
+                                          "tried": tried}

@@ -23,7 +23,7 @@ from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel,
 from .candidates import Queries, caption_list, caption_matches, vector_lists
 from .config import RetrievalConfig
 from .diverse import diverse_order
-from .embedders import Embedder, create_embedder, l2_normalize
+from .embedders import Embedder, create_embedder, embedder_for_index, l2_normalize
 from .index import CorpusIndex
 from .modes import METHODS, check_class_names, mode_name, parse_mode
 from .prompts import class_prompts, class_text_embeddings
@@ -173,7 +173,7 @@ def _open_run(corpus: CorpusIndex | str | os.PathLike, *, sources: frozenset[str
     config = config or RetrievalConfig()
     corpus = CorpusIndex.open(corpus) if isinstance(corpus, (str, os.PathLike)) else corpus
     if embedder is None:
-        embedder = create_embedder(corpus.manifest.embedder["name"])
+        embedder = embedder_for_index(corpus.manifest.embedder)
     corpus.check_embedder(embedder.name)
     name = mode_name(sources)
     if "text" in sources and not embedder.supports_text:
@@ -288,7 +288,8 @@ def _candidates(run: _Run, queries: Queries, references: dict[str, np.ndarray | 
     """Each class's candidates in priority order, and the embeddings of every candidate (timed as search)."""
     t0 = time.perf_counter()
     corpus, config = run.corpus, run.config
-    lists = vector_lists(corpus, queries, k, nprobe=config.nprobe, ef_search=config.ef_search)
+    lists = vector_lists(corpus, queries, k, nprobe=config.nprobe, ef_search=config.ef_search,
+                         rerank_k_factor=config.rerank_k_factor)
     matches = caption_matches(corpus, run.classes, k, config.class_synonyms) if "caption" in run.sources else {}
     ids = sorted({c.id for per_query in lists.values() for lst in per_query for c in lst}
                  | {i for _, hits in matches.values() for i, _ in hits})

@@ -27,13 +27,13 @@ class Queries:
         self.infos.setdefault(label, []).append(info)
 
 
-def vector_lists(corpus: CorpusIndex, queries: Queries, k: int, *, nprobe: int | None,
-                 ef_search: int | None) -> dict[str, list[list[Candidate]]]:
-    """Per class, one ranked list of ``k`` neighbours per query vector."""
+def vector_lists(corpus: CorpusIndex, queries: Queries, k: int, **search: int | None) -> dict[str, list[list[Candidate]]]:
+    """Per class, one ranked list of ``k`` neighbours per query vector (``search``: CorpusIndex.search's
+    per-call overrides)."""
     out: dict[str, list[list[Candidate]]] = {}
     for label in sorted(queries.vectors):
         mat = np.stack(queries.vectors[label]).astype(np.float32)
-        scores, ids = corpus.search(mat, min(k, corpus.ntotal), nprobe=nprobe, ef_search=ef_search)
+        scores, ids = corpus.search(mat, min(k, corpus.ntotal), **search)
         out[label] = [
             [Candidate(int(i), label, float(s), r, info) for r, (s, i) in enumerate(zip(srow, irow, strict=True))
              if i >= 0]

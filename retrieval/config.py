@@ -99,6 +99,8 @@ class RetrievalConfig(LibraryConfig):
     nprobe: int | None = Field(
         None, ge=1, le=MAX_NPROBE, description="IVF lists probed per query (approximate indexes).")
     ef_search: int | None = Field(None, ge=1, le=MAX_NPROBE, description="HNSW efSearch per query.")
+    rerank_k_factor: int | None = Field(
+        None, ge=1, le=1000, description="Exact re-rank depth (x k) of lossy indexes; default: the index's tuned one.")
     batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Images per embedding batch.")
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, le=1_000_000_000,

@@ -63,15 +63,16 @@ class CorpusIndex:
         self.rerank_k_factor = int(manifest.faiss.get("rerank_k_factor") or 1)
 
     @classmethod
-    def open(cls, directory: str | os.PathLike) -> CorpusIndex:
-        """Open a complete index directory.
+    def open(cls, directory: str | os.PathLike, *, mmap: bool | None = None) -> CorpusIndex:
+        """Open a complete index directory; ``mmap``: memory-map the FAISS index (True), read it into RAM
+        (False), or decide by its size (None, see ``IndexDirectory.read_faiss_index``).
 
         Raises:
             IndexNotFoundError / IndexFormatError: missing, incomplete or corrupt index.
         """
         folder = IndexDirectory(directory)
         manifest = folder.read_manifest()
-        return cls(folder, manifest, folder.read_faiss_index())
+        return cls(folder, manifest, folder.read_faiss_index(mmap=mmap))
 
     @property
     def ntotal(self) -> int:
@@ -83,14 +84,16 @@ class CorpusIndex:
 
     # -- search -------------------------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None,
-               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None, ef_search: int | None = None,
+               rerank_k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest corpus rows of each query by inner product (= cosine on normalised vectors).
 
         Args:
             queries: (n, dim) float vectors, L2-normalised like the corpus.
             k: neighbours per query; rows past the corpus size come back as id -1, score -inf.
             nprobe, ef_search: per-call overrides of the manifest's ``search_defaults``.
+            rerank_k_factor: per-call override of the exact re-rank depth (``k x`` this many candidates are
+                re-scored from the stored vectors; 1: none).
 
         Returns:
             ``(scores, ids)``, each (n, k), best first; scores float32, ids int64.
@@ -106,11 +109,14 @@ class CorpusIndex:
         nprobe = nprobe if nprobe is not None else self.search_defaults.get("nprobe")
         ef_search = ef_search if ef_search is not None else self.search_defaults.get("efSearch")
         params = search_parameters(self.faiss_index, nprobe=nprobe, ef_search=ef_search)
-        kk = min(self.ntotal, k * self.rerank_k_factor) if self.rerank_k_factor > 1 else min(self.ntotal, k)
+        factor = int(rerank_k_factor) if rerank_k_factor is not None else self.rerank_k_factor
+        if factor < 1:
+            raise InvalidInputError(f"rerank_k_factor must be >= 1, got {rerank_k_factor}")
+        kk = min(self.ntotal, k * factor)
         if len(q) == 0 or kk == 0:
             return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
         scores, ids = self.faiss_index.search(q, kk, params=params)
-        if self.rerank_k_factor > 1:
+        if factor > 1:
             scores, ids = self._rerank(q, ids, k)
         if ids.shape[1] < k:  # pad to k so callers always get (n, k)
             pad = k - ids.shape[1]

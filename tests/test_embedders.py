@@ -76,3 +76,39 @@ def test_hf_folder_of_the_wrong_kind(tmp_path):
 
 def test_list_embedders():
     assert {"open_clip", "hf", "efficientnet-lite0"} <= set(list_embedders())
+
+
+def test_the_onnx_runtime_never_loads_pytorch_weights_once_exported(onnx_cache_dir, monkeypatch):
+    """Issue 12: the ONNX embedder loaded the PyTorch model and hashed its weights at every start (1.46 s)."""
+    from retrogen.retrieval.embedders import efficientnet
+
+    first = create_embedder("efficientnet-lite0:onnx", cache_dir=onnx_cache_dir)  # exports once if needed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ONNX runtime touched the PyTorch weights")
+
+    monkeypatch.setattr(efficientnet, "_load_torch_model", refuse)
+    monkeypatch.setattr(efficientnet, "sha256_file", refuse)
+    again = create_embedder("efficientnet-lite0:onnx", cache_dir=onnx_cache_dir)
+    np.testing.assert_array_equal(again.embed_images(IMAGES), first.embed_images(IMAGES))
+    assert again.manifest_entry()["weights_sha256"] == first.manifest_entry()["weights_sha256"]
+
+
+def test_an_index_built_with_onnx_is_read_with_onnx(tmp_path, onnx_cache_dir, monkeypatch):
+    """The runtime an index was built with is the one its readers use (the library default, the service)."""
+    from retrogen.index_builder.build import build_index
+    from retrogen.index_builder.config import IndexBuildConfig
+    from retrogen.retrieval.embedders import embedder_for_index
+    from retrogen.service.core.config import IndexConfig
+    from retrogen.service.domain.indexes import IndexRegistry
+
+    monkeypatch.setenv("RETROGEN_ONNX_CACHE", str(onnx_cache_dir))
+    for i, im in enumerate(IMAGES):
+        im.save(tmp_path / f"{i}.png")
+    m = build_index([str(tmp_path)], tmp_path / "idx", embedder=create_embedder("efficientnet-lite0:onnx"),
+                    config=IndexBuildConfig(index_type="flat", num_workers=1))
+    assert m.embedder["name"] == "efficientnet-lite0" and m.embedder["load_name"] == "efficientnet-lite0:onnx"
+    assert embedder_for_index(m.embedder).runtime == "onnx"
+    assert embedder_for_index({"name": "efficientnet-lite0"}).runtime == "torch", "older manifests: the default"
+    loaded = IndexRegistry({"idx": IndexConfig(path=tmp_path / "idx")}).get("idx")
+    assert loaded.embedder.load_name == "efficientnet-lite0:onnx"

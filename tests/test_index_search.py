@@ -208,3 +208,56 @@ def test_index_directory_round_trip(tmp_path, vectors):
     (d.path / "notes.txt").write_text("mine")
     d.clear()
     assert sorted(p.name for p in d.path.iterdir()) == ["notes.txt"] and not (d.path / STATE_FILE).exists()
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw", "IVF16,Flat"])
+def test_the_build_tunes_search_to_the_target_recall_and_records_what_it_measured(tmp_path, kind):
+    """Issue 12: the defaults are the cheapest measured point that reaches target_recall; the manifest keeps
+    every point tried, and searching with its defaults gives the recall it claims (on other queries too)."""
+    vectors = clustered(3000, dim=32, clusters=40, seed=5)
+    directory = IndexDirectory(tmp_path / "idx")
+    shards = write_shards(directory, vectors, shard_rows=1000, dtype="float16")
+    entry = {"name": "vec", "dim": 32, "normalized": True, "modalities": ["image"]}
+    config = IndexBuildConfig(index_type=kind, num_recall_queries=200, target_recall=0.97)
+    finish_index(directory, shards, embedder_entry=entry, config=config, sources=[], params={})
+    index = CorpusIndex.open(tmp_path / "idx")
+    m = index.manifest
+    rec = m.recall
+    assert rec["target"] == 0.97 and rec["met"] and rec["recall_at_10"] >= 0.97
+    point = rec["operating_point"]
+    assert m.faiss["rerank_k_factor"] == point["rerank_k_factor"]
+    knob = "nprobe" if "nprobe" in point else "ef_search"
+    assert m.faiss["search_defaults"] == {("nprobe" if knob == "nprobe" else "efSearch"): point[knob]}
+    # the chosen point is the first on its ladder to reach the target: the one before it did not
+    ladder = [t for t in rec["tried"] if t["rerank_k_factor"] == point["rerank_k_factor"]]
+    at = next(i for i, t in enumerate(ladder) if t[knob] == point[knob])
+    assert at == 0 or ladder[at - 1]["recall"] < 0.97
+    if kind == "hnsw":
+        assert m.faiss["ef_construction"] == 128
+    qids = np.random.default_rng(7).choice(3000, 200, replace=False)
+    assert recall_at_10(index, vectors, qids) >= 0.97 - 0.03
+    if kind == "ivfpq":  # a per-call re-rank depth overrides the tuned one
+        low = index.search(vectors[qids], 11, rerank_k_factor=1)[1]
+        assert not np.array_equal(low, index.search(vectors[qids], 11)[1])
+        with pytest.raises(InvalidInputError, match="rerank_k_factor"):
+            index.search(vectors[:1], 5, rerank_k_factor=0)
+
+
+def test_the_faiss_index_is_in_ram_or_memory_mapped_by_choice_or_size(tmp_path, vectors, monkeypatch):
+    import faiss
+
+    from retrogen.retrieval import index_directory
+
+    make_index(tmp_path / "ivf", vectors, index_type="IVF8,Flat")
+    calls = []
+    real = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda path, *flags: calls.append(flags) or real(path, *flags))
+    ram = CorpusIndex.open(tmp_path / "ivf")  # small: read into RAM
+    mapped = CorpusIndex.open(tmp_path / "ivf", mmap=True)
+    monkeypatch.setattr(index_directory, "MMAP_MIN_BYTES", 10)
+    by_size = CorpusIndex.open(tmp_path / "ivf")
+    mapped_flag = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY,)
+    assert calls == [(), mapped_flag, mapped_flag]
+    q = vectors[:7]
+    for other in (mapped, by_size):
+        np.testing.assert_array_equal(other.search(q, 5)[1], ram.search(q, 5)[1])

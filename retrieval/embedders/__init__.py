@@ -13,7 +13,8 @@ from retrogen.errors import UnknownComponentError
 
 from .base import Embedder, l2_normalize
 
-__all__ = ["Embedder", "create_embedder", "list_embedders", "register_embedder", "l2_normalize", "split_name"]
+__all__ = ["Embedder", "create_embedder", "embedder_for_index", "list_embedders", "register_embedder", "l2_normalize",
+           "split_name"]
 
 _FACTORIES: dict[str, Callable[..., Embedder]] = {}
 # family -> module that registers it; imported lazily (open_clip/transformers imports cost seconds)
@@ -62,3 +63,10 @@ def create_embedder(name: str, *, device: str = "cpu", **kwargs) -> Embedder:
     if family not in _FACTORIES:
         raise UnknownComponentError("embedder", name, [f"{f} ({EXAMPLES.get(f, f)})" for f in list_embedders()])
     return _FACTORIES[family](spec, device=device, **kwargs)
+
+
+def embedder_for_index(entry: dict, *, device: str = "cpu", **kwargs) -> Embedder:
+    """The embedder an index was built with, runtime included (its manifest's ``embedder`` entry): an index
+    built with ``efficientnet-lite0:onnx`` is queried through ONNX, not PyTorch. Older manifests name only
+    the model, and get its default runtime."""
+    return create_embedder(str(entry.get("load_name") or entry["name"]), device=device, **kwargs)

@@ -29,6 +29,12 @@ class Embedder(ABC):
     dim: int
     supports_text: bool = False
 
+    @property
+    def load_name(self) -> str:
+        """The name that rebuilds exactly this embedder, runtime included (``name`` says only which vectors it
+        makes: the same for every runtime). Readers of an index create its embedder from this."""
+        return self.name
+
     @abstractmethod
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """One RGB PIL image -> float32 CHW array."""
@@ -57,6 +63,7 @@ class Embedder(ABC):
         """What an index manifest records about this embedder."""
         return {
             "name": self.name,
+            "load_name": self.load_name,
             "dim": self.dim,
             "normalized": True,
             "modalities": ["image", "text"] if self.supports_text else ["image"],

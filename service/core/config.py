@@ -32,6 +32,8 @@ class IndexConfig(BaseModel):
     # what /knn-service's use_safety_model runs when the corpus has no punsafe scores (a safety_classifiers
     # entry or a built-in, e.g. zero-shot:nsfw); None: the flag is reported unavailable for this index
     safety_classifier: str | None = None
+    # hold the FAISS index memory-mapped (True) or in RAM (False); None: by size (mapped above 2 GiB)
+    mmap: bool | None = None
 
 
 class Settings(BaseSettings):

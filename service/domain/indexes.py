@@ -137,18 +137,17 @@ class LoadedIndex:
         with self.gate:
             return self.embedder.embed_texts(texts)
 
-    def search(self, vectors: np.ndarray, k: int, *, nprobe: int | None = None,
-               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Raw FAISS search, ``k`` clipped to the corpus size (per-call parameters; the index is not mutated)."""
+    def search(self, vectors: np.ndarray, k: int, **overrides: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw FAISS search, ``k`` clipped to the corpus size; ``overrides``: CorpusIndex.search's per-call
+        ``nprobe`` / ``ef_search`` / ``rerank_k_factor`` (the shared index is never mutated)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise InvalidInputError(f"query vectors must have shape (n, {self.dim}), got {tuple(vectors.shape)}")
-        return self.corpus.search(vectors, min(k, self.ntotal), nprobe=nprobe, ef_search=ef_search)
+        return self.corpus.search(vectors, min(k, self.ntotal), **overrides)
 
-    def neighbours(self, vectors: np.ndarray, k: int, *, nprobe: int | None = None,
-                   ef_search: int | None = None) -> list[list[Hit]]:
+    def neighbours(self, vectors: np.ndarray, k: int, **overrides: int | None) -> list[list[Hit]]:
         """k nearest corpus items per query row, with their metadata (one metadata read for all queries)."""
-        scores, ids = self.search(vectors, k, nprobe=nprobe, ef_search=ef_search)
+        scores, ids = self.search(vectors, k, **overrides)
         wanted = sorted({int(i) for row in ids for i in row if i >= 0})
         metas = {int(m["id"]): m for m in self.corpus.metadata(wanted)} if wanted else {}
         return [
@@ -166,14 +165,14 @@ class LoadedIndex:
                 self.classifiers[spec] = load_classifier(spec, self.embedder)
             return self.classifiers[spec]
 
-    def screened_neighbours(self, vectors: np.ndarray, k: int, screen: ItemScreen, *, nprobe: int | None = None,
-                            ef_search: int | None = None) -> tuple[list[list[Hit]], list[Counter]]:
+    def screened_neighbours(self, vectors: np.ndarray, k: int, screen: ItemScreen,
+                            **overrides: int | None) -> tuple[list[list[Hit]], list[Counter]]:
         """:meth:`neighbours` without the items ``screen`` excludes, searching deeper (x4 at a time, up to
         ``MAX_SCREEN_DEPTH`` x k) so each query still gets ``k`` when the corpus has them; with the count of
         removed items per query and reason."""
         depth = k
         while True:
-            rows = self.neighbours(vectors, depth, nprobe=nprobe, ef_search=ef_search)
+            rows = self.neighbours(vectors, depth, **overrides)
             ids = sorted({h.id for row in rows for h in row})
             excluded = screen.excluded(
                 ids, metadata=lambda i, cols: self.corpus.metadata(i, columns=cols),
@@ -292,12 +291,13 @@ class IndexRegistry:
 
         cfg = self.configs[name]
         try:
-            index = CorpusIndex.open(cfg.path)
+            index = CorpusIndex.open(cfg.path, mmap=cfg.mmap)
         except IndexNotFoundError as e:  # a configured name whose folder holds no complete index
             raise NotFoundError(f"index {name!r}: {_without_path(e, name, cfg.path)}") from None
         except IndexFormatError as e:
             raise _without_path(e, name, cfg.path) from None
-        embedder_name = cfg.embedder or index.manifest.embedder["name"]
+        # the override, else the manifest's embedder with the runtime it was built with (ONNX stays ONNX)
+        embedder_name = cfg.embedder or str(index.manifest.embedder.get("load_name") or index.manifest.embedder["name"])
         with self._guard:
             entry = self._embedders.get(embedder_name)
         if entry is None:

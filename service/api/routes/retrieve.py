@@ -39,6 +39,7 @@ class RetrieveRequest(BaseModel):
     k: int = Field(10, ge=1, description="neighbours per query")
     nprobe: int | None = Field(None, ge=1, le=1_000_000, description="IVF cells to visit (IVF indexes)")
     ef_search: int | None = Field(None, ge=1, le=1_000_000, description="HNSW search depth (HNSW indexes)")
+    rerank_k_factor: int | None = Field(None, ge=1, le=1000, description="exact re-rank depth x k (lossy indexes)")
     # Screening (RetrievalConfig's fields of the same names): excluded items are skipped and the search goes
     # deeper, so each query still gets k where the corpus has them; QueryResult.removed counts them.
     opt_out: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(
@@ -134,12 +135,12 @@ def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep
     if body.texts:
         parts.append(loaded.embed_texts(body.texts))
     vectors = np.concatenate(parts)
+    overrides = {"nprobe": body.nprobe, "ef_search": body.ef_search, "rerank_k_factor": body.rerank_k_factor}
     if screen is None:
-        hits = loaded.neighbours(vectors, body.k, nprobe=body.nprobe, ef_search=body.ef_search)
+        hits = loaded.neighbours(vectors, body.k, **overrides)
         removed = [{} for _ in hits]
     else:
-        hits, removed = loaded.screened_neighbours(vectors, body.k, screen, nprobe=body.nprobe,
-                                                   ef_search=body.ef_search)
+        hits, removed = loaded.screened_neighbours(vectors, body.k, screen, **overrides)
 
     # 3. Attach provenance and image URLs.
     results = [
