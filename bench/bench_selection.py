@@ -1,7 +1,7 @@
 """Selection policies: time per class of the ``diverse`` greedy (FLMI) against ``knn``, beside the search itself.
 
-    .venv/bin/python bench/bench_selection.py            # a minute or two on 2 cores
-    .venv/bin/python bench/bench_selection.py --quick    # smaller corpus, fewer pools
+    .venv/bin/python bench/bench_selection.py            # about a minute on 2 cores (load ~3)
+    .venv/bin/python bench/bench_selection.py --quick    # smaller corpus, dense pools only
 
 For one class (``--queries`` user images, N = ``--per-class``) over a clustered synthetic corpus (the mixture
 of bench_index.py: unit-sphere Gaussian clusters, within-cluster cosine ~0.67), each round, alternated:
@@ -12,8 +12,11 @@ of bench_index.py: unit-sphere Gaussian clusters, within-cluster cosine ~0.67), 
 - diverse: ``diverse_order`` (its pool of the first M distinct candidates and the greedy, timed alone: the
   policy's own cost), then the same ``select``.
 
-Prints median and min-max over rounds per pool size M, the ratio greedy / search, and how similar the N
-picks are to each other under each policy. Asserts nothing.
+Pools up to ``GROUND_MAX`` (1024) take the exact objective; larger ones sum it over a systematic sample of
+``GROUND_MAX`` rows (``--ground`` sets another size, ``--neighbours`` forces the sparse kNN path instead);
+the table says which path ran and, from one extra untimed call per pool under tracemalloc, the greedy's peak
+memory. Prints median and min-max over rounds per pool size M, the ratio greedy / search, and how similar the
+N picks are to each other under each policy, and the load average at the start and the end. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -30,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 
-def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_class: int) -> dict[str, float]:
+def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_class: int,
+              neighbours: int | None = None, ground: int | None = None, trace: bool = False) -> dict[str, float]:
     from retrogen.retrieval.diverse import diverse_order
     from retrogen.retrieval.selection import Candidate, SelectionPolicy, round_robin, select
 
@@ -40,7 +45,8 @@ def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_
     t_search = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    lists = [[Candidate(int(i), "c", float(s), r, {"q": qi}) for r, (s, i) in enumerate(zip(srow, irow, strict=True))]
+    lists = [[Candidate(int(i), "c", float(s), r, {"q": qi})
+              for r, (s, i) in enumerate(zip(srow, irow, strict=True))]
              for qi, (srow, irow) in enumerate(zip(scores, ids, strict=True))]
     cands = round_robin(lists)
     uniq = sorted({c.id for c in cands})
@@ -52,17 +58,34 @@ def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_
     t_knn = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    picked = diverse_order(cands, emb, queries, pool_size=pool, steps=2 * per_class)
+    kw = {"neighbours": neighbours, "ground": ground}
+    picked = diverse_order(cands, emb, queries, pool_size=pool, steps=2 * per_class, **kw)
     t_greedy = time.perf_counter() - t0  # the policy's own cost (its pool, the greedy)
     div = select({"c": picked}, per_class, embeddings=emb, policy=policy, protected=queries)
     t_div = time.perf_counter() - t0
+    peak = float("nan")
+    if trace:  # once more, untimed: the greedy's peak memory (numpy reports its buffers to tracemalloc)
+        tracemalloc.start()
+        diverse_order(cands, emb, queries, pool_size=pool, steps=2 * per_class, **kw)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
     spread = {}
     for name, sel in (("knn", knn), ("diverse", div)):
         vecs = np.stack([emb[c.id] for c in sel.chosen["c"]])
         sims = vecs @ vecs.T
         spread[name] = float(sims[np.triu_indices(len(vecs), 1)].mean())
     return {"search": t_search, "prep": t_prep, "knn": t_knn, "diverse": t_div, "greedy": t_greedy,
-            "sim_knn": spread["knn"], "sim_diverse": spread["diverse"]}
+            "sim_knn": spread["knn"], "sim_diverse": spread["diverse"], "peak": peak}
+
+
+def path(pool: int, neighbours: int | None, ground: int | None) -> str:
+    """Which similarity ``flmi_order`` builds for a pool of this size (as it decides)."""
+    from retrogen.retrieval.diverse import ground_size
+
+    if neighbours is not None:
+        return f"sparse, {min(neighbours, pool - 1)} nb"
+    size = ground_size(pool, ground)
+    return "exact" if size == pool else f"sample {size}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=5)
     p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--pools", default="100,250,1000,2500,5000")
+    p.add_argument("--pools", default="100,250,1000,2500,4096,5000,10000,20000")
+    p.add_argument("--neighbours", type=int, default=None, help="force the sparse path with this many")
+    p.add_argument("--ground", type=int, default=None, help="rows the objective sums over (default: the module's)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
@@ -85,16 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     index.add(corpus)
     print(f"corpus {a.corpus} x {a.dim} (flat), {a.queries} queries per class, N = {a.per_class}, "
           f"{a.rounds} rounds, faiss threads {faiss.omp_get_max_threads()}, load {os.getloadavg()[0]:.2f}")
-    print("| pool M | search ms (bare faiss) | knn: select ms | diverse: greedy ms | diverse: greedy + select ms "
-          "| greedy / search | mean cosine among the N picks, knn → diverse |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| pool M | path | search ms (bare faiss) | knn: select ms | diverse: greedy ms "
+          "| diverse: greedy + select ms | greedy / search | greedy peak MB "
+          "| mean cosine among the N picks, knn → diverse |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rng = np.random.default_rng(1)
     for pool in (int(x) for x in a.pools.split(",")):
         rows = []
         for r in range(a.rounds):
             # the class's images: a few of one cluster, as a user's shots of one class would be
-            q, _ = mixture(a.queries, a.dim, clusters=1, seed=100 + r, centres=centres[[rng.integers(len(centres))]])
-            rows.append(one_round(index, corpus, q, pool=pool, per_class=a.per_class))
+            centre = centres[[rng.integers(len(centres))]]
+            q, _ = mixture(a.queries, a.dim, clusters=1, seed=100 + r, centres=centre)
+            rows.append(one_round(index, corpus, q, pool=pool, per_class=a.per_class, neighbours=a.neighbours,
+                                  ground=a.ground, trace=r == 0))
         med = {k: float(np.median([x[k] for x in rows])) for k in rows[0]}
         lo = {k: min(x[k] for x in rows) for k in rows[0]}
         hi = {k: max(x[k] for x in rows) for k in rows[0]}
@@ -103,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             return f"{1e3 * med[k]:.1f} ({1e3 * lo[k]:.1f}–{1e3 * hi[k]:.1f})"
 
         label = f"{pool} (2N, the default)" if pool == 2 * a.per_class else str(pool)
-        print(f"| {label} | {ms('search')} | {ms('knn')} | {ms('greedy')} | {ms('diverse')} "
-              f"| {med['greedy'] / med['search']:.2f}× | {med['sim_knn']:.3f} → {med['sim_diverse']:.3f} |")
+        print(f"| {label} | {path(pool, a.neighbours, a.ground)} | {ms('search')} | {ms('knn')} | {ms('greedy')} "
+              f"| {ms('diverse')} | {med['greedy'] / med['search']:.2f}× | {rows[0]['peak'] / 1e6:.1f} "
+              f"| {med['sim_knn']:.3f} → {med['sim_diverse']:.3f} |", flush=True)
     print("ms: median (min–max) over rounds. Both policies share the candidate bookkeeping (round-robin, "
-          "embedding lookup), not counted; 'select' is the filters' walk down the order.")
+          "embedding lookup), not counted; 'select' is the filters' walk down the order. Peak MB: one untimed "
+          f"greedy call under tracemalloc (its pool copy and similarity, not the candidates). "
+          f"Load at the end {os.getloadavg()[0]:.2f}.")
     return 0
 
 

@@ -16,8 +16,29 @@ greedy's (1 - 1/e) guarantee holds. ``eta`` trades spread for relevance: larger 
 are cosines clipped at 0 (facility location needs non-negative ones). COBRA's soft class balancing is not
 needed here: every class gets exactly its own N (or fewer, with a reason).
 
+COBRA's optional quality term (off by default) adds a modular bonus, so the objective stays monotone
+submodular and the greedy stays exact:
+
+    F(A) = f(A) + w * sum over a in A of q'(a),   q'(a) = (q(a) - min_V q) / (max_V q - min_V q) * mean_V r
+
+(q' = 0 when every q is equal). The rescaling makes ``w`` scale-free: whatever the scores' scale, the best
+item's bonus is w times the pool's mean relevance, i.e. about w average candidates' worth of coverage.
+
+Pools up to ``GROUND_MAX`` rows keep the capped similarity as a dense pool x pool float32 matrix: the exact
+objective. Larger pools sum over a systematic sample S of ``GROUND_MAX`` rows (``ground_rows``: evenly spread
+over the kNN ranks, no seed) while every row stays a candidate:
+
+    f_S(A) = (m / s) * sum over i in S of  min( max_{a in A} min(s(i, a), r(a)),  r(i) )
+
+still a facility location, so monotone submodular and the lazy greedy exact for it. What it drops: how well
+the picks cover the rows outside S (each sampled row stands for m / s of them, hence the scaling). Memory
+and time are O(pool * s), not O(pool^2): the M^2 d similarity was the cost at pools in the thousands.
+Given ``neighbours``, the similarity is instead a sparse kNN graph over every row (each row keeps itself and
+its ``neighbours`` highest capped similarities: submodlib's sparse mode); it bounds memory, not the
+O(pool^2 d) time.
+
 The greedy maximisation is lazy (gains of a submodular function only shrink, so a stale gain is an upper
-bound) and refreshes a batch of the best bounds at once, vectorised over the pool. It yields an order, not a
+bound) and refreshes a batch of the best bounds at once, vectorised over the ground. It yields an order, not a
 set, so the usual filters walk it exactly as they walk the kNN order; the items after the pool follow in kNN
 order.
 """
@@ -30,61 +51,245 @@ import numpy as np
 
 from .selection import Candidate
 
-_BATCH = 32  # candidates whose gains are refreshed together: one vectorised (batch x pool) step
+GROUND_MAX = 1024  # larger pools cover a systematic sample of this many rows: (pool x GROUND_MAX) float32
+_BATCH = 32  # candidates whose gains are refreshed together: one vectorised (batch x ground) step
+_BLOCK_ENTRIES = 1 << 22  # rows x pool entries per block while building the sparse similarity (~48 MB of work)
 
 
-def flmi_order(pool: np.ndarray, queries: np.ndarray, *, steps: int, eta: float = 1.0) -> tuple[list[int], list[float]]:
-    """Greedy FLMI order of ``pool`` rows: (positions in ``pool``, the marginal gain of each pick).
+def ground_size(m: int, ground: int | None = None) -> int:
+    """How many pool rows the dense path covers: ``ground`` (capped at m), or all up to ``GROUND_MAX``."""
+    if ground is not None and ground < 1:
+        raise ValueError(f"ground must be >= 1, got {ground}")
+    return min(m, GROUND_MAX if ground is None else ground)
 
-    Args:
-        pool: (m, d) L2-normalised candidate embeddings, in kNN priority order (ties go to the earlier row).
-        queries: (q, d) L2-normalised query embeddings (the class's images, or its text embedding).
-        steps: picks wanted; fewer when the pool is smaller. Once nothing adds coverage, the rest of the
-            pool follows in its own order (gain 0).
+
+def ground_rows(m: int, size: int) -> np.ndarray:
+    """The systematic sample of ``size`` of ``m`` rows: round(j * m / size) for j = 0 .. size - 1.
+
+    Spread evenly over the kNN ranks (so over the relevance range), deterministic (no seed to record), distinct
+    while size <= m, and every row when size == m. Row 0, the nearest candidate, is always in.
+    """
+    return np.rint(np.arange(size) * m / size).astype(np.intp)  # rint rounds half to even, as round() does
+
+
+class _DenseCover:
+    """The capped similarity of each candidate c (row) to each ground row i (column): a dense (m, s) matrix.
+
+    Candidates are rows so that refreshing a batch's gains gathers contiguous rows. With every row as ground
+    (s = m) this is the exact objective; with a sample each ground row stands for m / s pool rows, so gains
+    are scaled by m / s: they stay on the full objective's scale, which the quality bonus (from the pool's
+    mean cap) assumes.
+    """
+
+    def __init__(self, pool: np.ndarray, cap: np.ndarray, rows: np.ndarray | None):
+        # pool @ pool.T (not pool @ pool[rows].T) when the ground is the pool: numpy's symmetric product
+        cover = pool @ pool.T if rows is None else pool @ pool[rows].T
+        # three in-place passes with fast loops: numpy's clip(.., 0, caps) and maximum(.., 0.0) have none
+        np.maximum(cover, np.zeros(cover.shape[1], np.float32)[None, :], out=cover)
+        np.minimum(cover, cap[:, None], out=cover)
+        np.minimum(cover, (cap if rows is None else cap[rows])[None, :], out=cover)
+        self.cover = cover
+        self.scale = 1.0 if rows is None else len(pool) / len(rows)
+        self.covered = np.zeros(cover.shape[1], np.float32)
+        self.work = np.empty((0, cover.shape[1]), np.float32)  # the refreshed rows, reused across refreshes
+
+    def first_gains(self) -> np.ndarray:
+        return self._scaled(self.cover.sum(axis=1, dtype=np.float64))
+
+    def gains(self, top: np.ndarray) -> np.ndarray:
+        if len(top) > len(self.work):
+            self.work = np.empty((len(top), self.cover.shape[1]), np.float32)
+        # mode="clip" (top is in range): with "raise" numpy gathers into a temporary, then copies it into out
+        got = np.take(self.cover, top, axis=0, out=self.work[: len(top)], mode="clip")
+        # max(x, covered) - covered: the same values as max(x - covered, 0), but both passes have a fast loop
+        np.maximum(got, self.covered, out=got)
+        np.subtract(got, self.covered, out=got)
+        return self._scaled(got.sum(axis=1, dtype=np.float64))
+
+    def take(self, c: int) -> None:
+        np.maximum(self.covered, self.cover[c], out=self.covered)
+
+    def _scaled(self, gains: np.ndarray) -> np.ndarray:
+        if self.scale != 1.0:
+            gains *= self.scale
+        return gains
+
+
+def knn_cover(pool: np.ndarray, cap: np.ndarray, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row i: itself, then its ``neighbours`` highest capped similarities (ties: the earlier column).
+
+    Returns (columns, values), both (m, 1 + min(neighbours, m - 1)). Built in row blocks against the whole
+    pool, so the work space is ~12 bytes x ``_BLOCK_ENTRIES`` whatever the pool. Ties are common (a capped
+    similarity often equals the cap), so they are broken explicitly: results never depend on numpy's selection.
     """
     m = len(pool)
-    steps = min(steps, m)
-    if steps <= 0:
-        return [], []
-    pool = pool.astype(np.float32, copy=False)
-    cap = eta * np.clip(pool @ queries.astype(np.float32).T, 0.0, None).max(axis=1)  # relevance of each i
-    cover = pool @ pool.T  # cover[i, c]: how much picking c covers i, capped by both relevances
-    np.clip(cover, 0.0, None, out=cover)
-    np.minimum(cover, cap[:, None], out=cover)
-    np.minimum(cover, cap[None, :], out=cover)
-    # cover is symmetric (up to rounding), so its contiguous row cover[c] stands for what picking c covers
-    covered = np.zeros(m, np.float32)
-    bound_left = cover.sum(axis=1, dtype=np.float64)  # exact gains of the first pick, then upper bounds; -inf: picked
+    k = min(neighbours, m - 1)
+    cols = np.empty((m, k + 1), np.int32)
+    vals = np.empty((m, k + 1), np.float32)
+    tie = np.arange(m - 1, -1, -1, dtype=np.int64)  # low 32 bits of the key: larger for an earlier column
+    step = max(1, min(1024, _BLOCK_ENTRIES // m))
+    block_buf, key_buf = np.empty((step, m), np.float32), np.empty((step, m), np.int64)  # reused: no peak of two
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        block, key = block_buf[: hi - lo], key_buf[: hi - lo]
+        np.matmul(pool[lo:hi], pool.T, out=block)
+        np.clip(block, 0.0, None, out=block)
+        np.minimum(block, cap[lo:hi, None], out=block)
+        np.minimum(block, cap[None, :], out=block)
+        rows = np.arange(hi - lo)
+        cols[lo:hi, 0] = np.arange(lo, hi)
+        vals[lo:hi, 0] = block[rows, rows + lo]
+        if k == 0:
+            continue
+        # One int64 key per entry, ordered as (value, earlier column): a non-negative float32's bits order
+        # like its value (the mask clears the sign of a -0.0).
+        np.bitwise_and(block.view(np.int32), 0x7FFFFFFF, out=key)
+        key <<= 32
+        key |= tie
+        key[rows, rows + lo] = -1  # itself is already in column 0
+        key.partition(m - k, axis=1)  # in place: the k largest keys end up last
+        best = (m - 1) - (key[:, m - k:] & 0xFFFFFFFF)
+        cols[lo:hi, 1:] = best
+        vals[lo:hi, 1:] = np.take_along_axis(block, best, axis=1)
+    return cols, vals
+
+
+class _SparseCover:
+    """The capped similarity as a kNN graph (``knn_cover``): i is covered only by the items its row lists.
+
+    Kept transposed (for each candidate c, the rows that list it, ascending) because a pick's gain is a sum
+    over those rows: gain(c) = sum over them of max(cover[i, c] - covered[i], 0). O(m * neighbours) memory.
+    """
+
+    def __init__(self, pool: np.ndarray, cap: np.ndarray, neighbours: int):
+        cols, vals = knn_cover(pool, cap, neighbours)
+        m, width = cols.shape
+        by_col = np.argsort(cols.ravel(), kind="stable")  # stable: each column's rows stay ascending
+        self.ptr = np.zeros(m + 1, np.int64)
+        np.cumsum(np.bincount(cols.ravel(), minlength=m), out=self.ptr[1:])
+        del cols  # the steps below free as they go: peak ~3 x the graph
+        self.vals = vals.ravel()[by_col]
+        del vals
+        np.floor_divide(by_col, width, out=by_col)
+        self.rows = by_col.astype(np.int32)
+        self.covered = np.zeros(m, np.float32)
+
+    def first_gains(self) -> np.ndarray:
+        # every column is listed at least by its own row: no empty segment
+        return np.add.reduceat(self.vals, self.ptr[:-1], dtype=np.float64)
+
+    def gains(self, top: np.ndarray) -> np.ndarray:
+        starts = self.ptr[top]
+        lengths = self.ptr[top + 1] - starts
+        owner = np.repeat(np.arange(len(top)), lengths)
+        pos = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        g = np.maximum(self.vals[pos] - self.covered[self.rows[pos]], 0.0)
+        return np.bincount(owner, weights=g, minlength=len(top))
+
+    def take(self, c: int) -> None:
+        span = slice(self.ptr[c], self.ptr[c + 1])
+        rows = self.rows[span]
+        self.covered[rows] = np.maximum(self.covered[rows], self.vals[span])
+
+
+def quality_bonus(quality: np.ndarray | None, weight: float, cap: np.ndarray) -> np.ndarray | None:
+    """w * q'(a) per pool row (see the module docstring), or None when the term is off or adds nothing."""
+    if weight < 0 or not np.isfinite(weight):
+        raise ValueError(f"quality_weight must be a finite number >= 0, got {weight}")
+    if quality is None or weight == 0:
+        return None
+    q = np.asarray(quality, dtype=np.float64)
+    if q.shape != cap.shape or not np.isfinite(q).all():
+        raise ValueError(f"quality needs one finite score per pool row ({len(cap)}), got shape {q.shape}")
+    span = float(q.max() - q.min())
+    if span <= 0:
+        return None  # all equal: q' = 0
+    return weight * ((q - q.min()) / span) * float(cap.mean(dtype=np.float64))
+
+
+def _lazy_greedy(cover: _DenseCover | _SparseCover, bonus: np.ndarray | None, *, m: int, steps: int,
+                 batch: int = _BATCH) -> tuple[list[int], list[float]]:
+    """Lazy greedy on coverage + bonus, a batch at a time: refresh the best bounds; the best refreshed gain
+    wins once no stale bound beats it (a stale bound can only overstate a gain). Stops when nothing gains."""
+    bound_left = cover.first_gains()  # exact gains of the first pick, then upper bounds; -inf: picked
+    if bonus is not None:
+        bound_left += bonus
     order: list[int] = []
     gains: list[float] = []
     while len(order) < steps:
-        # Lazy greedy, a batch at a time: refresh the best bounds; the best refreshed gain wins once no stale
-        # bound beats it (a stale bound can only overstate a gain).
-        top = np.argpartition(-bound_left, min(_BATCH, m) - 1)[:_BATCH]
+        top = np.argpartition(-bound_left, min(batch, m) - 1)[:batch]
         top = top[np.isfinite(bound_left[top])]
-        exact = np.maximum(cover[top] - covered, 0.0).sum(axis=1, dtype=np.float64)
-        bound_left[top] = exact
+        exact = cover.gains(top)
+        if bonus is not None:
+            exact += bonus[top]
         best = float(exact.max())
-        rivals = bound_left.copy()
-        rivals[top] = -np.inf
-        if best < rivals.max() - 1e-7 * max(1.0, best):
+        bound_left[top] = -np.inf  # the best bound outside the batch, without copying the bounds
+        rival = float(bound_left.max())
+        bound_left[top] = exact
+        if best < rival - 1e-7 * max(1.0, best):
             continue
-        if best <= 1e-6:  # every other gain is no larger: nothing adds coverage any more
+        if best <= 1e-6:  # every other gain is no larger: nothing adds coverage (or quality) any more
             break
         c = int(top[exact == best].min())  # ties: the earlier (nearer in kNN order) row
         order.append(c)
         gains.append(best)
         bound_left[c] = -np.inf
-        np.maximum(covered, cover[c], out=covered)
+        cover.take(c)
+    return order, gains
+
+
+def flmi_order(pool: np.ndarray, queries: np.ndarray, *, steps: int, eta: float = 1.0,
+               quality: np.ndarray | None = None, quality_weight: float = 0.0,
+               neighbours: int | None = None, ground: int | None = None) -> tuple[list[int], list[float]]:
+    """Greedy FLMI order of ``pool`` rows: (positions in ``pool``, the marginal gain of each pick).
+
+    Args:
+        pool: (m, d) L2-normalised candidate embeddings, in kNN priority order (ties go to the earlier row).
+        queries: (q, d) L2-normalised query embeddings (the class's images, or its text embedding).
+        steps: picks wanted; fewer when the pool is smaller. Once nothing gains, the rest of the pool follows
+            in its own order (gain 0).
+        quality: (m,) scores on any real scale (higher is better), or None: COBRA's quality term, weighted by
+            ``quality_weight`` (>= 0; 0 = off). A pick's gain then includes its bonus.
+        ground: how many pool rows the objective sums over (all stay candidates): a systematic sample
+            (``ground_rows``) with gains scaled by m / ground. None: all rows up to ``GROUND_MAX``, else
+            ``GROUND_MAX``; ground >= m is the exact objective.
+        neighbours: instead, the sparse path over every row: keep only each row's own entry and its
+            ``neighbours`` highest capped similarities. Not combined with ``ground``.
+    """
+    m = len(pool)
+    steps = min(steps, m)
+    if neighbours is not None and (neighbours < 1 or ground is not None):
+        raise ValueError(f"neighbours must be >= 1 and not combined with ground, got {neighbours}, {ground}")
+    size = ground_size(m, ground)
+    if steps <= 0:
+        return [], []
+    pool = pool.astype(np.float32, copy=False)
+    cap = eta * np.clip(pool @ queries.astype(np.float32).T, 0.0, None).max(axis=1)  # relevance of each i
+    bonus = quality_bonus(quality, quality_weight, cap)
+    if neighbours is not None:
+        cover = _SparseCover(pool, cap, neighbours)
+    else:
+        cover = _DenseCover(pool, cap, None if size == m else ground_rows(m, size))
+    # The greedy refreshes a few percent of the pool per pick: on a large pool, larger batches spread each
+    # refresh's O(m) bookkeeping (the partition, the rival bound). The exact path keeps 32, hence its tie-breaks.
+    batch = _BATCH if size == m or neighbours is not None else max(_BATCH, m // 32)
+    order, gains = _lazy_greedy(cover, bonus, m=m, steps=steps, batch=batch)
     picked = set(order)
     rest = [i for i in range(m) if i not in picked][: steps - len(order)]
     return order + rest, gains + [0.0] * len(rest)
 
 
 def diverse_order(cands: list[Candidate], emb: dict[int, np.ndarray], queries: np.ndarray, *, pool_size: int,
-                  steps: int, eta: float = 1.0) -> list[Candidate]:
+                  steps: int, eta: float = 1.0, quality: dict[int, float] | None = None,
+                  quality_weight: float = 0.0, neighbours: int | None = None,
+                  ground: int | None = None) -> list[Candidate]:
     """A class's candidates (kNN priority order) reordered: ``steps`` greedy picks, each carrying its gain,
-    among the first ``pool_size`` distinct items, then the rest in kNN order."""
+    among the first ``pool_size`` distinct items, then the rest in kNN order.
+
+    ``quality`` maps candidate id to score (see ``flmi_order``); an id without one (or with a NaN or infinite
+    one, as a missing metadata value may read) counts as the pool's lowest score, i.e. earns no bonus.
+    ``ground`` and ``neighbours``: as in ``flmi_order``.
+    """
     pool: list[Candidate] = []
     seen: set[int] = set()
     for c in cands:
@@ -93,7 +298,14 @@ def diverse_order(cands: list[Candidate], emb: dict[int, np.ndarray], queries: n
             pool.append(c)
     if not pool:
         return list(cands)
-    order, gains = flmi_order(np.stack([emb[c.id] for c in pool]), queries, steps=steps, eta=eta)
+    scores = None
+    if quality is not None and quality_weight != 0:
+        given = np.array([quality.get(c.id, np.nan) for c in pool], dtype=np.float64)
+        known = np.isfinite(given)
+        if known.any():
+            scores = np.where(known, given, given[known].min())
+    order, gains = flmi_order(np.stack([emb[c.id] for c in pool]), queries, steps=steps, eta=eta, quality=scores,
+                              quality_weight=quality_weight, neighbours=neighbours, ground=ground)
     picked = [replace(pool[i], gain=round(g, 6)) for i, g in zip(order, gains, strict=True)]
     first = {id(pool[i]) for i in order}
     return picked + [c for c in cands if id(c) not in first]
