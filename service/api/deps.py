@@ -22,28 +22,32 @@ from ..domain.storage import Store
 
 ANONYMOUS = "anonymous"  # the owner of everything when API keys are off
 
+# The dependencies below that only read app state or compare keys are ``async def``: FastAPI runs a plain
+# ``def`` dependency in its thread pool, a thread hop per dependency per request. Those that query the
+# database stay plain ``def``.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     return request.app.state.db
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_methods(request: Request) -> MethodRegistry:
+async def get_methods(request: Request) -> MethodRegistry:
     return request.app.state.methods
 
 
-def get_index_registry(request: Request) -> IndexRegistry:
+async def get_index_registry(request: Request) -> IndexRegistry:
     return request.app.state.index_registry
 
 
-def get_query_limits(settings: Annotated[Settings, Depends(get_settings)]) -> QueryLimits:
+async def get_query_limits(settings: Annotated[Settings, Depends(get_settings)]) -> QueryLimits:
     return QueryLimits.from_settings(settings)
 
 
@@ -74,13 +78,13 @@ def check_key(settings: Settings, given: str | None) -> str:
     return key_owner(given)
 
 
-def current_key(settings: SettingsDep, header_key: Annotated[str | None, Depends(api_key_header)] = None,
+async def current_key(settings: SettingsDep, header_key: Annotated[str | None, Depends(api_key_header)] = None,
                 bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_token)] = None) -> str:
     """The caller's owner id, from ``X-API-Key`` or ``Authorization: Bearer``."""
     return check_key(settings, header_key or (bearer.credentials if bearer else None))
 
 
-def current_key_or_query(settings: SettingsDep,
+async def current_key_or_query(settings: SettingsDep,
                          api_key: Annotated[str | None, Query(include_in_schema=False)] = None,
                          header_key: Annotated[str | None, Depends(api_key_header)] = None,
                          bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_token)] = None) -> str:

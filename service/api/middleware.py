@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..core.config import Settings
@@ -89,16 +89,34 @@ class BodyLimitMiddleware:
             await _answer(send, 413, too_big)
 
 
+class LatencyMiddleware:
+    """Request latency per route and status for /metrics. Plain ASGI: ``@app.middleware("http")`` (Starlette's
+    BaseHTTPMiddleware) re-streams every response through a task and a memory stream, a fixed cost per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0, status = time.perf_counter(), [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.request_latency.labels(scope["method"], getattr(route, "path", "unmatched"),
+                                                str(status[0])).observe(time.perf_counter() - t0)
+
+
 def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     # Added first, so it runs inside the latency middleware: a 413 is timed like any other answer.
     app.add_middleware(BodyLimitMiddleware, json_limit=settings.max_json_bytes,
                        upload_limit=settings.max_upload_bytes + MULTIPART_SLACK_BYTES)
-
-    @app.middleware("http")
-    async def _latency(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.request_latency.labels(request.method, getattr(route, "path", "unmatched"),
-                                       str(response.status_code)).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(LatencyMiddleware, metrics=metrics)

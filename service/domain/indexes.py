@@ -23,6 +23,7 @@ from retrogen.errors import InvalidInputError, NotFoundError
 from retrogen.imageio import decode_image
 
 from ..core.config import IndexConfig, Settings
+from .batching import EmbedBatchers
 
 if TYPE_CHECKING:
     from retrogen.retrieval.embedders import Embedder
@@ -111,10 +112,16 @@ class LoadedIndex:
     path: Path
     corpus: CorpusIndex
     embedder: Embedder
-    # Bounds concurrent model calls on the embedder (shared by the indexes that share it): 32 request threads
-    # each running a multi-threaded torch op oversubscribe the cores, and tail latency explodes.
-    gate: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2), repr=False)
+    # Concurrent requests' inputs go to the model together, at most ``max_concurrent_embeds`` calls at once
+    # (shared by the indexes that share the embedder): 32 request threads each running a multi-threaded torch
+    # op oversubscribe the cores, and batch-1 calls waste the model's throughput.
+    batchers: EmbedBatchers | None = field(default=None, repr=False)
     classifiers: dict[str, ItemClassifier] = field(default_factory=dict, repr=False)
+    _classifier_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.batchers is None:
+            self.batchers = EmbedBatchers.of(self.embedder, workers=2)
 
     @property
     def ntotal(self) -> int:
@@ -125,8 +132,10 @@ class LoadedIndex:
         return self.corpus.manifest.index_id
 
     def embed_images(self, images: list) -> np.ndarray:
-        with self.gate:
-            return self.embedder.embed_images(images)
+        """Preprocessed here, in the request's thread (in parallel); embedded with other requests' images."""
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return self.batchers.images(np.stack([self.embedder.preprocess(im) for im in images]))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         if not self.embedder.supports_text:
@@ -134,8 +143,7 @@ class LoadedIndex:
                 f"index {self.name!r} uses the image-only embedder {self.embedder.name!r}; text queries need an "
                 "image-text (CLIP) embedder"
             )
-        with self.gate:
-            return self.embedder.embed_texts(texts)
+        return self.batchers.texts(list(texts))
 
     def search(self, vectors: np.ndarray, k: int, **overrides: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Raw FAISS search, ``k`` clipped to the corpus size; ``overrides``: CorpusIndex.search's per-call
@@ -160,7 +168,7 @@ class LoadedIndex:
         """The safety classifier ``spec`` on this index's embedder, built once (zero-shot ones embed prompts)."""
         from retrogen.retrieval.safety import load_classifier
 
-        with self.gate:
+        with self._classifier_lock:
             if spec not in self.classifiers:
                 self.classifiers[spec] = load_classifier(spec, self.embedder)
             return self.classifiers[spec]
@@ -210,9 +218,9 @@ class IndexRegistry:
 
     configs: Mapping[str, IndexConfig | Mapping[str, Any] | str | Path]
     device: str = "cpu"
-    max_concurrent_embeds: int = 2  # model calls at once per embedder; more requests queue (see LoadedIndex.gate)
+    max_concurrent_embeds: int = 2  # model calls at once per embedder and input kind (see LoadedIndex.batchers)
     _loaded: dict[str, LoadedIndex] = field(default_factory=dict, repr=False)
-    _embedders: dict[str, tuple[Embedder, threading.BoundedSemaphore]] = field(default_factory=dict, repr=False)
+    _embedders: dict[str, tuple[Embedder, EmbedBatchers]] = field(default_factory=dict, repr=False)
     _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -304,15 +312,15 @@ class IndexRegistry:
             created = create_embedder(embedder_name, device=self.device)
             with self._guard:
                 entry = self._embedders.setdefault(
-                    embedder_name, (created, threading.BoundedSemaphore(max(1, self.max_concurrent_embeds))))
-        embedder, gate = entry
+                    embedder_name, (created, EmbedBatchers.of(created, workers=self.max_concurrent_embeds)))
+        embedder, batchers = entry
         if cfg.embedder is None:
             index.check_embedder(embedder.name)
         elif embedder.dim != index.manifest.dim:  # an override may rename the model, never change its space
             raise InvalidInputError(f"index {name!r}: embedder override {embedder.name!r} has dim {embedder.dim}, "
                                     f"the index has dim {index.manifest.dim}")
         log.info("loaded index %r from %s (%d items, embedder %s)", name, cfg.path, index.ntotal, embedder.name)
-        return LoadedIndex(name, Path(cfg.path), index, embedder, gate)
+        return LoadedIndex(name, Path(cfg.path), index, embedder, batchers)
 
     def describe(self) -> list[dict[str, Any]]:
         """Every configured index; loaded ones with their manifest facts. Never loads anything."""

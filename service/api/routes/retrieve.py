@@ -17,8 +17,8 @@ from retrogen.errors import InvalidInputError, NotFoundError
 from retrogen.fileio import media_type, sha256_bytes
 from retrogen.retrieval.provenance import retrieved_item_fields
 
-from ...domain.indexes import Hit, LoadedIndex
-from ...domain.queries import SCREEN_FIELDS, decode_base64_image, query_screen
+from ...domain.indexes import Hit, IndexRegistry, LoadedIndex
+from ...domain.queries import SCREEN_FIELDS, QueryLimits, decode_base64_image, query_screen
 from ..deps import IndexRegistryDep, QueryLimitsDep, current_key, current_key_or_query
 from ..errors import documented
 
@@ -103,8 +103,13 @@ def list_indexes(registry: IndexRegistryDep) -> IndexesPublic:
 
 @router.post("/v1/retrieve", response_model=RetrieveResponse, summary="k nearest corpus images per query",
              dependencies=KEY, responses=documented(404))
-def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep,
-             limits: QueryLimitsDep) -> RetrieveResponse:
+def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep, limits: QueryLimitsDep) -> Response:
+    return json_response(answer_retrieve(body, request, registry, limits))
+
+
+def answer_retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistry,
+                    limits: QueryLimits) -> RetrieveResponse:
+    """The route's work, HTTP aside: check, decode, embed, search, build the answer (the benchmark calls it)."""
     t0 = time.perf_counter()
     # 1. Check inputs before any model work.
     n = len(body.images) + len(body.texts)
@@ -150,6 +155,12 @@ def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep
     return RetrieveResponse(index=loaded.name, index_id=loaded.index_id, embedder=loaded.embedder.name,
                             k=body.k, duration_ms=round((time.perf_counter() - t0) * 1000, 3), results=results,
                             screening=screen.report() if screen is not None else None)
+
+
+def json_response(model: BaseModel) -> Response:
+    """A pydantic model as JSON in one pass; returned as is, FastAPI would validate it again against the
+    response model and walk it with ``jsonable_encoder`` (a third of a 10-neighbour answer's cost)."""
+    return Response(content=model.model_dump_json(), media_type="application/json")
 
 
 def item_image_url(request: Request, index_name: str, item_id: int) -> str:
