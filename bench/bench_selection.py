@@ -12,11 +12,14 @@ of bench_index.py: unit-sphere Gaussian clusters, within-cluster cosine ~0.67), 
 - diverse: ``diverse_order`` (its pool of the first M distinct candidates and the greedy, timed alone: the
   policy's own cost), then the same ``select``.
 
-Pools up to ``GROUND_MAX`` (1024) take the exact objective; larger ones sum it over a systematic sample of
-``GROUND_MAX`` rows (``--ground`` sets another size, ``--neighbours`` forces the sparse kNN path instead);
-the table says which path ran and, from one extra untimed call per pool under tracemalloc, the greedy's peak
-memory. Prints median and min-max over rounds per pool size M, the ratio greedy / search, and how similar the
-N picks are to each other under each policy, and the load average at the start and the end. Asserts nothing.
+Pools up to ``GROUND_MAX`` (1024) take the exact objective; larger ones sum it over a systematic sample
+(``ground_size``: 1024 rows up to a pool of 5,000, then 5,120,000 / M rows, at least 256; ``--ground`` sets
+another size, ``--neighbours`` forces the sparse kNN path instead), with similarities in the sample's top
+``DIMS`` (64) principal directions (``--dims``; 0: full cosines); the table says which path ran and, from one
+extra untimed call per pool under tracemalloc, the greedy's peak memory. Prints median and min-max over
+rounds per pool size M, the ratio greedy / search, how similar the N picks are to each other under each
+policy, and the load average at the start and the end. Asserts nothing. The ratio moves with the machine's
+load (the flat search slows more under load than the greedy): compare milliseconds across runs.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import numpy as np  # noqa: E402
 
 
 def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_class: int,
-              neighbours: int | None = None, ground: int | None = None, trace: bool = False) -> dict[str, float]:
+              neighbours: int | None = None, ground: int | None = None, dims: int | None = None,
+              trace: bool = False) -> dict[str, float]:
     from retrogen.retrieval.diverse import diverse_order
     from retrogen.retrieval.selection import Candidate, SelectionPolicy, round_robin, select
 
@@ -59,6 +63,8 @@ def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_
 
     t0 = time.perf_counter()
     kw = {"neighbours": neighbours, "ground": ground}
+    if dims is not None:  # else the module's default
+        kw["dims"] = dims or None
     picked = diverse_order(cands, emb, queries, pool_size=pool, steps=2 * per_class, **kw)
     t_greedy = time.perf_counter() - t0  # the policy's own cost (its pool, the greedy)
     div = select({"c": picked}, per_class, embeddings=emb, policy=policy, protected=queries)
@@ -78,14 +84,16 @@ def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_
             "sim_knn": spread["knn"], "sim_diverse": spread["diverse"], "peak": peak}
 
 
-def path(pool: int, neighbours: int | None, ground: int | None) -> str:
+def path(pool: int, neighbours: int | None, ground: int | None, dims: int | None, dim: int) -> str:
     """Which similarity ``flmi_order`` builds for a pool of this size (as it decides)."""
-    from retrogen.retrieval.diverse import ground_size
+    from retrogen.retrieval.diverse import DIMS, ground_size
 
     if neighbours is not None:
         return f"sparse, {min(neighbours, pool - 1)} nb"
     size = ground_size(pool, ground)
-    return "exact" if size == pool else f"sample {size}"
+    dims = DIMS if dims is None else (dims or None)
+    projected = dims is not None and dims < min(dim, size)
+    return "exact" if size == pool else f"sample {size}" + (f", {dims} dims" if projected else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pools", default="100,250,1000,2500,4096,5000,10000,20000")
     p.add_argument("--neighbours", type=int, default=None, help="force the sparse path with this many")
     p.add_argument("--ground", type=int, default=None, help="rows the objective sums over (default: the module's)")
+    p.add_argument("--dims", type=int, default=None, help="sampled path's directions (default: module's; 0: all)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             centre = centres[[rng.integers(len(centres))]]
             q, _ = mixture(a.queries, a.dim, clusters=1, seed=100 + r, centres=centre)
             rows.append(one_round(index, corpus, q, pool=pool, per_class=a.per_class, neighbours=a.neighbours,
-                                  ground=a.ground, trace=r == 0))
+                                  ground=a.ground, dims=a.dims, trace=r == 0))
         med = {k: float(np.median([x[k] for x in rows])) for k in rows[0]}
         lo = {k: min(x[k] for x in rows) for k in rows[0]}
         hi = {k: max(x[k] for x in rows) for k in rows[0]}
@@ -131,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return f"{1e3 * med[k]:.1f} ({1e3 * lo[k]:.1f}–{1e3 * hi[k]:.1f})"
 
         label = f"{pool} (2N, the default)" if pool == 2 * a.per_class else str(pool)
-        print(f"| {label} | {path(pool, a.neighbours, a.ground)} | {ms('search')} | {ms('knn')} | {ms('greedy')} "
+        print(f"| {label} | {path(pool, a.neighbours, a.ground, a.dims, a.dim)} | {ms('search')} | {ms('knn')} "
+              f"| {ms('greedy')} "
               f"| {ms('diverse')} | {med['greedy'] / med['search']:.2f}× | {rows[0]['peak'] / 1e6:.1f} "
               f"| {med['sim_knn']:.3f} → {med['sim_diverse']:.3f} |", flush=True)
     print("ms: median (min–max) over rounds. Both policies share the candidate bookkeeping (round-robin, "

@@ -25,7 +25,7 @@ MAX_NPROBE = 65_536  # IVF lists / HNSW efSearch: beyond this a search is a scan
 MAX_CANDIDATES = 1_000_000
 MAX_BATCH = 4096
 MAX_OPT_OUT = 100_000
-MAX_DIVERSITY_POOL = 20_000  # above diverse.GROUND_MAX a 1024-row sampled ground set: 129 MB peak at 20k
+MAX_DIVERSITY_POOL = 20_000  # above diverse.GROUND_MAX a sampled ground set (256 rows at 20k: 75 MB peak)
 
 
 class RetrievalConfig(LibraryConfig):

@@ -25,22 +25,25 @@ submodular and the greedy stays exact:
 item's bonus is w times the pool's mean relevance, i.e. about w average candidates' worth of coverage.
 
 Pools up to ``GROUND_MAX`` rows keep the capped similarity as a dense pool x pool float32 matrix: the exact
-objective. Larger pools sum over a systematic sample S of ``GROUND_MAX`` rows (``ground_rows``: evenly spread
-over the kNN ranks, no seed) while every row stays a candidate:
+objective. Larger pools sum over a systematic sample S of s rows (``ground_rows``: evenly spread over the kNN
+ranks, no seed; s = ``GROUND_MAX`` up to a pool of 5,000, then fewer, see ``ground_size``) while every row
+stays a candidate:
 
     f_S(A) = (m / s) * sum over i in S of  min( max_{a in A} min(s(i, a), r(a)),  r(i) )
 
-still a facility location, so monotone submodular and the lazy greedy exact for it. What it drops: how well
-the picks cover the rows outside S (each sampled row stands for m / s of them, hence the scaling). Memory
-and time are O(pool * s), not O(pool^2): the M^2 d similarity was the cost at pools in the thousands.
-Given ``neighbours``, the similarity is instead a sparse kNN graph over every row (each row keeps itself and
-its ``neighbours`` highest capped similarities: submodlib's sparse mode); it bounds memory, not the
-O(pool^2 d) time.
+still a facility location, so monotone submodular. What it drops: how well the picks cover the rows outside
+S (each sampled row stands for m / s of them, hence the scaling). Its similarities are taken in the sample's
+top ``dims`` principal directions (``project``): s(i, c) becomes the inner product of c with ground row i's
+projection onto them; the caps r stay exact. The matrix is s x pool, built in s * pool * dims
+(plus pool * d * dims for the projection), not pool^2 * d. On it the greedy keeps every candidate's gain
+exact up to float32 rounding (``_SampledCover``): a plain greedy, not a lazy one. Given ``neighbours``, the
+similarity is instead a sparse kNN graph over every row (each row keeps itself and its ``neighbours``
+highest capped similarities: submodlib's sparse mode); it bounds memory, not the O(pool^2 d) time.
 
-The greedy maximisation is lazy (gains of a submodular function only shrink, so a stale gain is an upper
-bound) and refreshes a batch of the best bounds at once, vectorised over the ground. It yields an order, not a
-set, so the usual filters walk it exactly as they walk the kNN order; the items after the pool follow in kNN
-order.
+On the exact and sparse paths the greedy is lazy (gains of a submodular function only shrink, so a stale gain
+is an upper bound) and refreshes a batch of the best bounds at once, vectorised over the ground. The greedy
+yields an order, not a set, so the usual filters walk it exactly as they walk the kNN order; the items after
+the pool follow in kNN order.
 """
 
 from __future__ import annotations
@@ -51,16 +54,26 @@ import numpy as np
 
 from .selection import Candidate
 
-GROUND_MAX = 1024  # larger pools cover a systematic sample of this many rows: (pool x GROUND_MAX) float32
+GROUND_MAX = 1024  # larger pools cover a systematic sample of at most this many rows (see ground_size)
+COVER_ENTRIES = 5000 * GROUND_MAX  # above a pool of 5,000 the sample shrinks: sample x pool stays this (20 MB)
+GROUND_MIN = 256  # ... down to this many rows (the 20,000 pool cap)
+DIMS = 64  # the sampled path's similarities: in the sample's top-DIMS principal directions (None: all)
+_POWER_STEPS = 2  # subspace-iteration steps for those directions
+_CHUNK_ENTRIES = 1 << 18  # ground rows x pool entries per step of a pick's gain update (1 MB: stays in cache)
 _BATCH = 32  # candidates whose gains are refreshed together: one vectorised (batch x ground) step
 _BLOCK_ENTRIES = 1 << 22  # rows x pool entries per block while building the sparse similarity (~48 MB of work)
 
 
 def ground_size(m: int, ground: int | None = None) -> int:
-    """How many pool rows the dense path covers: ``ground`` (capped at m), or all up to ``GROUND_MAX``."""
+    """How many pool rows the dense path covers: ``ground`` (capped at m), or by default every row up to
+    ``GROUND_MAX``, then ``GROUND_MAX`` up to a pool of ``COVER_ENTRIES / GROUND_MAX`` (5,000), then
+    ``COVER_ENTRIES / m`` (at least ``GROUND_MIN``): the greedy's matrix, its time and memory, stop growing with
+    the pool, at the cost of fidelity (docs/retrieval-selection.md, "Large pools")."""
     if ground is not None and ground < 1:
         raise ValueError(f"ground must be >= 1, got {ground}")
-    return min(m, GROUND_MAX if ground is None else ground)
+    if ground is None:
+        ground = min(GROUND_MAX, max(GROUND_MIN, COVER_ENTRIES // max(m, 1)))
+    return min(m, ground)
 
 
 def ground_rows(m: int, size: int) -> np.ndarray:
@@ -73,28 +86,17 @@ def ground_rows(m: int, size: int) -> np.ndarray:
 
 
 class _DenseCover:
-    """The capped similarity of each candidate c (row) to each ground row i (column): a dense (m, s) matrix.
+    """The exact path: the capped similarity of every candidate c (row) to every pool row i (column), a dense
+    (m, m) float32 matrix. Candidates are rows so that refreshing a batch's gains gathers contiguous rows."""
 
-    Candidates are rows so that refreshing a batch's gains gathers contiguous rows. With every row as ground
-    (s = m) this is the exact objective; with a sample each ground row stands for m / s pool rows, so gains
-    are scaled by m / s: they stay on the full objective's scale, which the quality bonus (from the pool's
-    mean cap) assumes.
-    """
-
-    def __init__(self, pool: np.ndarray, cap: np.ndarray, rows: np.ndarray | None):
-        # pool @ pool.T (not pool @ pool[rows].T) when the ground is the pool: numpy's symmetric product
-        cover = pool @ pool.T if rows is None else pool @ pool[rows].T
-        # three in-place passes with fast loops: numpy's clip(.., 0, caps) and maximum(.., 0.0) have none
-        np.maximum(cover, np.zeros(cover.shape[1], np.float32)[None, :], out=cover)
-        np.minimum(cover, cap[:, None], out=cover)
-        np.minimum(cover, (cap if rows is None else cap[rows])[None, :], out=cover)
-        self.cover = cover
-        self.scale = 1.0 if rows is None else len(pool) / len(rows)
-        self.covered = np.zeros(cover.shape[1], np.float32)
-        self.work = np.empty((0, cover.shape[1]), np.float32)  # the refreshed rows, reused across refreshes
+    def __init__(self, pool: np.ndarray, cap: np.ndarray):
+        # pool @ pool.T: numpy's symmetric product
+        self.cover = _capped(pool @ pool.T, cap, cap)
+        self.covered = np.zeros(self.cover.shape[1], np.float32)
+        self.work = np.empty((0, self.cover.shape[1]), np.float32)  # the refreshed rows, reused across refreshes
 
     def first_gains(self) -> np.ndarray:
-        return self._scaled(self.cover.sum(axis=1, dtype=np.float64))
+        return self.cover.sum(axis=1, dtype=np.float64)
 
     def gains(self, top: np.ndarray) -> np.ndarray:
         if len(top) > len(self.work):
@@ -104,15 +106,86 @@ class _DenseCover:
         # max(x, covered) - covered: the same values as max(x - covered, 0), but both passes have a fast loop
         np.maximum(got, self.covered, out=got)
         np.subtract(got, self.covered, out=got)
-        return self._scaled(got.sum(axis=1, dtype=np.float64))
+        return got.sum(axis=1, dtype=np.float64)
 
     def take(self, c: int) -> None:
         np.maximum(self.covered, self.cover[c], out=self.covered)
 
-    def _scaled(self, gains: np.ndarray) -> np.ndarray:
-        if self.scale != 1.0:
-            gains *= self.scale
-        return gains
+
+def _capped(sims: np.ndarray, row_cap: np.ndarray, col_cap: np.ndarray) -> np.ndarray:
+    """min(max(sims, 0), row_cap[:, None], col_cap[None, :]), in place: three passes with fast loops (numpy's
+    clip(.., 0, caps) and maximum(.., 0.0) have none)."""
+    np.maximum(sims, np.zeros(sims.shape[1], np.float32)[None, :], out=sims)
+    np.minimum(sims, row_cap[:, None], out=sims)
+    np.minimum(sims, col_cap[None, :], out=sims)
+    return sims
+
+
+def principal_basis(sample: np.ndarray, dims: int) -> np.ndarray:
+    """(d, dims) orthonormal basis near the top-``dims`` principal (uncentred) directions of ``sample``'s rows.
+
+    ``_POWER_STEPS`` steps of subspace iteration from a fixed-seed Gaussian start, so deterministic; an exact
+    eigendecomposition of the d x d Gram matrix costs more (~70 ms at d = 512) than the product it saves.
+    """
+    basis = np.random.default_rng(0).standard_normal((sample.shape[1], dims)).astype(np.float32)
+    for _ in range(_POWER_STEPS):
+        basis = np.linalg.qr(sample.T @ (sample @ basis))[0]
+    return np.ascontiguousarray(basis, dtype=np.float32)
+
+
+def project(pool: np.ndarray, queries: np.ndarray, rows: np.ndarray,
+            dims: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(the pool's coordinates for the sampled similarity, every row's cosine to every query), in one product.
+
+    Coordinates in the top-``dims`` principal directions of the sample ``pool[rows]`` (``principal_basis``),
+    not re-normalised: a coordinate product is then the inner product of a candidate with the ground row's
+    projection onto those directions, so the part of a cosine in the dropped directions is lost
+    (re-normalising inflated the cosines of rows lying mostly outside the subspace, and kept far less of the
+    gain). With ``dims`` >= d or >= the sample's size (its own span keeps every ground cosine), or None: the
+    pool itself. The query cosines (the caps) are exact either way.
+    """
+    if dims is None or dims >= min(pool.shape[1], len(rows)):
+        return pool, pool @ queries.T
+    both = pool @ np.concatenate([principal_basis(pool[rows], dims), queries.T], axis=1)
+    return np.ascontiguousarray(both[:, :dims]), both[:, dims:]
+
+
+class _SampledCover:
+    """The sampled path: f_S's capped similarity, ground rows x candidates (s, m) float32, and each pick's drop
+    in every candidate's gain, so that the greedy sees exact gains (up to float32 rounding; no stale bounds).
+
+    On this objective a lazy greedy re-evaluates ~7 % of the pool per pick (many candidates cover about as
+    well as each other), gathering rows scattered over the matrix. A pick raises the coverage of only the
+    ground rows it covers better than before (~3.3 s rows over the first 100 picks on the bench data), and
+    the gains change only through those rows: contiguous here.
+    """
+
+    def __init__(self, coords: np.ndarray, cap: np.ndarray, rows: np.ndarray):
+        self.cover = _capped(coords[rows] @ coords.T, cap[rows], cap)
+        self.scale = len(coords) / len(rows)  # each ground row stands for m / s pool rows
+        self.covered = np.zeros(len(rows), np.float32)
+        self.chunk = max(1, _CHUNK_ENTRIES // len(coords))
+        self.work = np.empty((min(self.chunk, len(rows)), len(coords)), np.float32)
+
+    def first_gains(self) -> np.ndarray:
+        return self.scale * self.cover.sum(axis=0, dtype=np.float64)
+
+    def take(self, c: int) -> np.ndarray:
+        """Cover with c; every candidate's gain drop: sum over the raised rows of clip(x, old, new) - old."""
+        new = self.cover[:, c]
+        raised = np.flatnonzero(new > self.covered)
+        drop = np.zeros(self.cover.shape[1])
+        for lo in range(0, len(raised), self.chunk):
+            part = raised[lo: lo + self.chunk]
+            old = self.covered[part]
+            got = np.take(self.cover, part, axis=0, out=self.work[: len(part)], mode="clip")
+            np.maximum(got, old[:, None], out=got)
+            np.minimum(got, new[part, None], out=got)
+            drop += np.ones(len(part), np.float32) @ got  # a BLAS sum over the rows
+            drop -= old.sum(dtype=np.float64)
+        self.covered[raised] = new[raised]
+        drop *= self.scale
+        return drop
 
 
 def knn_cover(pool: np.ndarray, cap: np.ndarray, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,9 +311,33 @@ def _lazy_greedy(cover: _DenseCover | _SparseCover, bonus: np.ndarray | None, *,
     return order, gains
 
 
+def _plain_greedy(cover: _SampledCover, bonus: np.ndarray | None, *, steps: int) -> tuple[list[int], list[float]]:
+    """Greedy on exact gains (``cover.take`` updates them): the best each step, ties to the earlier row.
+
+    The updates sum in float32 and drift by ~1e-7 of the first pick's gain, so the greedy stops once nothing
+    gains more than 1e-6 of that (the lazy paths stop at an absolute 1e-6)."""
+    total = cover.first_gains()
+    if bonus is not None:
+        total += bonus
+    stop = 1e-6 * max(1.0, float(total.max(initial=0.0)))
+    order: list[int] = []
+    gains: list[float] = []
+    while len(order) < steps:
+        c = int(np.argmax(total))
+        best = float(total[c])
+        if best <= stop:
+            break
+        order.append(c)
+        gains.append(best)
+        total -= cover.take(c)
+        total[c] = -np.inf
+    return order, gains
+
+
 def flmi_order(pool: np.ndarray, queries: np.ndarray, *, steps: int, eta: float = 1.0,
                quality: np.ndarray | None = None, quality_weight: float = 0.0,
-               neighbours: int | None = None, ground: int | None = None) -> tuple[list[int], list[float]]:
+               neighbours: int | None = None, ground: int | None = None,
+               dims: int | None = DIMS) -> tuple[list[int], list[float]]:
     """Greedy FLMI order of ``pool`` rows: (positions in ``pool``, the marginal gain of each pick).
 
     Args:
@@ -251,29 +348,34 @@ def flmi_order(pool: np.ndarray, queries: np.ndarray, *, steps: int, eta: float 
         quality: (m,) scores on any real scale (higher is better), or None: COBRA's quality term, weighted by
             ``quality_weight`` (>= 0; 0 = off). A pick's gain then includes its bonus.
         ground: how many pool rows the objective sums over (all stay candidates): a systematic sample
-            (``ground_rows``) with gains scaled by m / ground. None: all rows up to ``GROUND_MAX``, else
-            ``GROUND_MAX``; ground >= m is the exact objective.
+            (``ground_rows``) with gains scaled by m / ground. None: ``ground_size``'s default (every row up
+            to ``GROUND_MAX``); ground >= m is the exact objective.
         neighbours: instead, the sparse path over every row: keep only each row's own entry and its
             ``neighbours`` highest capped similarities. Not combined with ``ground``.
+        dims: on the sampled path only, the principal directions its similarities use (``project``; >= 1);
+            None, or at least d or the sample's size: full cosines.
     """
     m = len(pool)
     steps = min(steps, m)
     if neighbours is not None and (neighbours < 1 or ground is not None):
         raise ValueError(f"neighbours must be >= 1 and not combined with ground, got {neighbours}, {ground}")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int | np.integer) or dims < 1):
+        raise ValueError(f"dims must be an integer >= 1 or None, got {dims!r}")
     size = ground_size(m, ground)
     if steps <= 0:
         return [], []
     pool = pool.astype(np.float32, copy=False)
-    cap = eta * np.clip(pool @ queries.astype(np.float32).T, 0.0, None).max(axis=1)  # relevance of each i
-    bonus = quality_bonus(quality, quality_weight, cap)
-    if neighbours is not None:
-        cover = _SparseCover(pool, cap, neighbours)
+    queries = queries.astype(np.float32)
+    if neighbours is None and size < m:  # the sampled path: the caps come out of the projection's product
+        rows = ground_rows(m, size)
+        coords, sims = project(pool, queries, rows, dims)
+        cap = eta * np.clip(sims, 0.0, None).max(axis=1)
+        order, gains = _plain_greedy(_SampledCover(coords, cap, rows), quality_bonus(quality, quality_weight, cap),
+                                     steps=steps)
     else:
-        cover = _DenseCover(pool, cap, None if size == m else ground_rows(m, size))
-    # The greedy refreshes a few percent of the pool per pick: on a large pool, larger batches spread each
-    # refresh's O(m) bookkeeping (the partition, the rival bound). The exact path keeps 32, hence its tie-breaks.
-    batch = _BATCH if size == m or neighbours is not None else max(_BATCH, m // 32)
-    order, gains = _lazy_greedy(cover, bonus, m=m, steps=steps, batch=batch)
+        cap = eta * np.clip(pool @ queries.T, 0.0, None).max(axis=1)  # relevance of each i
+        cover = _DenseCover(pool, cap) if neighbours is None else _SparseCover(pool, cap, neighbours)
+        order, gains = _lazy_greedy(cover, quality_bonus(quality, quality_weight, cap), m=m, steps=steps)
     picked = set(order)
     rest = [i for i in range(m) if i not in picked][: steps - len(order)]
     return order + rest, gains + [0.0] * len(rest)
@@ -282,30 +384,38 @@ def flmi_order(pool: np.ndarray, queries: np.ndarray, *, steps: int, eta: float 
 def diverse_order(cands: list[Candidate], emb: dict[int, np.ndarray], queries: np.ndarray, *, pool_size: int,
                   steps: int, eta: float = 1.0, quality: dict[int, float] | None = None,
                   quality_weight: float = 0.0, neighbours: int | None = None,
-                  ground: int | None = None) -> list[Candidate]:
+                  ground: int | None = None, dims: int | None = DIMS) -> list[Candidate]:
     """A class's candidates (kNN priority order) reordered: ``steps`` greedy picks, each carrying its gain,
     among the first ``pool_size`` distinct items, then the rest in kNN order.
 
     ``quality`` maps candidate id to score (see ``flmi_order``); an id without one (or with a NaN or infinite
     one, as a missing metadata value may read) counts as the pool's lowest score, i.e. earns no bonus.
-    ``ground`` and ``neighbours``: as in ``flmi_order``.
+    ``ground``, ``neighbours`` and ``dims``: as in ``flmi_order``.
     """
-    pool: list[Candidate] = []
-    seen: set[int] = set()
-    for c in cands:
-        if c.id not in seen and len(pool) < pool_size:
-            seen.add(c.id)
-            pool.append(c)
-    if not pool:
+    where: dict[int, int] = {}  # pool member's id -> where it first occurs in cands
+    vecs = []
+    for k, c in enumerate(cands):  # one walk, stopped once the pool is full: pools reach 20,000 of ~10^5
+        if c.id not in where:
+            if len(where) == pool_size:
+                break
+            where[c.id] = k
+            vecs.append(emb[c.id])
+    if not where:
         return list(cands)
+    pool = [cands[k] for k in where.values()]
     scores = None
     if quality is not None and quality_weight != 0:
         given = np.array([quality.get(c.id, np.nan) for c in pool], dtype=np.float64)
         known = np.isfinite(given)
         if known.any():
             scores = np.where(known, given, given[known].min())
-    order, gains = flmi_order(np.stack([emb[c.id] for c in pool]), queries, steps=steps, eta=eta, quality=scores,
-                              quality_weight=quality_weight, neighbours=neighbours, ground=ground)
+    # concatenate + reshape: the same matrix as np.stack, without its per-row cost (half the time at 20,000)
+    order, gains = flmi_order(np.concatenate(vecs).reshape(len(vecs), -1), queries, steps=steps, eta=eta,
+                              quality=scores, quality_weight=quality_weight, neighbours=neighbours,
+                              ground=ground, dims=dims)
     picked = [replace(pool[i], gain=round(g, 6)) for i, g in zip(order, gains, strict=True)]
-    first = {id(pool[i]) for i in order}
-    return picked + [c for c in cands if id(c) not in first]
+    rest, start, first = [], 0, list(where.values())
+    for k in sorted(first[i] for i in order):  # cands without the picks, by slices
+        rest += cands[start:k]
+        start = k + 1
+    return picked + rest + cands[start:]

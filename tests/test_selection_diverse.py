@@ -275,6 +275,15 @@ def test_ground_rows_are_the_systematic_sample_over_the_knn_ranks():
         300, 200, GROUND_MAX + 1)
 
 
+def test_the_default_sample_shrinks_above_five_thousand_so_its_matrix_stays_flat():
+    from retrogen.retrieval.diverse import COVER_ENTRIES, GROUND_MAX, GROUND_MIN, ground_size
+
+    assert [ground_size(m) for m in (1024, 1025, 2000, 5000, 5001)] == [1024, 1024, 1024, 1024, 1023]
+    assert [ground_size(m) for m in (10_000, 20_000, 40_000, 10**6)] == [512, 256, GROUND_MIN, GROUND_MIN]
+    assert all(ground_size(m) * m <= COVER_ENTRIES for m in range(GROUND_MAX + 1, 20_001, 997))
+    assert ground_size(20_000, 1024) == 1024, "an explicit ground is kept"
+
+
 def test_a_ground_as_large_as_the_pool_is_the_exact_order(monkeypatch):
     from retrogen.retrieval import diverse
 
@@ -296,7 +305,7 @@ def test_a_ground_as_large_as_the_pool_is_the_exact_order(monkeypatch):
     assert flmi_order(pool[:100], q, steps=50) == flmi_order(pool[:100], q, steps=50, ground=100)
 
 
-def test_lazy_greedy_on_a_sample_equals_plain_greedy_on_the_sampled_objective():
+def test_the_greedy_on_a_sample_equals_plain_greedy_on_the_sampled_objective():
     """f_S(A) = (m / s) sum_{i in S} max_{a in A} K[i, a], S = the rows round(j m / s); every row a candidate."""
     rng = np.random.default_rng(14)
     for trial in range(5):
@@ -314,10 +323,9 @@ def test_lazy_greedy_on_a_sample_equals_plain_greedy_on_the_sampled_objective():
         assert any(c not in sample for c in order[:s]), "rows outside the sample are picked too"
 
 
-def _modes(seed, sizes):
+def _modes(seed, sizes, dim=32):
     """Modes the queries reach, the first dense and tight (it fills kNN's top), in kNN order, with their labels."""
     rng = np.random.default_rng(seed)
-    dim = 32
     centres = _unit(rng.standard_normal((len(sizes), dim)))
     queries = _unit(centres + 0.05 * rng.standard_normal((len(sizes), dim)))
     pool = np.concatenate([_clusters(rng, centres[:1], sizes[:1], 0.04),
@@ -348,14 +356,14 @@ def test_a_sample_agrees_with_the_exact_greedy_on_most_picks():
     assert len(set(mode[sampled[:8]])) >= len(set(mode[exact[:8]])) - 1
 
 
-def test_a_pool_of_twenty_thousand_keeps_a_pool_by_sample_matrix():
+def test_a_pool_of_twenty_thousand_keeps_a_sample_by_pool_matrix():
     import tracemalloc
 
-    from retrogen.retrieval.diverse import GROUND_MAX
+    from retrogen.retrieval.diverse import COVER_ENTRIES, DIMS
 
     rng = np.random.default_rng(16)
     m = 20_000
-    pool, q = _unit(rng.standard_normal((m, 64))), _unit(rng.standard_normal((2, 64)))
+    pool, q = _unit(rng.standard_normal((m, 128))), _unit(rng.standard_normal((2, 128)))
     tracemalloc.start()
     try:
         order, _ = flmi_order(pool, q, steps=20)
@@ -363,5 +371,107 @@ def test_a_pool_of_twenty_thousand_keeps_a_pool_by_sample_matrix():
     finally:
         tracemalloc.stop()
     assert len(set(order)) == 20
-    sample = m * GROUND_MAX * 4
-    assert peak < 1.2 * sample, f"peak {peak / 1e6:.0f} MB, the (m, s) matrix {sample / 1e6:.0f} MB"
+    bound = 4 * (COVER_ENTRIES + 2 * m * (DIMS + len(q)))  # the (s, m) matrix, the projection and its copy
+    assert peak < 1.2 * bound, f"peak {peak / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB"
+
+
+# --- the projection on the sampled path ------------------------------------------------------------------------
+
+def test_the_exact_path_ignores_dims_and_is_the_written_out_greedy():
+    rng = np.random.default_rng(17)
+    pool, q = _unit(rng.standard_normal((300, 96))), _unit(rng.standard_normal((3, 96)))
+    quality = rng.standard_normal(300)
+    exact = flmi_order(pool, q, steps=60, quality=quality, quality_weight=0.3)
+    for dims in (None, 1, 4, 64, 500):
+        assert flmi_order(pool, q, steps=60, quality=quality, quality_weight=0.3, dims=dims) == exact, dims
+    cover, r = _capped(pool, q)
+    _check_against_naive_greedy(*exact, cover, _bonus(quality, 0.3, r))
+
+
+def test_dims_at_least_the_dimension_or_the_sample_is_no_projection():
+    rng = np.random.default_rng(18)
+    centres = _unit(rng.standard_normal((5, 48)))
+    pool = _clusters(rng, centres, (200, 100, 50, 30, 20), 0.5)
+    q = _unit(centres[:2] + 0.2 * rng.standard_normal((2, 48)))
+    full = flmi_order(pool, q, steps=60, ground=100, dims=None)
+    assert flmi_order(pool, q, steps=60, ground=100, dims=48) == full
+    assert flmi_order(pool, q, steps=60, ground=100, dims=10**6) == full
+    sample_wide = flmi_order(pool, q, steps=60, ground=40, dims=40)  # as many directions as the sample's rows
+    assert sample_wide == flmi_order(pool, q, steps=60, ground=40, dims=None)
+    assert flmi_order(pool, q, steps=60, ground=100, dims=2) != full, "a scenario where 2 directions change it"
+
+
+def test_the_greedy_on_a_projected_sample_equals_plain_greedy_on_its_objective():
+    """K[i, c] = min(max(x_c . P P^T x_i, 0), r(i), r(c)), P = principal_basis of the sample, r exact."""
+    from retrogen.retrieval.diverse import principal_basis
+
+    rng = np.random.default_rng(19)
+    for trial in range(4):
+        m, s, dims = ((120, 30, 6), (150, 50, 3), (90, 40, 12), (200, 64, 8))[trial]
+        centres = _unit(rng.standard_normal((6, 40)))
+        sizes = (m // 2, m // 4, m // 8, m // 16, m // 32)
+        pool = _clusters(rng, centres, (*sizes, m - sum(sizes)), 0.4)
+        queries = _unit(centres[:2] + 0.2 * rng.standard_normal((2, 40)))
+        quality = rng.standard_normal(m) if trial % 2 else None
+        order, gains = flmi_order(pool, queries, steps=m, quality=quality, quality_weight=0.4, ground=s, dims=dims)
+        sample = [round(j * m / s) for j in range(s)]
+        coords = pool @ principal_basis(pool[sample], dims)
+        _, r = _capped(pool, queries)
+        cover = np.minimum(np.minimum(np.clip(coords[sample] @ coords.T, 0, None), r[sample, None]), r[None, :])
+        bonus = _bonus(quality, 0.4, r) if quality is not None else np.zeros(m)
+        _check_against_naive_greedy(order, gains, (m / s) * cover, bonus)
+
+
+def test_the_projected_greedy_is_deterministic():
+    from retrogen.retrieval.diverse import GROUND_MAX, principal_basis
+
+    pool, queries, _ = _modes(20, (1500, 600, 400, 200, 100), dim=128)
+    assert len(pool) > GROUND_MAX
+    quality = np.random.default_rng(20).standard_normal(len(pool))
+    first = flmi_order(pool, queries, steps=80, quality=quality, quality_weight=0.2)
+    assert flmi_order(pool, queries, steps=80, quality=quality, quality_weight=0.2) == first
+    assert flmi_order(pool.copy(), queries.copy(), steps=80, quality=quality.copy(), quality_weight=0.2) == first
+    assert np.array_equal(principal_basis(pool[:500], 16), principal_basis(pool[:500].copy(), 16))
+
+
+def test_a_projected_sample_still_spreads_over_the_modes_of_a_large_pool():
+    """8 modes in 256 dimensions, 6,000 rows: 64 or 16 directions keep them apart, 2 cannot."""
+    pool, queries, mode = _modes(15, (3000, 1200, 800, 400, 300, 150, 100, 50), dim=256)
+    assert len(set(mode[:8])) == 1, "kNN's top-8 is one mode"
+    for dims in (None, 64, 16):
+        order, gains = flmi_order(pool, queries, steps=8, dims=dims)
+        assert len(set(mode[order])) >= 7, dims
+        assert all(a >= b - 1e-6 for a, b in zip(gains, gains[1:], strict=False)), dims
+    order, _ = flmi_order(pool, queries, steps=8, dims=2)
+    assert len(set(mode[order])) < 7, "the scenario is one where too few directions merge modes"
+
+
+def test_bad_dims_are_refused():
+    import pytest
+
+    rng = np.random.default_rng(21)
+    pool, q = _unit(rng.standard_normal((40, 8))), _unit(rng.standard_normal((2, 8)))
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError):
+            flmi_order(pool, q, steps=5, dims=bad)
+    assert flmi_order(pool, q, steps=5, dims=np.int64(4)) == flmi_order(pool, q, steps=5)
+
+
+def test_diverse_order_returns_the_picks_then_every_other_candidate_in_order():
+    """Candidates repeat across queries (round-robin): the pool is each id's first occurrence; the picked
+    objects leave the list, every other entry (a picked id's later copies too) stays in order."""
+    from retrogen.retrieval.selection import Candidate
+
+    rng = np.random.default_rng(22)
+    vecs = _unit(rng.standard_normal((30, 8)))
+    q = _unit(rng.standard_normal((2, 8)))
+    ids = [int(i) for i in rng.integers(0, 30, 70)]
+    cands = [Candidate(100 + i, "c", float(vecs[i] @ q[0]), k, {}) for k, i in enumerate(ids)]
+    emb = {100 + i: vecs[i] for i in range(30)}
+    out = diverse_order(cands, emb, q, pool_size=12, steps=5)
+    first = list(dict.fromkeys(c.id for c in cands))[:12]
+    picked = out[:5]
+    assert [c.id for c in picked] != first[:5] and {c.id for c in picked} <= set(first)
+    originals = [next(c for c in cands if c.id == p.id) for p in picked]  # the first occurrences were picked
+    assert out[5:] == [c for c in cands if not any(c is o for o in originals)]
+    assert len(out) == len(cands) - 5 + 5
