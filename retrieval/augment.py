@@ -326,11 +326,7 @@ def _quality(run: _Run, ids: list[int]) -> dict[int, float]:
 
 def _screen(run: _Run, ids: list[int]) -> dict[int, str]:
     """The reason each screened-out candidate is excluded (opt-out, unsafe, watermark)."""
-    corpus, max_pixels = run.corpus, run.config.max_pixels
-    return run.screen.excluded(
-        ids, metadata=lambda i, cols: corpus.metadata(i, columns=cols),
-        embeddings=lambda i: corpus.embeddings(i).astype(np.float32),
-        images=lambda i: [decode_image(corpus.read_bytes(x), max_pixels=max_pixels) for x in i])
+    return run.screen.excluded_in(run.corpus, ids, max_pixels=run.config.max_pixels)
 
 
 def _pool_size(run: _Run) -> int:

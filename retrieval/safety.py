@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from retrogen.errors import InvalidInputError
+from retrogen.imageio import DEFAULT_MAX_PIXELS, decode_image
 
 from .opt_out import OptOut
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from .config import RetrievalConfig
     from .embedders import Embedder
+    from .index import CorpusIndex
     from .index_directory import Manifest
 
 #: clip-retrieval's violence detector, as a zero-shot choice between a neutral and a violent description
@@ -158,6 +160,15 @@ class ItemScreen:
         else:
             self.verdicts.update(dict.fromkeys(new))
         return {int(i): self.verdicts[int(i)] for i in ids if self.verdicts.get(int(i))}
+
+    def excluded_in(self, corpus: CorpusIndex, ids: Sequence[int], *,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[int, str]:
+        """:meth:`excluded` for rows of ``corpus``: its metadata, stored vectors and (for an image classifier)
+        its images, decoded within ``max_pixels``."""
+        return self.excluded(
+            ids, metadata=lambda i, cols: corpus.metadata(i, columns=cols),
+            embeddings=lambda i: corpus.embeddings(i).astype(np.float32),
+            images=lambda i: [decode_image(corpus.read_bytes(x), max_pixels=max_pixels) for x in i])
 
     def _screen(self, ids: list[int], *, metadata, embeddings, images) -> None:
         t = self.thresholds

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrogen.errors import InvalidInputError, NotFoundError
-from retrogen.imageio import decode_image
 
 from ..core.config import IndexConfig, Settings
 from .batching import EmbedBatchers
@@ -182,10 +181,7 @@ class LoadedIndex:
         while True:
             rows = self.neighbours(vectors, depth, **overrides)
             ids = sorted({h.id for row in rows for h in row})
-            excluded = screen.excluded(
-                ids, metadata=lambda i, cols: self.corpus.metadata(i, columns=cols),
-                embeddings=lambda i: self.corpus.embeddings(i).astype(np.float32),
-                images=lambda i: [decode_image(self.corpus.read_bytes(x)) for x in i])
+            excluded = screen.excluded_in(self.corpus, ids)
             kept = [[h for h in row if h.id not in excluded] for row in rows]
             if all(len(r) >= k for r in kept) or depth >= min(self.ntotal, MAX_SCREEN_DEPTH * k):
                 break
