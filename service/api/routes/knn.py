@@ -21,20 +21,21 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from retrogen.errors import InvalidInputError, NotFoundError
 
 from ...core.errors import ForbiddenError
 from ...domain.indexes import IndexRegistry, LoadedIndex
 from ...domain.queries import QueryLimits, clip_client_screen, decode_base64_image
-from ..deps import IndexRegistryDep, QueryLimitsDep, current_key_or_query
+from ..deps import QueryContextKeyInUrlDep
 from ..errors import documented
-from .retrieve import item_image_url
+from .retrieve import item_image_urls
 
 # ClipClient sends no headers: the key may also come as ?api_key= in its URL.
-router = APIRouter(tags=["clip-retrieval compatible"], dependencies=[Depends(current_key_or_query)])
+# every route checks the key through its QueryContextKeyInUrlDep (one dependency: see deps.query_context)
+router = APIRouter(tags=["clip-retrieval compatible"])
 
 #: clip-retrieval's dedup threshold (``get_non_uniques``): cosine >= 0.94 means the same image
 DEDUP_THRESHOLD = 0.94
@@ -92,20 +93,21 @@ def _schema(model: type[BaseModel]) -> dict:
 
 
 @router.get("/indices-list", summary="Configured index names (clip-retrieval)", response_model=list[str])
-def indices_list(registry: IndexRegistryDep) -> list[str]:
-    return registry.names()
+def indices_list(query: QueryContextKeyInUrlDep) -> list[str]:
+    return query.registry.names()
 
 
 @router.post("/knn-service", summary="k nearest corpus images (clip-retrieval)", openapi_extra=_schema(KnnQuery),
              response_model=list[dict[str, Any]], responses=documented(403, 404))
-async def knn_service(request: Request, response: Response, registry: IndexRegistryDep,
-                      limits: QueryLimitsDep) -> list[dict[str, Any]]:
+async def knn_service(request: Request, query: QueryContextKeyInUrlDep) -> Response:
     from starlette.concurrency import run_in_threadpool
 
     q: KnnQuery = await _json_body(request, KnnQuery)
+    answer = Response(media_type="application/json")  # its headers first: _knn may add one
     if q.aesthetic_score not in (None, "") and q.aesthetic_weight not in (None, "", 0, 0.0):
-        response.headers["X-Retrogen-Ignored"] = "aesthetic_score"
-    return await run_in_threadpool(_knn, q, request, response, registry, limits)
+        answer.headers["X-Retrogen-Ignored"] = "aesthetic_score"
+    rows = await run_in_threadpool(_knn, q, request, answer, query.registry, query.limits)
+    return json_rows(rows, answer)
 
 
 def _knn(q: KnnQuery, request: Request, response: Response, registry: IndexRegistry,
@@ -154,14 +156,25 @@ def _knn(q: KnnQuery, request: Request, response: Response, registry: IndexRegis
     if q.deduplicate and len(hits) > 1:
         keep = dedup_keep(loaded.corpus.embeddings([h.id for h in hits]))
         hits = [h for h, k in zip(hits, keep, strict=True) if k]
-    out = []
+    out, image_url = [], item_image_urls(request, loaded.name)
     for h in hits[: q.num_images]:
-        served = item_image_url(request, loaded.name, h.id)
+        served = image_url(h.id)
         row = _public_meta(loaded, h.meta, served)
         row["id"] = h.id
         row["similarity"] = h.similarity
         out.append(row)
     return out
+
+
+ROWS = TypeAdapter(list[dict[str, Any]])
+
+
+def json_rows(rows: list[dict[str, Any]], answer: Response) -> Response:
+    """``rows`` as the JSON body of ``answer``, serialised once by pydantic (as FastAPI would for the route's
+    response model, without its validation pass and ``jsonable_encoder`` walk over every field of every hit)."""
+    answer.body = ROWS.dump_json(rows)
+    answer.headers["content-length"] = str(len(answer.body))
+    return answer
 
 
 def dedup_keep(embeddings) -> list[bool]:
@@ -204,13 +217,13 @@ def _public_meta(loaded: LoadedIndex, meta: dict[str, Any], served_url: str) -> 
 
 @router.post("/metadata", summary="Metadata rows by id (clip-retrieval)", openapi_extra=_schema(MetadataQuery),
              response_model=list[dict[str, Any]], responses=documented(404))
-async def metadata(request: Request, registry: IndexRegistryDep) -> list[dict[str, Any]]:
+async def metadata(request: Request, query: QueryContextKeyInUrlDep) -> list[dict[str, Any]]:
     from starlette.concurrency import run_in_threadpool
 
     q: MetadataQuery = await _json_body(request, MetadataQuery)
     if not q.ids:
         return []
-    return await run_in_threadpool(_metadata, q, request, registry)
+    return await run_in_threadpool(_metadata, q, request, query.registry)
 
 
 def _metadata(q: MetadataQuery, request: Request, registry: IndexRegistry) -> list[dict[str, Any]]:
@@ -219,5 +232,5 @@ def _metadata(q: MetadataQuery, request: Request, registry: IndexRegistry) -> li
     if bad:
         raise NotFoundError(f"index {loaded.name!r} has ids 0..{loaded.ntotal - 1}; unknown: {bad[:10]}")
     metas = {int(m["id"]): m for m in loaded.corpus.metadata(sorted(set(q.ids)))}
-    return [{"id": i, "metadata": _public_meta(loaded, metas.get(i, {}), item_image_url(request, loaded.name, i))}
-            for i in q.ids]
+    image_url = item_image_urls(request, loaded.name)
+    return [{"id": i, "metadata": _public_meta(loaded, metas.get(i, {}), image_url(i))} for i in q.ids]

@@ -8,6 +8,7 @@ Handlers are plain ``def``: embedding is CPU/GPU work, so FastAPI runs them in i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -19,7 +20,7 @@ from retrogen.retrieval.provenance import retrieved_item_fields
 
 from ...domain.indexes import Hit, IndexRegistry, LoadedIndex
 from ...domain.queries import SCREEN_FIELDS, QueryLimits, decode_base64_image, query_screen
-from ..deps import IndexRegistryDep, QueryLimitsDep, current_key, current_key_or_query
+from ..deps import IndexRegistryDep, QueryContextDep, current_key, current_key_or_query
 from ..errors import documented
 
 # Every route needs the caller's API key when keys are on (401 otherwise). The item image may take it as
@@ -102,9 +103,9 @@ def list_indexes(registry: IndexRegistryDep) -> IndexesPublic:
 
 
 @router.post("/v1/retrieve", response_model=RetrieveResponse, summary="k nearest corpus images per query",
-             dependencies=KEY, responses=documented(404))
-def retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistryDep, limits: QueryLimitsDep) -> Response:
-    return json_response(answer_retrieve(body, request, registry, limits))
+             responses=documented(404))
+def retrieve(body: RetrieveRequest, request: Request, query: QueryContextDep) -> Response:
+    return json_response(answer_retrieve(body, request, query.registry, query.limits))
 
 
 def answer_retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistry,
@@ -148,8 +149,9 @@ def answer_retrieve(body: RetrieveRequest, request: Request, registry: IndexRegi
         hits, removed = loaded.screened_neighbours(vectors, body.k, screen, **overrides)
 
     # 3. Attach provenance and image URLs.
+    image_url = item_image_urls(request, loaded.name)
     results = [
-        QueryResult(query=q, neighbours=[_neighbour(request, loaded, h, q) for h in row], removed=dict(gone))
+        QueryResult(query=q, neighbours=[_neighbour(image_url, loaded, h, q) for h in row], removed=dict(gone))
         for q, row, gone in zip(queries, hits, removed, strict=True)
     ]
     return RetrieveResponse(index=loaded.name, index_id=loaded.index_id, embedder=loaded.embedder.name,
@@ -163,18 +165,22 @@ def json_response(model: BaseModel) -> Response:
     return Response(content=model.model_dump_json(), media_type="application/json")
 
 
-def item_image_url(request: Request, index_name: str, item_id: int) -> str:
-    return str(request.url_for("get_index_item_image", name=index_name, item_id=item_id))
+def item_image_urls(request: Request, index_name: str) -> Callable[[int], str]:
+    """item id -> the URL of its image. One router walk per request: ``url_for`` walks every route and
+    re-parses the base URL, which for 10 neighbours cost more than building their provenance."""
+    sample = str(request.url_for("get_index_item_image", name=index_name, item_id=0))
+    head, tail = sample.rsplit("/0/", 1)
+    return lambda item_id: f"{head}/{int(item_id)}/{tail}"
 
 
-def _neighbour(request: Request, loaded: LoadedIndex, hit: Hit, query: dict[str, Any]) -> Neighbour:
+def _neighbour(image_url: Callable[[int], str], loaded: LoadedIndex, hit: Hit, query: dict[str, Any]) -> Neighbour:
     prov = {"index": loaded.name} | retrieved_item_fields(
         loaded.corpus, hit.meta, sample_id=hit.id, similarity=hit.similarity, rank=hit.rank, query=query,
         embedder_name=loaded.embedder.name) | {"method": f"retrieval:{query['type']}",
                                                "source_uri": loaded.public_source_uri(hit.meta)}
     return Neighbour(rank=hit.rank, sample_id=hit.id, similarity=prov["similarity"], caption=prov["caption"],
                      url=prov["url"], source_uri=prov["source_uri"],
-                     image_url=item_image_url(request, loaded.name, hit.id), provenance=prov)
+                     image_url=image_url(hit.id), provenance=prov)
 
 
 @router.get("/v1/indexes/{name}/items/{item_id}/image", name="get_index_item_image",
