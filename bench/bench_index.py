@@ -78,8 +78,9 @@ def recall_of(ids: np.ndarray, truth: np.ndarray) -> float:
 
 def bare_index(kind: str, product, vectors: np.ndarray):
     """The bare-faiss side, and its storage position -> row id map (None: the same): a flat ``IndexFlatIP``; for
-    hnsw the product's own graph read with ``faiss.read_index`` and searched under its id map (the build adds
-    its recall-probe rows last; results are mapped to row ids outside the timed calls); for ivfpq the product's
+    hnsw the product's own graph read with ``faiss.read_index`` and searched directly, not through the id map
+    around it (the build adds its recall-probe rows last; results are mapped to row ids outside the timed
+    calls); for ivfpq the product's
     trained IVF-PQ (quantizer and codebooks) filled in row order under ``IndexRefineFlat`` over the float32
     vectors, the refine a faiss user writes by hand. Same trained structures, so the ratio isolates what
     retrogen adds per query."""

@@ -91,7 +91,7 @@ def _ivfpq(count: int, dim: int, budget: int | None) -> IndexPlan:
                 nprobe = min(nlist, max(4, nlist // 16))
                 factory = f"IVF{nlist},PQ{m}{suffix}" + (f",Refine({refine})" if refine else "")
                 return IndexPlan(factory, "ivfpq", {"nprobe": nprobe}, IVFPQ_RERANK, mem, train)
-    smallest = count * 9 + nlist * dim * 4
+    smallest = count * (9 + ID_MAP_BYTES) + nlist * dim * 4
     raise MemoryBudgetError(f"no IVF-PQ index of {count} vectors (dim {dim}) fits the memory budget "
                             f"{_fmt(budget)}; the smallest needs about {_fmt(smallest)}")
 
