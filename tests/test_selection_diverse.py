@@ -9,6 +9,15 @@ def _unit(x):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
+def _off_topic_pool(rng, dim=16):
+    """(query, pool): rows 0-7 orthogonal to the query (cosine 0), rows 8-15 near it."""
+    q = _unit(rng.standard_normal((1, dim)))
+    relevant = _unit(q + 0.3 * rng.standard_normal((8, dim)))
+    ortho = rng.standard_normal((8, dim))
+    ortho -= (ortho @ q.T) * q
+    return q, np.concatenate([_unit(ortho), relevant])
+
+
 def _clusters(rng, centres, sizes, spread):
     return np.concatenate([_unit(c + spread * rng.standard_normal((n, len(c))))
                            for c, n in zip(centres, sizes, strict=True)])
@@ -44,12 +53,7 @@ def test_diverse_covers_every_mode_the_queries_reach_while_knn_piles_onto_one():
 def test_off_topic_candidates_earn_nothing_and_come_last():
     """Orthogonal to the query yet similar to relevant items: they may not stand for them."""
     rng = np.random.default_rng(1)
-    dim = 16
-    q = _unit(rng.standard_normal((1, dim)))
-    relevant = _unit(q + 0.3 * rng.standard_normal((8, dim)))
-    ortho = rng.standard_normal((8, dim))
-    ortho -= (ortho @ q.T) * q  # orthogonal to the query: cosine 0
-    pool = np.concatenate([_unit(ortho), relevant])
+    q, pool = _off_topic_pool(rng)
     order, gains = flmi_order(pool, q, steps=16)  # off-topic rows first: pool order does not rescue them
     earning = [c for c, g in zip(order, gains, strict=True) if g > 0]
     assert earning and all(c >= 8 for c in earning), "only relevant items earn a gain"
@@ -143,12 +147,7 @@ def test_a_large_quality_weight_picks_in_quality_order():
 def test_picks_without_coverage_gain_still_come_in_quality_order():
     """Off-topic items cover nothing (relevance 0); with the quality term on, each still gains its bonus."""
     rng = np.random.default_rng(1)
-    dim = 16
-    q = _unit(rng.standard_normal((1, dim)))
-    relevant = _unit(q + 0.3 * rng.standard_normal((8, dim)))
-    ortho = rng.standard_normal((8, dim))
-    ortho -= (ortho @ q.T) * q
-    pool = np.concatenate([_unit(ortho), relevant])
+    q, pool = _off_topic_pool(rng)
     quality = np.concatenate([np.arange(8.0), 10 + rng.random(8)])  # off-topic: the later row, the better
     order, gains = flmi_order(pool, q, steps=16, quality=quality, quality_weight=0.05)
     off = [(c, g) for c, g in zip(order, gains, strict=True) if c < 8]
