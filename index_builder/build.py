@@ -16,8 +16,9 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from retrogen import __version__
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
@@ -40,6 +41,7 @@ from .faiss_build import (
     sample_ids,
     tune_search,
 )
+from .faiss_ondisk import IndexedQueryProbe, MapFn, build_ondisk_index, map_in_order, plan_ondisk
 from .sources import Record, records_digest, resolve_sources, scan_sources
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ def build_index(
     overwrite: bool = False,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    engine: Engine | None = None,
 ) -> Manifest:
     """Build (or resume building) an index directory from image sources.
 
@@ -66,6 +69,8 @@ def build_index(
         embedder: an ``Embedder`` or an embedder name for ``create_embedder``.
         config: index type, memory budget, shard size, dtype... (default: ``IndexBuildConfig()``).
         overwrite: replace a build made with other arguments (or an unrelated folder's build files).
+        engine: where the shards are embedded and an on-disk index's parts filled: ``LocalEngine()`` (default,
+            this process) or ``ray_build.RayEngine`` (a Ray cluster); either writes the same directory.
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
@@ -88,7 +93,7 @@ def build_index(
     emit(progress, ProgressEvent("scan", len(specs), len(specs), message=f"{len(records)} records"))
     if not records:
         raise SourceError(f"no images found in {', '.join(s.path for s in specs)}")
-    plan_index(len(records), embedder.dim, index_type=config.index_type, memory_budget=config.memory_budget)
+    plan_for(len(records), embedder.dim, config)
 
     # 3. Resume, refuse or start.
     params = _jsonable({"sources": [s.path for s in specs], "num_records": len(records),
@@ -100,13 +105,50 @@ def build_index(
         return existing
 
     # 4. Embed the shards not yet on disk.
-    shards, embed_stats = _embed_missing_shards(directory, records, embedder, config, progress=progress,
-                                                should_cancel=should_cancel)
+    engine = engine or LocalEngine()
+    shards, embed_stats = engine.embed_missing_shards(directory, records, embedder, config, progress=progress,
+                                                      should_cancel=should_cancel)
 
     # 5. FAISS index, recall, manifest (last).
     return finish_index(directory, shards, embedder_entry=embedder.manifest_entry(), config=config,
                         sources=source_summaries, params=params, progress=progress, started=t0,
-                        extra_build=embed_stats)
+                        extra_build={"engine": engine.name, **embed_stats}, map_parts=engine.map_parts)
+
+
+class Engine(Protocol):
+    """Where a build's work runs: embedding the missing shards, and filling an on-disk index's parts."""
+
+    name: str
+
+    def embed_missing_shards(self, directory: IndexDirectory, records: list[Record], embedder: Embedder,
+                             config: IndexBuildConfig, *, progress: ProgressFn | None,
+                             should_cancel: CancelFn | None) -> tuple[list[ShardInfo], dict[str, Any]]:
+        """Keep the complete shards on disk, embed and write the rest in order; every shard and what was measured."""
+
+    def map_parts(self, fn: Callable[..., Any], jobs: Sequence[tuple]) -> list:
+        """``[fn(*job) for job in jobs]``, possibly in parallel elsewhere."""
+
+
+class LocalEngine:
+    """This process: decode threads and one model (``ShardEmbedder``); an on-disk index's parts one by one."""
+
+    name = "local"
+
+    def embed_missing_shards(self, directory: IndexDirectory, records: list[Record], embedder: Embedder,
+                             config: IndexBuildConfig, *, progress: ProgressFn | None = None,
+                             should_cancel: CancelFn | None = None) -> tuple[list[ShardInfo], dict[str, Any]]:
+        return _embed_missing_shards(directory, records, embedder, config, progress=progress,
+                                     should_cancel=should_cancel)
+
+    def map_parts(self, fn: Callable[..., Any], jobs: Sequence[tuple]) -> list:
+        return map_in_order(fn, jobs)
+
+
+def plan_for(count: int, dim: int, config: IndexBuildConfig):
+    """The FAISS index ``config`` asks for over ``count`` vectors (checked before any work)."""
+    if config.faiss_storage == "ondisk":
+        return plan_ondisk(count, dim, config.index_type)
+    return plan_index(count, dim, index_type=config.index_type, memory_budget=config.memory_budget)
 
 
 @dataclass
@@ -164,8 +206,12 @@ def _embed_missing_shards(directory: IndexDirectory, records: list[Record], embe
 
 def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder_entry: dict,
                  config: IndexBuildConfig, sources: list[dict], params: dict, progress: ProgressFn | None = None,
-                 started: float | None = None, extra_build: dict | None = None) -> Manifest:
-    """Train + fill the FAISS index from the shards, measure recall, and write the manifest (last)."""
+                 started: float | None = None, extra_build: dict | None = None,
+                 map_parts: MapFn | None = None) -> Manifest:
+    """Train + fill the FAISS index from the shards, measure recall, and write the manifest (last).
+
+    ``map_parts``: how an on-disk index's per-shard parts are filled (an engine's ``map_parts``; default in order).
+    """
     import faiss
 
     started = started if started is not None else time.perf_counter()
@@ -176,7 +222,7 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
         raise IndexBuildError(f"no image could be read: all {len(skipped)} skipped "
                               f"({', '.join(f'{r} {n}' for r, n in reasons.most_common())})")
     dim = int(embedder_entry["dim"])
-    plan = plan_index(count, dim, index_type=config.index_type, memory_budget=config.memory_budget)
+    plan = plan_for(count, dim, config)
     if config.rerank_k_factor is not None:
         plan = replace(plan, rerank_k_factor=config.rerank_k_factor)
     digest = hashlib.sha256(f"{params.get('corpus_digest')}|{embedder_entry.get('name')}|{plan.factory}|{count}"
@@ -190,8 +236,12 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
         build={"parameters": params, "retrogen_version": __version__, "faiss_version": faiss.__version__},
     )
     describe_metadata(directory, manifest, progress)
-    directory.write_faiss_index(build_tuned_index(directory, shards, manifest, plan, config=config,
-                                                  progress=progress))
+    if config.faiss_storage == "ondisk":
+        faiss_index = build_tuned_ondisk_index(directory, shards, manifest, plan, config=config,
+                                               map_parts=map_parts, progress=progress)
+    else:
+        faiss_index = build_tuned_index(directory, shards, manifest, plan, config=config, progress=progress)
+    directory.write_faiss_index(faiss_index)
     duration = time.perf_counter() - started
     manifest.build.update({"created": now_iso(), "duration_s": round(duration, 3), **(extra_build or {})})
     directory.write_manifest(manifest)
@@ -240,17 +290,32 @@ def build_tuned_index(directory: IndexDirectory, shards: list[ShardInfo], manife
     return faiss_index
 
 
+def build_tuned_ondisk_index(directory: IndexDirectory, shards: list[ShardInfo], manifest: Manifest, plan, *,
+                             config: IndexBuildConfig, map_parts: MapFn | None = None,
+                             progress: ProgressFn | None = None) -> Any:
+    """The on-disk IVF index (see ``faiss_ondisk``), its search defaults tuned on stored rows as queries."""
+    merged, train_ids = build_ondisk_index(directory, shards, manifest, plan, config=config, map_parts=map_parts,
+                                           progress=progress)
+    count = manifest.count
+    probe_ids = sample_ids(count, min(config.num_recall_queries, max(1, count // 10)), config.seed + 1, train_ids)
+    tune_operating_point(directory, manifest, merged, lambda: directory.iter_vectors(shards), config=config,
+                         probe=(probe_ids, directory.gather_vectors(shards, probe_ids)), progress=progress,
+                         probe_type=IndexedQueryProbe)
+    return merged
+
+
 def tune_operating_point(directory: IndexDirectory, manifest: Manifest, faiss_index: Any, chunks, *,
                          config: IndexBuildConfig, probe: tuple[Any, Any],
-                         progress: ProgressFn | None = None) -> None:
+                         progress: ProgressFn | None = None, probe_type: type[RecallProbe] = RecallProbe) -> None:
     """Measure recall on the held-out ``probe`` rows (ids, vectors; not yet in ``faiss_index``) at rising search
     cost and record, as the manifest's search defaults, the cheapest point that reaches
     ``config.target_recall`` (``manifest.recall`` keeps every point tried)."""
     from retrogen.retrieval.index import CorpusIndex
 
     emit(progress, ProgressEvent("recall", 0, 1))
-    corpus = CorpusIndex(directory, manifest, faiss_index, held_out=len(probe[0]))
-    manifest.recall = tune_search(corpus, RecallProbe.make(*probe, chunks, seed=config.seed),
+    held_out = 0 if probe_type is IndexedQueryProbe else len(probe[0])  # its queries are in the index
+    corpus = CorpusIndex(directory, manifest, faiss_index, held_out=held_out)
+    manifest.recall = tune_search(corpus, probe_type.make(*probe, chunks, seed=config.seed),
                                   target=config.target_recall, rerank=config.rerank_k_factor)
     point = manifest.recall["operating_point"]
     defaults = {"nprobe": point["nprobe"]} if "nprobe" in point else \
@@ -283,6 +348,18 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+# Build options added after indexes were first recorded, with the value every older build had in effect.
+ADDED_OPTIONS = {"faiss_storage": "memory"}
+
+
+def with_new_defaults(previous: dict | None) -> dict | None:
+    """A recorded build's parameters, with the options added since at what that build did: an index built
+    before an option existed is still the same build, resumed or left as it is by the same command."""
+    if not isinstance(previous, dict):
+        return previous
+    return {k: v for k, v in ADDED_OPTIONS.items() if k not in previous} | previous
+
+
 def start_or_resume(directory: IndexDirectory, params: dict, *, overwrite: bool) -> Manifest | None:
     """The existing manifest when the same build is already complete; else make the directory ready to write.
 
@@ -297,12 +374,12 @@ def start_or_resume(directory: IndexDirectory, params: dict, *, overwrite: bool)
             log.info("existing manifest unreadable: %s", e)
             previous = {"manifest": "unreadable"}
         else:
-            previous = manifest.build.get("parameters")
+            previous = with_new_defaults(manifest.build.get("parameters"))
             if previous == params and not overwrite:
                 return manifest
     elif directory.has_build_state():
         try:
-            previous = directory.read_build_parameters()
+            previous = with_new_defaults(directory.read_build_parameters())
         except IndexFormatError:
             previous = {"build_state": "unreadable"}
     elif not directory.is_empty() and not overwrite:

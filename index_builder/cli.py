@@ -30,6 +30,14 @@ def build(
     device: str = typer.Option("cpu", "--device", help="Embedder device (cpu, cuda)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a build made with other arguments."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    engine: str = typer.Option("local", "--engine", help="local: this machine. ray: embed on a Ray cluster with "
+                               "Ray Data (an on-disk index's parts too); same output (docs/index-ray.md)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="With --engine ray: auto, host:port or "
+                                           "ray://host:10001 to join a cluster; default: start one here."),
+    ray_actors: int = typer.Option(1, "--ray-actors", min=1, help="With --engine ray: embedding actors at most "
+                                   "(one model each)."),
+    ray_gpus_per_actor: float | None = typer.Option(None, "--ray-gpus-per-actor", min=0.0, help="With --engine "
+                                                    "ray: GPUs per actor (default: 1 if this machine has CUDA)."),
     config: IndexBuildConfig,
 ) -> None:
     """Embed a corpus and build its index (resumable)."""
@@ -39,10 +47,31 @@ def build(
     from .build import build_index
 
     _quiet_faiss_logs()
+    runner = _engine(engine, ray_address, ray_actors, ray_gpus_per_actor)
     emb = create_embedder(embedder, device=device)
     with TqdmProgress(disable=True if quiet else None) as bars:
-        manifest = build_index(source, out, embedder=emb, config=config, overwrite=overwrite, progress=bars)
+        manifest = build_index(source, out, embedder=emb, config=config, overwrite=overwrite, progress=bars,
+                               engine=runner)
     typer.echo(_summary_line(out, manifest))
+
+
+def _engine(name: str, address: str | None, actors: int, gpus: float | None):
+    """``--engine``'s runner (None: local), refused before any work when unknown or when Ray is missing."""
+    from .errors import IndexBuildError
+
+    if name == "local":
+        if address is not None:
+            raise IndexBuildError("--ray-address needs --engine ray")
+        return None
+    if name != "ray":
+        raise IndexBuildError(f"--engine must be local or ray, got {name!r}")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise IndexBuildError("--engine ray needs Ray Data: pip install 'retrogen[distributed]'") from None
+    from .ray_build import RayEngine
+
+    return RayEngine(address=address, max_actors=actors, gpus_per_actor=gpus)
 
 
 @app.command("import")

@@ -7,7 +7,7 @@ work), and each field's description is the help of the ``retrogen index build`` 
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -64,6 +64,10 @@ class IndexBuildConfig(LibraryConfig):
         None, ge=1, le=1000, description="Exact re-rank depth (x k) of lossy indexes; default: tuned to "
         "target_recall.")
     seed: int = Field(0, description="Seed of the training sample and the recall queries.")
+    faiss_storage: Literal["memory", "ondisk"] = Field(
+        "memory", description="memory: one FAISS index built in RAM. ondisk (large corpora): an IVF index trained "
+        "on a sample, filled one part per shard in parallel (Ray tasks with --engine ray) and merged into "
+        "image.ivfdata, memory-mapped when read.")
 
     @field_validator("memory_budget")
     @classmethod

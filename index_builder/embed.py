@@ -31,8 +31,9 @@ class EmbeddedShard:
     skipped: list[dict] = field(default_factory=list)
 
 
-def _load(record: Record, preprocess: Callable, max_pixels: int, max_bytes: int):
-    """-> (CHW array, metadata row) or (None, skipped entry)."""
+def load_record(record: Record, preprocess: Callable, max_pixels: int, max_bytes: int):
+    """-> (CHW array, metadata row) or (None, skipped entry): one record read, decoded and preprocessed (the local
+    and the Ray engine both call it, so a bad file is skipped with the same reason and detail by either)."""
     try:
         data = record.read()
     except OSError as e:
@@ -75,7 +76,7 @@ class ShardEmbedder:
 
     def _submit(self, batch: list[Record]) -> list[Future]:
         pre = self.embedder.preprocess
-        return [self._pool.submit(_load, r, pre, self.max_pixels, self.max_bytes) for r in batch]
+        return [self._pool.submit(load_record, r, pre, self.max_pixels, self.max_bytes) for r in batch]
 
     def __call__(self, records: list[Record], on_batch: Callable[[int], None] | None = None) -> EmbeddedShard:
         """Embed ``records`` in order; ``on_batch(n)`` is called after each batch of ``n`` records."""

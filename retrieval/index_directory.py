@@ -5,6 +5,8 @@ DIR/manifest.json                    written last: its presence means the index 
 DIR/img_emb/img_emb_{N}.npy          (rows, dim) float16/float32, L2-normalised, N zero-padded to 4 digits
 DIR/metadata/metadata_{N}.parquet    row-aligned with the shard
 DIR/image.index                      FAISS index over all rows in shard order (row id = global row number)
+DIR/image.ivfdata                    only for an on-disk IVF index: its inverted lists (memory-mapped by faiss)
+DIR/faiss_parts/                     while an on-disk index is built: the trained index and per-shard parts
 DIR/captions.sqlite                  when the corpus has captions: SQLite FTS5 over them (rowid = row id)
 DIR/build_state.json                 while a build runs: the arguments it was started with (for resume)
 ```
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "image.index"
+#: the inverted lists of an on-disk IVF index (faiss ``OnDiskInvertedLists``); ``image.index`` refers to it by name
+INDEX_DATA_FILE = "image.ivfdata"
+FAISS_WORK_DIR = "faiss_parts"
 STATE_FILE = "build_state.json"
 CAPTIONS_FILE = "captions.sqlite"
 #: ``image.index`` files larger than this are memory-mapped by default, smaller ones read into RAM
@@ -339,10 +344,25 @@ class IndexDirectory:
     # -- the FAISS index ---------------------------------------------------------------------------------------
 
     def write_faiss_index(self, faiss_index: Any) -> None:
+        """Write ``image.index``. An on-disk IVF index (``OnDiskInvertedLists``) has its lists file moved to
+        ``image.ivfdata`` first, and is written to refer to it; any other index removes a stale one."""
         import faiss
 
+        lists = ondisk_lists(faiss_index)
+        data = self.path / INDEX_DATA_FILE
+        if lists is None:
+            data.unlink(missing_ok=True)
+        elif Path(lists.filename).resolve() != data.resolve():
+            os.replace(lists.filename, data)  # the lists stay mapped: renaming an open file is safe on POSIX
+            lists.filename = str(data.resolve())
         with atomic_path(self.path / INDEX_FILE, suffix=".index") as tmp:
             faiss.write_index(faiss_index, str(tmp))
+
+    def faiss_work_path(self, name: str) -> Path:
+        """A build file of an on-disk index under ``faiss_parts/`` (the folder is made; removed by
+        ``remove_build_state``)."""
+        (self.path / FAISS_WORK_DIR).mkdir(parents=True, exist_ok=True)
+        return self.path / FAISS_WORK_DIR / name
 
     def read_faiss_index(self, *, mmap: bool | None = None) -> Any:
         """``image.index``, read into RAM or memory-mapped read-only (where its type supports it).
@@ -356,6 +376,8 @@ class IndexDirectory:
         path = self.path / INDEX_FILE
         if not path.is_file():
             raise IndexFormatError(f"{str(self.path)!r} has a manifest but no {INDEX_FILE}")
+        if (self.path / INDEX_DATA_FILE).is_file():
+            return _read_ondisk_index(path)
         if mmap is None:
             mmap = path.stat().st_size > MMAP_MIN_BYTES
         try:
@@ -433,18 +455,46 @@ class IndexDirectory:
 
     def remove_build_state(self) -> None:
         (self.path / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.path / FAISS_WORK_DIR, ignore_errors=True)
 
     def clear(self) -> None:
         """Remove what a build writes, and nothing else the folder may hold."""
-        for name in (MANIFEST_FILE, INDEX_FILE, STATE_FILE, CAPTIONS_FILE):
+        for name in (MANIFEST_FILE, INDEX_FILE, INDEX_DATA_FILE, STATE_FILE, CAPTIONS_FILE):
             (self.path / name).unlink(missing_ok=True)
-        for sub in (EMB_DIR, META_DIR):
+        for sub in (EMB_DIR, META_DIR, FAISS_WORK_DIR):
             shutil.rmtree(self.path / sub, ignore_errors=True)
 
     def prepare(self) -> None:
         """Create the folder, and delete leftovers of atomic writes a crash interrupted."""
         self.path.mkdir(parents=True, exist_ok=True)
         remove_temp_files(self.path, self.path / EMB_DIR, self.path / META_DIR)
+
+
+def ondisk_lists(faiss_index: Any):
+    """The ``OnDiskInvertedLists`` of an IVF index whose lists live in a file, else None."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(faiss_index)
+    if ivf is None:
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def _read_ondisk_index(path: Path) -> Any:
+    """An on-disk IVF index: faiss maps ``image.ivfdata`` itself (read-only). faiss stores the absolute name the
+    lists had when written; ``IO_FLAG_ONDISK_SAME_DIR`` looks for it beside ``image.index`` instead, so a moved or
+    copied index directory still opens. (``IO_FLAG_MMAP`` must not be added: searching such an index crashed.)"""
+    import faiss
+
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+    try:
+        index = faiss.read_index(str(path.resolve()), flags)
+    except RuntimeError as e:
+        raise IndexFormatError(f"{path} is not a readable on-disk FAISS index: {str(e).splitlines()[0]}") from None
+    if ondisk_lists(index) is None:
+        raise IndexFormatError(f"{path.parent} has {INDEX_DATA_FILE} but {INDEX_FILE} is not an on-disk IVF index")
+    return index
 
 
 def with_optional_columns(table):

@@ -19,7 +19,7 @@ from .evaluation.cli import evaluate
 from .generation.cli import generate
 from .index_builder.cli import app as index_app
 from .retrieval.cli import retrieve, text_filter
-from .service.cli import serve, worker
+from .service.cli import db_app, serve, worker
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False,
@@ -28,6 +28,7 @@ app = typer.Typer(
 augment_app = typer.Typer(no_args_is_help=True, help="Augment a labelled ImageFolder dataset.")
 app.add_typer(augment_app, name="augment")
 app.add_typer(index_app, name="index")
+app.add_typer(db_app, name="db")
 augment_app.command("retrieve")(retrieve)
 augment_app.command("filter")(text_filter)
 augment_app.command("generate")(generate)

@@ -60,3 +60,56 @@ def worker(
         w.run_forever()
     except KeyboardInterrupt:
         w.stop()
+
+
+db_app = typer.Typer(no_args_is_help=True, help="The job database's schema (Alembic migrations).")
+
+
+def _database_engine(database_url: str | None, settings_file: Path | None):
+    from sqlalchemy import create_engine
+
+    url = database_url or _settings(settings_file).resolved_database_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return create_engine(url)
+
+
+_URL_HELP = "SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: the settings' database_url)."
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    *,
+    database_url: str = typer.Option(None, "--database-url", help=_URL_HELP),
+    settings_file: Path = typer.Option(None, "--settings-file", help="JSON settings file (RETROGEN_* env wins)."),
+    revision: str = typer.Option("head", help="Target revision."),
+) -> None:
+    """Migrate the schema (run once per release against a shared Postgres, before starting serve/worker;
+    SQLite is migrated on start). Safe to run twice, or from two hosts at once."""
+    from .core import migrations
+
+    engine = _database_engine(database_url, settings_file)
+    try:
+        before, after = migrations.upgrade(engine, revision)
+    finally:
+        engine.dispose()
+    where = engine.url.render_as_string(hide_password=True)
+    typer.echo(f"{where}: schema {before or 'empty'} -> {after}" if before != after else f"{where}: already at {after}")
+
+
+@db_app.command("current")
+def db_current(
+    *,
+    database_url: str = typer.Option(None, "--database-url", help=_URL_HELP),
+    settings_file: Path = typer.Option(None, "--settings-file", help="JSON settings file (RETROGEN_* env wins)."),
+) -> None:
+    """Print the database's schema revision and this release's head."""
+    from .core import migrations
+
+    engine = _database_engine(database_url, settings_file)
+    try:
+        at = migrations.current(engine)
+    finally:
+        engine.dispose()
+    head = migrations.head()
+    typer.echo(f"{at or 'empty'} (head {head}{', up to date' if at == head else ', run `retrogen db upgrade`'})")

@@ -199,3 +199,62 @@ def test_serve_is_bound_to_the_container_port_unless_told_otherwise(tmp_path):
     assert r.stdout.split() == ["serve", "--host=127.0.0.1", "--port", "7000"]
     r = run_entrypoint("retrogen", "worker", env=env)
     assert r.stdout.split() == ["worker"]
+
+
+REPLICAS = ROOT / "docker" / "compose.replicas.yaml"
+
+
+def compose_services(path: Path, env: dict[str, str]) -> dict[str, dict]:
+    """A compose file's services as compose would run them: ``${VAR}`` / ``${VAR:?message}`` interpolated from
+    ``env`` (a missing one fails, as compose does), ``$$`` unescaped, YAML merge keys applied."""
+    import yaml
+
+    def value(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        assert name in env, f"{path.name} needs {name}"
+        return env[name]
+
+    text = re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}", value, path.read_text())
+    return yaml.safe_load(text)["services"]
+
+
+def test_replicas_share_one_database_and_store_and_migrate_first(tmp_path):
+    """docker/compose.replicas.yaml: every retrogen container (migrate, the serve replicas, the worker) runs the
+    same image against the same Postgres and object store, the schema is migrated once before any of them
+    starts, the API replicas run no worker, and the settings they get are valid ``Settings``."""
+    from retrogen.service.core.config import Settings
+
+    services = compose_services(REPLICAS, {"RETROGEN_DB_PASSWORD": "pw", "RETROGEN_S3_SECRET": "s3pw"})
+    ours = {name: s for name, s in services.items() if s.get("image") == "retrogen:latest"}
+    assert set(ours) == {"migrate", "serve", "worker"}
+    shared = ("RETROGEN_DATABASE_URL", "RETROGEN_STORAGE_URL", "AWS_ENDPOINT_URL")
+    assert len({tuple(s["environment"][k] for k in shared) for s in ours.values()}) == 1
+    env = ours["serve"]["environment"]
+    assert env["RETROGEN_DATABASE_URL"].startswith("postgresql+psycopg://") and "@db:5432/" in env["RETROGEN_DATABASE_URL"]
+    assert env["RETROGEN_STORAGE_URL"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "http://objects:9000"
+    assert services["db"]["environment"]["POSTGRES_PASSWORD"] == "pw"
+    assert ours["migrate"]["command"] == ["retrogen", "db", "upgrade"]
+    for name in ("serve", "worker"):
+        assert ours[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert ours["serve"]["command"] == ["retrogen", "serve", "--no-worker"] and ours["serve"]["deploy"]["replicas"] >= 2
+    assert ours["worker"]["environment"]["RETROGEN_DEVICE"] == "cuda"
+    settings = Settings(**{k.removeprefix("RETROGEN_").lower(): v for k, v in ours["worker"]["environment"].items()
+                           if k.startswith("RETROGEN_")}, data_dir=tmp_path)
+    assert settings.resolved_storage_url == "s3://retrogen/store" and settings.device == "cuda"
+    # each command the compose file runs exists in this retrogen
+    for s in ours.values():
+        r = subprocess.run([str(Path(sys.executable).parent / "retrogen"), *s["command"][1:], "--help"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"{s['command']}: {r.stderr}"
+
+
+def test_the_load_balancer_spreads_over_the_serve_replicas_and_leaves_limits_to_retrogen():
+    conf = (ROOT / "docker" / "nginx.conf").read_text()
+    services = compose_services(REPLICAS, {"RETROGEN_DB_PASSWORD": "pw", "RETROGEN_S3_SECRET": "s3pw"})
+    port = image_env()["RETROGEN_PORT"]
+    assert re.search(rf"server serve:{port} resolve;", conf), "upstream: the serve service at the image's port"
+    assert "./nginx.conf:/etc/nginx/conf.d/default.conf:ro" in services["lb"]["volumes"]
+    # uploads stream through to retrogen, which enforces its own size limits (a 413 with a message)
+    assert "client_max_body_size 0;" in conf and "proxy_request_buffering off;" in conf

@@ -218,6 +218,16 @@ def test_rerun_with_other_arguments_is_refused_unless_overwrite(image_folder, tm
                         config=IndexBuildConfig(batch_size=7, num_workers=1))
     assert not [e for e in events if e.stage == "embed"] and (out / "manifest.json").read_bytes() == before
     assert again.count == 15
+    # an index recorded before an option existed is the same build when the option is at what it then did
+    recorded = json.loads((out / "manifest.json").read_text())
+    assert recorded["build"]["parameters"].pop("faiss_storage") == "memory"
+    (out / "manifest.json").write_text(json.dumps(recorded))
+    older = (out / "manifest.json").read_bytes()
+    build_index([str(image_folder)], out, embedder=mean_colour_embedder)
+    assert (out / "manifest.json").read_bytes() == older
+    with pytest.raises(BuildMismatchError, match="differs in: faiss_storage"):
+        build_index([str(image_folder)], out, embedder=mean_colour_embedder,
+                    config=IndexBuildConfig(faiss_storage="ondisk", index_type="IVF2,Flat"))
     m = build_index([str(image_folder)], out, embedder=mean_colour_embedder, config=IndexBuildConfig(dtype="float32"),
                     overwrite=True)
     assert m.dtype == "float32" and CorpusIndex.open(out).embeddings([0]).dtype == np.float32

@@ -1,5 +1,6 @@
 """kill -9 of a worker, and of a server with its in-process worker, in the middle of a job: after a restart
-the job completes (re-run from scratch under a new lease), and results finished before are intact."""
+the job completes (re-run from scratch under a new lease), and results finished before are intact; on SQLite
+and on a real Postgres (``tests.pg_server``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from retrogen.fileio import sha256_bytes
 from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ("tests.pg_server",)
 
 
 def spawn(what: str, settings: dict, *extra: str) -> subprocess.Popen:
@@ -65,10 +67,11 @@ def stopper():
             p.wait(timeout=10)
 
 
-def test_kill9_worker_mid_job_then_restart(tmp_path, stopper):
+def test_kill9_worker_mid_job_then_restart(tmp_path, stopper, database_url):
     from retrogen.service.api.main import create_app
 
-    cfg = {"data_dir": str(tmp_path / "data"), "job_lease_s": 1.5, "poll_interval_s": 0.1, "enable_worker": False}
+    cfg = {"data_dir": str(tmp_path / "data"), "job_lease_s": 1.5, "poll_interval_s": 0.1, "enable_worker": False,
+           "database_url": database_url}
     app = create_app(make_settings(**cfg), methods=fake_registry(), start_worker=False)
     client = TestClient(app)
     ds = client.post("/v1/datasets", files={"file": ("d.zip", zip_bytes(dataset_files()), "application/zip")}).json()
@@ -96,8 +99,9 @@ def test_kill9_worker_mid_job_then_restart(tmp_path, stopper):
     assert not any((tmp_path / "data" / "store" / "staging").glob("*"))
 
 
-def test_kill9_server_with_inprocess_worker_then_restart(tmp_path, stopper):
-    cfg = {"data_dir": str(tmp_path / "data"), "job_lease_s": 1.5, "poll_interval_s": 0.1, "enable_worker": True}
+def test_kill9_server_with_inprocess_worker_then_restart(tmp_path, stopper, database_url):
+    cfg = {"data_dir": str(tmp_path / "data"), "job_lease_s": 1.5, "poll_interval_s": 0.1, "enable_worker": True,
+           "database_url": database_url}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     stopper.append(server := spawn("serve", cfg, str(port)))

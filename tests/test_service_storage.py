@@ -1,4 +1,5 @@
-"""Content-addressed storage through fsspec: a local folder and an object-store-like URL (``memory://``)."""
+"""Content-addressed storage through fsspec: a local folder, fsspec's in-memory store, and a real S3-compatible
+endpoint on loopback (moto's server mode, reached through s3fs as AWS S3 or MinIO would be)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,21 @@ from fastapi.testclient import TestClient
 
 from retrogen.errors import NotFoundError
 from retrogen.service.domain.storage import Store, tree_hash
+from tests.s3_server import s3_endpoint  # noqa: F401 - the fixture
 from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
+
+STORES = ["local", "memory", "s3"]
+
+
+@pytest.fixture
+def store_url(request, tmp_path) -> str:
+    """The store URL of the test's ``url`` parameter: a folder, a fresh memory:// root or a fresh S3 bucket."""
+    kind = request.param
+    if kind == "local":
+        return str(tmp_path / "store")
+    if kind == "memory":
+        return f"memory://retrogen-{uuid.uuid4().hex}"
+    return request.getfixturevalue("s3_endpoint").new_bucket() + "/retrogen"
 
 
 def _tree(root, files):
@@ -20,10 +35,9 @@ def _tree(root, files):
     return root
 
 
-@pytest.mark.parametrize("url", ["local", "memory"])
-def test_put_read_and_cache(tmp_path, url):
-    store = Store(str(tmp_path / "store") if url == "local" else f"memory://retrogen-{uuid.uuid4().hex}",
-                  tmp_path / "cache")
+@pytest.mark.parametrize("store_url", STORES, indirect=True)
+def test_put_read_and_cache(tmp_path, store_url):
+    store = Store(store_url, tmp_path / "cache")
     files = dataset_files(per_class=1)
     src = _tree(tmp_path / "src", files)
     key = store.put_tree("datasets", src)
@@ -33,7 +47,7 @@ def test_put_read_and_cache(tmp_path, url):
     assert store.read_bytes(key, "cat/0.png") == files["cat/0.png"]
     local = store.local_dir(key)
     assert (local / "dog/0.png").read_bytes() == files["dog/0.png"]
-    assert store.local == (url == "local")
+    assert store.local == (not store_url.startswith(("memory:", "s3:")))
     for bad in ("../x", "cat/../../x", ".complete", "/etc/passwd"):
         with pytest.raises(NotFoundError):
             store.read_bytes(key, bad)
@@ -50,11 +64,12 @@ def test_put_read_and_cache(tmp_path, url):
     assert not store.exists(key)
 
 
-def test_service_on_an_object_store_url(tmp_path):
+@pytest.mark.parametrize("store_url", ["memory", "s3"], indirect=True)
+def test_service_on_an_object_store_url(tmp_path, store_url):
     from retrogen.service.api.main import create_app
 
-    url = f"memory://retrogen-{uuid.uuid4().hex}"
-    app = create_app(make_settings(tmp_path / "data", storage_url=url), methods=fake_registry(), start_worker=False)
+    app = create_app(make_settings(tmp_path / "data", storage_url=store_url), methods=fake_registry(),
+                     start_worker=False)
     client = TestClient(app)
     ds = client.post("/v1/datasets", files={"file": ("d.zip", zip_bytes(dataset_files()), "application/zip")}).json()
     job = client.post("/v1/jobs", json={"dataset": ds["id"], "method": "fake-retrieval", "per_class": 2}).json()
@@ -86,13 +101,12 @@ def _check_stored(store: Store, key: str, files: dict[str, bytes]) -> None:
     assert not store.fs.exists(staging) or not store.fs.ls(staging), "no staging folder left behind"
 
 
-@pytest.mark.parametrize("url", ["local", "memory"])
-def test_concurrent_puts_of_the_same_tree_in_threads(tmp_path, url):
+@pytest.mark.parametrize("store_url", STORES, indirect=True)
+def test_concurrent_puts_of_the_same_tree_in_threads(tmp_path, store_url):
     """12 threads store the same content at once, 5 rounds: every put succeeds and the tree stays exact."""
     import queue
     import threading
 
-    store_url = str(tmp_path / "store") if url == "local" else f"memory://retrogen-{uuid.uuid4().hex}"
     files = dataset_files(per_class=3)
     src = _tree(tmp_path / "src", files)
     for _ in range(5):
@@ -155,3 +169,35 @@ def test_a_completed_tree_is_never_replaced(tmp_path):
     inode, stamp = marker.stat().st_ino, marker.read_bytes()
     assert store.put_tree("datasets", src) == key
     assert marker.stat().st_ino == inode and marker.read_bytes() == stamp
+
+
+def test_a_replica_sees_a_tree_that_another_host_completed_after_it_looked(tmp_path, request):
+    """Replicas share the bucket, not a listing cache: one that listed a half-written tree sees it complete
+    once another process has written it (s3fs keeps listings forever unless told not to)."""
+    import subprocess
+    import sys
+
+    url = request.getfixturevalue("s3_endpoint").new_bucket() + "/retrogen"
+    files = dataset_files(per_class=1)
+    src = _tree(tmp_path / "src", files)
+    mine, key = Store(url, tmp_path / "cache"), f"datasets/{tree_hash(src)}"
+    mine.fs.pipe_file(f"{mine.root}/{key}/cat/0.png", files["cat/0.png"])  # another host's write, under way
+    assert not mine.exists(key) and mine.fs.find(f"{mine.root}/{key}")  # ... and this replica looks at it
+    code = ("import sys; from retrogen.service.domain.storage import Store; "
+            "Store(sys.argv[1], sys.argv[2]).put_tree('datasets', sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, url, str(tmp_path / "cache2"), str(src)], check=True, timeout=120)
+    assert mine.exists(key) and mine.files(key) == sorted(files)
+
+
+@pytest.mark.parametrize("store_url", STORES, indirect=True)
+def test_cleaning_staging_spares_uploads_in_progress(tmp_path, store_url):
+    """A worker starting up removes crashed uploads' staging folders, never one another replica is writing
+    (an object store's folder has no time of its own: its newest object dates it)."""
+    store = Store(store_url, tmp_path / "cache")
+    part = f"{store.root}/staging/{uuid.uuid4().hex}/cat/0.png"
+    store.fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)
+    store.fs.pipe_file(part, b"uploading")
+    store.clean_staging()  # the default: older than an hour
+    assert store.fs.exists(part)
+    store.clean_staging(older_than_s=-60)  # everything dated counts as old
+    assert not store.fs.exists(part)

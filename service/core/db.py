@@ -1,5 +1,5 @@
 """Engine and sessions: SQLite file by default (WAL, busy timeout, so web and worker processes share it),
-Postgres or any SQLAlchemy URL by configuration."""
+Postgres by configuration (``postgresql+psycopg://...``). The schema is Alembic's (``core.migrations``)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from retrogen.errors import NotFoundError
 
+from . import migrations
 from .tables import Base
 
 T = TypeVar("T", bound=Base)
 
 
 class Database:
-    """One engine + session factory; ``create_all`` is idempotent (no migrations yet: the schema is v1)."""
+    """One engine + session factory, on a schema at the migrations' head.
 
-    def __init__(self, url: str):
+    ``migrate`` (default: SQLite only) upgrades the schema on open; otherwise a schema behind head raises
+    ``SchemaNotCurrentError`` telling the operator to run ``retrogen db upgrade`` (see ``core.migrations``).
+    """
+
+    def __init__(self, url: str, *, migrate: bool | None = None):
         self.url = url
         self.display_url = make_url(url).render_as_string(hide_password=True)  # what logs and messages may show
         if url.startswith("sqlite:///"):
@@ -30,8 +35,22 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
-        Base.metadata.create_all(self.engine)
+        if migrate is None:
+            migrate = self.dialect == "sqlite"
+        try:
+            if migrate:
+                migrations.upgrade(self.engine)
+            else:
+                migrations.require_head(self.engine, self.display_url)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` | ``postgresql`` | ...: where claims differ (row locks exist on Postgres only)."""
+        return self.engine.dialect.name
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -4,7 +4,9 @@ Crash safety rests on leases: a running job belongs to the worker whose lease is
 (``kill -9``) stops renewing it, and once it expires the next claim re-runs the job from scratch (results
 are written to a fresh work folder and stored content-addressed, so a half-finished attempt leaves nothing
 that is read). A job that has used up ``max_attempts`` claims is marked failed with the reason, never dropped.
-Claims are compare-and-set UPDATEs, safe between processes on SQLite and Postgres.
+Claims are safe between processes and hosts: on Postgres the candidate row is taken with ``SELECT ... FOR
+UPDATE SKIP LOCKED`` (claimers never queue behind each other), on SQLite the database's single writer lock
+serialises them; either way the claim is a compare-and-set UPDATE that a lost race leaves untouched.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from retrogen.errors import InvalidInputError
 
 from ..core.db import Database
 from ..core.errors import ConflictError
+from ..core.migrations import LOCK_NAMESPACE
 from ..core.tables import Dataset, Job, JobEvent, new_id
 
 log = logging.getLogger(__name__)
@@ -100,12 +103,13 @@ def reap(db: Database, max_attempts: int) -> int:
     now = time.time()
     expired = and_(Job.state == "running", Job.lease_expires < now)
     with db.session() as s:
-        ids = s.scalars(select(Job.id).where(expired, Job.cancel_requested.is_(True))).all()
+        # id order: concurrent reapers on Postgres lock rows in the same order, so they never deadlock
+        ids = s.scalars(select(Job.id).where(expired, Job.cancel_requested.is_(True)).order_by(Job.id)).all()
         for jid in ids:
             if s.execute(update(Job).where(Job.id == jid, expired).values(
                     state="cancelled", finished=now, worker=None)).rowcount:
                 _event(s, jid, "state", "cancelled (its worker stopped before acknowledging)")
-        lost = s.scalars(select(Job.id).where(expired, Job.attempts >= max_attempts)).all()
+        lost = s.scalars(select(Job.id).where(expired, Job.attempts >= max_attempts).order_by(Job.id)).all()
         for jid in lost:
             reason = (f"its worker stopped responding (lease expired) on each of {max_attempts} attempts; "
                       "the job may crash its worker")
@@ -128,10 +132,13 @@ def claim(db: Database, kind: str, worker: str, *, device: str, lease_s: float, 
         other = aliased(Job)
         conds.append(~exists().where(other.kind == "generation", other.state == "running", other.device == device,
                                      other.lease_expires >= now))
+    postgres = db.dialect == "postgresql"
     with db.session() as s:
         for _ in range(5):  # lose a race -> try the next candidate
-            cand = s.execute(select(Job.id, Job.state, Job.attempts).where(*conds).order_by(Job.created)
-                             .limit(1)).first()
+            if postgres and kind == "generation":
+                lock_device(s, device)
+            pick = select(Job.id, Job.state, Job.attempts).where(*conds).order_by(Job.created).limit(1)
+            cand = s.execute(pick.with_for_update(skip_locked=True) if postgres else pick).first()
             if cand is None:
                 return None
             n = s.execute(update(Job).where(Job.id == cand.id, *conds).values(
@@ -145,6 +152,18 @@ def claim(db: Database, kind: str, worker: str, *, device: str, lease_s: float, 
                 return s.get(Job, cand.id)
             s.rollback()
     return None
+
+
+def lock_device(s: Session, device: str) -> None:
+    """Serialise generation claims on ``device`` until this transaction ends (Postgres).
+
+    Row locks alone cannot keep the one-generation-per-device rule: two workers under READ COMMITTED each lock a
+    *different* queued job, each sees no running generation on the device, and both claim. Holding this lock
+    from before the NOT EXISTS check until commit makes the second claimer's check run after the first's claim
+    is visible. An advisory lock keyed on the device name needs no table of devices (a row lock would need a
+    row per device, created on first use); a hash collision between two names only serialises more.
+    """
+    s.execute(text("SELECT pg_advisory_xact_lock(:ns, hashtext(:device))"), {"ns": LOCK_NAMESPACE, "device": device})
 
 
 def heartbeat(db: Database, job_id: str, worker: str, lease_s: float) -> bool:

@@ -56,7 +56,9 @@ class Store:
 
     def __init__(self, url: str, cache_dir: str | os.PathLike):
         self.url = url
-        self.fs, self.root = url_to_fs(url)
+        # No listing cache: s3fs (and other object stores) otherwise keep a folder's listing forever, so a
+        # replica that listed a tree before another one wrote its marker would never see it complete.
+        self.fs, self.root = url_to_fs(url, use_listings_cache=False)
         self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
         self.cache_dir = Path(cache_dir)
         self.fs.makedirs(self.root, exist_ok=True)
@@ -131,6 +133,8 @@ class Store:
             if self.fs.exists(marker):
                 return
             found = {p.rstrip("/")[len(final) + 1:] for p in self.fs.find(final)}
+            if MARKER in found:  # another racer completed it since the check above: never remove its marker
+                return
             for rel in sorted(found - set(files)):
                 self.fs.rm_file(f"{final}/{rel}")
             self.fs.pipe_file(marker, str(time.time()).encode())
@@ -193,11 +197,21 @@ class Store:
         if not self.fs.exists(base):
             return
         for entry in self.fs.ls(base, detail=True):
-            mtime = entry.get("mtime") or entry.get("created") or 0
-            if hasattr(mtime, "timestamp"):
-                mtime = mtime.timestamp()
-            if time.time() - float(mtime) > older_than_s:
+            # An object store's "folder" is a prefix with no time of its own: its newest object dates it, so
+            # another replica's upload in progress is never taken for a crashed one.
+            times = [_mtime(entry)] if entry.get("type") != "directory" or self.local else \
+                [_mtime(f) for f in self.fs.find(entry["name"], detail=True).values()]
+            known = [t for t in times if t is not None]
+            if known and time.time() - max(known) > older_than_s:
                 self.fs.rm(entry["name"], recursive=True)
+
+
+def _mtime(info: dict) -> float | None:
+    """A listing entry's modification time in seconds, whatever the filesystem calls it; None if it has none."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def _publish_folder(staging: Path, final: Path) -> None:
