@@ -1,5 +1,5 @@
-"""Replicas on one Postgres: 2 web servers (no in-process worker) and 2 workers, separate processes with their
-own data dirs sharing one store directory. Jobs go in through both servers; one server and one worker are
+"""Replicas on one Postgres and one S3 bucket: 2 web servers (no in-process worker) and 2 workers, separate
+processes with their own data dirs sharing the database and the object store (moto's S3 server on loopback). Jobs go in through both servers; one server and one worker are
 killed with SIGKILL mid-job. Every job must succeed exactly once, no job may run twice at the same time, and
 no two generation jobs may ever run at once on the device (the runners log each run's start and end).
 
@@ -25,7 +25,7 @@ from retrogen.service.core.tables import Job
 from tests.service_fakes import dataset_files, fake_registry, zip_bytes
 from tests.test_service_crash import ROOT, free_port, kill9, poll, stopper  # noqa: F401 - stopper is a fixture
 
-pytest_plugins = ("tests.pg_server",)
+pytest_plugins = ("tests.pg_server", "tests.s3_server")
 
 
 def recording_registry(log_path: str):
@@ -90,9 +90,10 @@ def overlapping(intervals: list[tuple[float, float, int]]) -> list:
     return [(a, b) for a, b in pairwise(s) if b[0] < a[1]]  # sorted by start: any overlap shows in a neighbour
 
 
-def test_two_servers_two_workers_on_postgres_survive_kill9(tmp_path, pg_database, stopper):  # noqa: F811
+def test_two_servers_two_workers_on_postgres_survive_kill9(tmp_path, pg_database, s3_endpoint, stopper):  # noqa: F811
     log_path = tmp_path / "runs.jsonl"
-    base = {"database_url": pg_database, "storage_url": str(tmp_path / "store"), "job_lease_s": 1.5,
+    # the processes inherit the endpoint and credentials from the environment (AWS_*), as on a real host
+    base = {"database_url": pg_database, "storage_url": s3_endpoint.new_bucket() + "/store", "job_lease_s": 1.5,
             "poll_interval_s": 0.05, "enable_worker": False, "num_generation_threads": 2}
     ports = [free_port(), free_port()]
     servers = [spawn("serve", base | {"data_dir": str(tmp_path / f"s{i}")}, log_path, p) for i, p in enumerate(ports)]
@@ -146,6 +147,11 @@ def test_two_servers_two_workers_on_postgres_survive_kill9(tmp_path, pg_database
         events = [e["message"] for e in http.get(f"/v1/jobs/{jid}/events").json() if e["kind"] == "state"]
         assert Counter(events)["succeeded"] == 1, (jid, events)
     assert len(http.get(f"/v1/jobs/{ids[0]}/results").json()["items"]) == 8  # stored by a worker, served by B
+    import s3fs
+
+    stored = s3fs.S3FileSystem(skip_instance_cache=True).ls(base["storage_url"].removeprefix("s3://"))
+    assert {p.rsplit("/", 1)[-1] for p in stored} >= {"datasets", "results"}, "datasets and results are in the bucket"
+    assert not any((tmp_path / d / "store").exists() for d in ("s0", "s1", "w0", "w1")), "no local store"
 
     by_job = runs(log_path, victim_pid, killed_at)
     kinds = by_job.pop("_kinds")
