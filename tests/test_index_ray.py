@@ -201,3 +201,34 @@ def test_cli_engine_ray_with_an_ondisk_index(ray_cluster, corpus, clip_name, loc
     res = CliRunner().invoke(cli.app, ["index", "build", "--source", corpus[0], "--out", str(tmp_path / "x"),
                                        "--embedder", clip_name, "--ray-address", "auto"])
     assert isinstance(res.exception, IndexBuildError) and "--ray-address needs --engine ray" in str(res.exception)
+
+
+class DiesOnce:
+    """An embedder factory whose model kills its actor's process the first time it runs (``os._exit``, as a
+    lost node or an OOM kill would), once per marker file."""
+
+    def __init__(self, name: str, marker: str):
+        self.name, self.marker = name, marker
+
+    def __call__(self, device: str):
+        embedder = create_embedder(self.name, device=device)
+        embed, marker = embedder.embed_preprocessed, self.marker
+
+        def dying(batch):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return embed(batch)
+
+        embedder.embed_preprocessed = dying
+        return embedder
+
+
+def test_ray_build_survives_a_killed_embedding_worker(ray_cluster, corpus, clip_name, local_build, tmp_path):
+    """Ray Data restarts the dead actor and re-runs its batch: the build completes, equal to the local one."""
+    marker = tmp_path / "died"
+    m = build_index(corpus, tmp_path / "idx", embedder=create_embedder(clip_name), config=CONFIG,
+                    engine=ray_engine(embedder_factory=DiesOnce(clip_name, str(marker))))
+    assert marker.exists(), "an embedding worker process was killed"
+    assert m.count == 24
+    assert_same_index(local_build, CorpusIndex.open(tmp_path / "idx"))
