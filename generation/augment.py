@@ -7,7 +7,6 @@ per class prepare (train / load adapters) and generate batches of seeded images,
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import tempfile
 import time
@@ -19,10 +18,9 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from retrogen import __version__
-from retrogen.fileio import sha256_file
 from retrogen.imagefolder import LabelledImage, safe_class_dir, scan_imagefolder
 from retrogen.imageio import read_image_file
-from retrogen.outputs import AugmentResult, OutputFolder, OutputWriter
+from retrogen.outputs import AugmentResult, OutputFolder
 from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel, emit
 
 from .artifacts import ArtifactStore
@@ -30,10 +28,12 @@ from .config import GenerationConfig
 from .errors import InvalidConfigError
 from .methods import create_method, list_methods
 from .methods.base import ClassContext, ClassPlan, GenerationMethod
-from .models import ModelRef, resolve_model
+from .models import ModelRef, file_sha256, resolve_model
+from .pipelines import PipelineCache
 from .prompts import derive_seed
 from .runtime import Runtime, load_runtime, oom_guard
 from .schedulers import check_scheduler
+from .writer import DEFAULT_THREADS, ImageSink
 
 
 def _images_by_class(dataset_dir: str | os.PathLike) -> dict[str, list[LabelledImage]]:
@@ -65,11 +65,15 @@ def _check_inputs(dataset_dir: str | os.PathLike, out_dir: Path, *, per_class: i
     return by_class
 
 
-def _load(ref: ModelRef, config: GenerationConfig, progress: ProgressFn | None) -> Runtime:
+@contextlib.contextmanager
+def _loaded(ref: ModelRef, config: GenerationConfig, progress: ProgressFn | None,
+            pipelines: PipelineCache | None) -> Iterator[Runtime]:
+    """The call's runtime: a fresh pipeline, or one from ``pipelines`` (reset and kept for the next call)."""
     emit(progress, ProgressEvent("load", 0, 1, message=f"loading {ref.id}"))
-    runtime = load_runtime(ref, config)
-    emit(progress, ProgressEvent("load", 1, 1, message=f"{type(runtime.text2img).__name__} on {runtime.device}"))
-    return runtime
+    with contextlib.ExitStack() as stack:
+        runtime = stack.enter_context(pipelines.use(ref, config)) if pipelines else load_runtime(ref, config)
+        emit(progress, ProgressEvent("load", 1, 1, message=f"{type(runtime.text2img).__name__} on {runtime.device}"))
+        yield runtime
 
 
 @contextlib.contextmanager
@@ -80,12 +84,6 @@ def _artifact_store(artifacts_dir: str | os.PathLike | None) -> Iterator[Artifac
         return
     with tempfile.TemporaryDirectory(prefix="retrogen-artifacts-") as tmp:
         yield ArtifactStore(tmp)
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class _Images:
@@ -108,10 +106,11 @@ class _Images:
 
 
 def generate_batch(runtime: Runtime, plan: ClassPlan, label: str, indices: list[int],
-                   images: _Images) -> list[tuple[Image.Image, dict[str, Any]]]:
+                   images: _Images) -> list[tuple[Any, dict[str, Any]]]:
     """One pipeline call for ``indices`` of ``label``; every image gets its own seeded generator.
 
-    Returns each image with its provenance fields.
+    Returns each image, as the pipeline's ``output_type="np"`` array (H, W, 3 floats in [0, 1]; the writer
+    threads turn it into the PIL image and PNG diffusers' default output would give), with its provenance fields.
     """
     import torch
 
@@ -127,6 +126,7 @@ def generate_batch(runtime: Runtime, plan: ClassPlan, label: str, indices: list[
         "guidance_scale": c.guidance_scale,
         # CPU generators: the same seed gives the same latents on any device, and batch size does not matter.
         "generator": [torch.Generator().manual_seed(s) for s in seeds],
+        "output_type": "np",
         **plan.call_kwargs,
     }
     if plan.image_kwarg == "image":
@@ -144,9 +144,9 @@ def generate_batch(runtime: Runtime, plan: ClassPlan, label: str, indices: list[
         results.append((im, shared | {
             "index": i, "prompt": prompts[k], "negative_prompt": c.negative_prompt, "seed": seeds[k],
             "num_inference_steps": c.num_inference_steps, "guidance_scale": c.guidance_scale,
-            "strength": plan.call_kwargs.get("strength"), "width": im.width, "height": im.height,
+            "strength": plan.call_kwargs.get("strength"), "width": im.shape[1], "height": im.shape[0],
             "init_image": init.image_id if init else None,
-            "init_image_sha256": sha256_file(init.path) if init else None,
+            "init_image_sha256": file_sha256(init.path) if init else None,
             "adapter": None, "adapter_hash": None,
         } | plan.fields))
     return results
@@ -159,7 +159,7 @@ class _Call:
     method: GenerationMethod
     runtime: Runtime
     store: ArtifactStore
-    writer: OutputWriter
+    sink: ImageSink  # saves images off this thread, in order
     per_class: int
     total: int  # images over all classes
     progress: ProgressFn | None
@@ -184,8 +184,9 @@ class _Call:
         return plan
 
     def generate(self, label: str, plan: ClassPlan) -> None:
-        """The class's images in batches, each written with its record; the plan is released after."""
-        t0, batch_size = time.perf_counter(), self.runtime.config.batch_size
+        """The class's images in batches, each handed to the writer threads with its record (the next batch
+        denoises while they save); the plan is released after."""
+        t0, batch_size = time.perf_counter(), self.runtime.batch_size
         try:
             emit(self.progress, ProgressEvent("generate", 0, self.per_class, label))
             for start in range(0, self.per_class, batch_size):
@@ -194,10 +195,10 @@ class _Call:
                 with oom_guard(self.runtime, f"generating {len(indices)} images at {self.runtime.size}px"):
                     batch = generate_batch(self.runtime, plan, label, indices, self.images)
                 for im, fields in batch:
-                    self.writer.add(label=label, filename=f"{fields['index']:05d}.png", image_bytes=_png(im),
-                                    method=self.method.name, fields=fields)
+                    self.sink.put(label=label, filename=f"{fields['index']:05d}.png", image=im,
+                                  method=self.method.name, fields=fields)
                 emit(self.progress, ProgressEvent("generate", indices[-1] + 1, self.per_class, label, extra={
-                    "overall_done": len(self.writer.records), "overall_total": self.total}))
+                    "overall_done": self.sink.submitted, "overall_total": self.total}))
         finally:
             if plan.release:
                 plan.release()
@@ -206,7 +207,7 @@ class _Call:
 
     def summary(self, *, duration: float, artifacts_dir: str | os.PathLike | None) -> dict[str, Any]:
         """summary.json: counts, timings, the model, the artefacts and every parameter of the call."""
-        runtime, ref, n = self.runtime, self.runtime.ref, len(self.writer.records)
+        runtime, ref, n = self.runtime, self.runtime.ref, len(self.sink.writer.records)
         return {
             "method": self.method.name,
             "per_class": self.per_class_summary,
@@ -221,7 +222,7 @@ class _Call:
                            **runtime.config.to_dict(), "size": runtime.size,
                            "method_parameters": self.method.parameters(),
                            "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None},
-            "runtime": runtime.provenance(),
+            "runtime": runtime.provenance() | {"batch_size": runtime.batch_size},
             "retrogen_version": __version__,
         }
 
@@ -238,6 +239,8 @@ def augment_by_generation(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     overwrite: bool = False,
+    pipelines: PipelineCache | None = None,
+    writer_threads: int = DEFAULT_THREADS,
 ) -> AugmentResult:
     """Generate ``per_class`` images for every class of ``dataset_dir`` into ``out_dir``.
 
@@ -255,6 +258,10 @@ def augment_by_generation(
             ``generate`` (done/total per class).
         should_cancel: polled between batches and training steps.
         overwrite: replace an earlier generation output in ``out_dir`` (cleared first, once the model loaded).
+        pipelines: keep the loaded pipeline here for later calls (an LRU within a memory budget, see
+            :class:`PipelineCache`); None: load for this call and free afterwards.
+        writer_threads: PNG encoder threads saving images while the next batch generates; 0 saves inline
+            (same output either way).
 
     Returns:
         AugmentResult with the summary (as written to summary.json) and the provenance records.
@@ -273,22 +280,35 @@ def augment_by_generation(
     ref = resolve_model(model, revision=config.revision, local_files_only=config.local_files_only)
     gen_method.check_model(ref.family)
 
-    # 2. Load the model and the method's shared parts.
-    runtime = _load(ref, config, progress)
-    timings = {"load": time.perf_counter() - t_start, "prepare": 0.0, "generate": 0.0}
-    gen_method.setup(runtime)
-    try:
-        with _artifact_store(artifacts_dir) as store, OutputFolder.create(
-                out_dir, overwrite=overwrite, methods=list_methods()) as writer:
-            call = _Call(gen_method, runtime, store, writer, per_class=per_class, total=per_class * len(by_class),
-                         progress=progress, should_cancel=should_cancel, timings=timings)
+    # 2. Load the model (or take it from the cache) and the method's shared parts.
+    with _loaded(ref, config, progress, pipelines) as runtime:
+        timings = {"load": time.perf_counter() - t_start, "prepare": 0.0, "generate": 0.0}
+        gen_method.setup(runtime)
+        try:
+            return _run(gen_method, runtime, by_class, out_dir, per_class=per_class, timings=timings,
+                        call_kwargs={"progress": progress, "should_cancel": should_cancel},
+                        artifacts_dir=artifacts_dir, overwrite=overwrite, writer_threads=writer_threads,
+                        t_start=t_start)
+        finally:
+            gen_method.teardown(runtime)
+
+
+def _run(method: GenerationMethod, runtime: Runtime, by_class: dict[str, list[LabelledImage]], out_dir: Path, *,
+         per_class: int, timings: dict[str, float], call_kwargs: dict[str, Any],
+         artifacts_dir: str | os.PathLike | None, overwrite: bool, writer_threads: int,
+         t_start: float) -> AugmentResult:
+    """Steps 3 and 4 on a loaded runtime: every class's images through the writer threads, then the summary."""
+    with _artifact_store(artifacts_dir) as store, OutputFolder.create(
+            out_dir, overwrite=overwrite, methods=list_methods()) as writer:
+        with ImageSink(writer, threads=writer_threads) as sink:
+            call = _Call(method, runtime, store, sink, per_class=per_class, total=per_class * len(by_class),
+                         timings=timings, **call_kwargs)
             # 3. Per class: prepare (train / load adapters), then batches of seeded images.
             for label, class_images in by_class.items():
                 call.generate(label, call.prepare(label, class_images))
+        # every image is saved once the sink closes (a saving error is raised there)
 
-            # 4. Summary last: its presence marks the folder complete.
-            summary = call.summary(duration=time.perf_counter() - t_start, artifacts_dir=artifacts_dir)
-            writer.close(summary)
-            return AugmentResult(out_dir, summary, list(writer.records))
-    finally:
-        gen_method.teardown(runtime)
+        # 4. Summary last: its presence marks the folder complete.
+        summary = call.summary(duration=time.perf_counter() - t_start, artifacts_dir=artifacts_dir)
+        writer.close(summary)
+        return AugmentResult(out_dir, summary, list(writer.records))

@@ -61,7 +61,14 @@ class GenerationConfig(LibraryConfig):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="auto (float16 on cuda, float32 on cpu), float16, bfloat16 or float32.")
     enable_cpu_offload: bool = Field(False, description="CUDA only: keep idle components on the CPU.")
-    enable_compile: bool = Field(False, description="torch.compile the UNet (slow first batch, faster after).")
+    enable_compile: bool = Field(False, description="torch.compile the UNet (slow first batch, faster after); "
+                                                    "LoRA adapters are hotswapped, so classes do not recompile.")
+    enable_auto_batch_size: bool = Field(False, description="CUDA: choose the batch size from free GPU memory and "
+                                                            "the size (up to 16) instead of batch_size.")
+    vae_slicing_from: int = Field(1024, ge=8, description="Decode one image at a time (VAE slicing) from this "
+                                                          "size in px up.")
+    vae_tiling_from: int = Field(2048, ge=8, description="Decode in overlapping tiles (VAE tiling) from this size "
+                                                         "in px up.")
     # variation (IP-Adapter)
     ip_adapter: str | None = Field(None, description="variation: local .safetensors file or org/repo/sub/file "
                                                      "(default: the model's own, else h94's).")
@@ -84,6 +91,13 @@ class GenerationConfig(LibraryConfig):
     prior_loss_weight: float = Field(1.0, description="dreambooth: weight of the prior-preservation loss.")
     enable_full_finetune: bool = Field(False, description="dreambooth: train the whole UNet instead of LoRA "
                                                           "(needs memory).")
+    train_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Training precision: auto (bf16 on GPUs that support it, else fp16 with loss "
+                            "scaling; fp32 on the CPU), fp32, fp16 (CUDA, loss-scaled) or bf16.")
+    enable_gradient_checkpointing: bool = Field(False, description="Training: recompute activations in the "
+                                                                   "backward pass (less memory, ~30% slower).")
+    enable_tf32: bool = Field(False, description="Training on CUDA: TF32 matmuls/convolutions for float32 work "
+                                                 "(Ampere and newer).")
     instance_token: str = Field("sks", description="dreambooth: the rare identifier bound to each class.")
 
     @field_validator("prompt_templates")

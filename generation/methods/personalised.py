@@ -6,8 +6,9 @@ DA-Fusion style); ``dreambooth`` learns a per-class LoRA (or a full UNet) bound 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ class PersonalisedMethod(GenerationMethod):
         """The settings every trainer shares (``TrainerConfig``), from the generation config."""
         c = self.config
         return {"num_train_steps": c.num_train_steps, "learning_rate": self.learning_rate,
-                "train_batch_size": c.train_batch_size, "resolution": train_size(runtime, c), "seed": c.seed}
+                "train_batch_size": c.train_batch_size, "resolution": train_size(runtime, c), "seed": c.seed,
+                "precision": c.train_precision, "gradient_checkpointing": c.enable_gradient_checkpointing,
+                "tf32": c.enable_tf32}
 
 
 @register_method("textual-inversion")
@@ -121,8 +124,32 @@ def _load_dreambooth(runtime: Any, meta: dict[str, Any]) -> Callable[[], None]:
             pipe.unet = base_unet
 
         return release
-    pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHT_NAME, adapter_name=f"rg_{meta['key'][:10]}")
-    return pipe.unload_lora_weights
+    from ..tuning import load_lora
+
+    # With a compiled UNet (hotswap enabled at load) the next class's LoRA swaps into this one's slot, so the
+    # adapter stays loaded between classes (unloading would recompile); the method's teardown unloads it.
+    hotswap_rank = runtime.loaded.hotswap_rank if runtime.loaded is not None else None
+    if meta.get("hyperparameters", {}).get("train_text_encoder"):
+        hotswap_rank = None  # diffusers cannot hotswap text-encoder LoRA
+    load_lora(pipe, str(path), LORA_WEIGHT_NAME, hotswap_rank=hotswap_rank, adapter_name=f"rg_{meta['key'][:10]}")
+    return pipe.unload_lora_weights if hotswap_rank is None else _keep
+
+
+@contextlib.contextmanager
+def _base_model(pipe: Any) -> Iterator[None]:
+    """The pipeline without a LoRA left loaded for hotswapping (disabled, then enabled again)."""
+    if not getattr(pipe.unet, "peft_config", None):
+        yield
+        return
+    pipe.disable_lora()
+    try:
+        yield
+    finally:
+        pipe.enable_lora()
+
+
+def _keep() -> None:
+    """A hotswapped LoRA stays loaded for the next class."""
 
 
 @register_method("dreambooth")
@@ -172,7 +199,10 @@ class DreamBoothMethod(PersonalisedMethod):
 
         def build(key: str, tmp: Path) -> dict[str, Any]:
             images = [ctx.load_image(it) for it in ctx.images]
-            class_images = self._class_images(runtime, cfg, ctx.label) if cfg.prior_preservation else None
+            class_images = None
+            if cfg.prior_preservation:
+                with _base_model(runtime.text2img):  # not through the last class's hotswap LoRA
+                    class_images = self._class_images(runtime, cfg, ctx.label)
             return train_dreambooth(runtime.text2img, images, cfg, tmp, class_images=class_images, label=ctx.label,
                                     progress=ctx.progress, should_cancel=ctx.should_cancel)
 
@@ -185,6 +215,11 @@ class DreamBoothMethod(PersonalisedMethod):
             fields={"adapter": f"dreambooth-{meta.get('format', 'lora')}:{meta['key']}", "adapter_hash": meta["hash"]},
             artifact=entry, release=release,
         )
+
+    def teardown(self, runtime: Any) -> None:
+        """Unload a LoRA left loaded for hotswapping."""
+        if getattr(runtime.text2img.unet, "peft_config", None):
+            runtime.text2img.unload_lora_weights()
 
     def parameters(self) -> dict[str, Any]:
         c = self.config

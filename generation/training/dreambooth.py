@@ -9,7 +9,6 @@ Full fine-tuning saves a ``unet/`` folder instead. Trainers work on copies; the 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,15 @@ from PIL import Image
 
 from retrogen.progress import CancelFn, ProgressFn
 
-from .common import TrainerConfig, autocast, denoising_loss, encode_latents, run_steps
+from .common import (
+    TrainerConfig,
+    choose_precision,
+    denoising_loss,
+    encode_latents,
+    optimizer_step,
+    run_steps,
+    training_mode,
+)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -39,7 +46,7 @@ class DreamBoothConfig(TrainerConfig):
     full_finetune: bool = False
 
     def hyperparameters(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"trainer_version": 2}  # 2: LoRA initialisation seeded
+        return self.key_fields() | {"trainer_version": 2}  # 2: LoRA initialisation seeded
 
 
 def _encode_prompt(tokenizer: Any, text_encoder: Any, prompt: str, n: int) -> Any:
@@ -54,13 +61,25 @@ def _lora(cfg: DreamBoothConfig, targets: list[str]) -> Any:
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=targets)
 
 
+def _base_copy(unet: Any) -> Any:
+    """A copy of the pipeline's UNet as loaded: without the LoRA a compiled pipeline keeps loaded between classes
+    for hotswapping (or the class would train on top of the last one's), and not compiled (training compiles
+    nothing; the copy would otherwise carry the pipeline's compiled forward)."""
+    copied = copy.deepcopy(unet)
+    if getattr(copied, "peft_config", None):
+        copied.delete_adapters(list(copied.peft_config))
+    if getattr(copied, "_compiled_call_impl", None) is not None:  # torch's in-place Module.compile
+        copied._compiled_call_impl = None
+    return copied
+
+
 def _trainable_copies(pipe: Any, cfg: DreamBoothConfig) -> tuple[Any, Any]:
     """(UNet, text encoder) to train: copies with LoRA adapters (trainable parts in float32), or a float32 UNet
     copy for full fine-tuning. The text encoder is the pipeline's own, frozen, unless it trains too."""
     import torch
     from diffusers.training_utils import cast_training_params
 
-    unet = copy.deepcopy(pipe.unet)
+    unet = _base_copy(pipe.unet)
     # peft draws the LoRA weights' initial values from torch's global generator: seed it from the config, in a
     # forked RNG state so the caller's stream is untouched, or the same cache key trains different weights
     with torch.random.fork_rng(devices=[]):
@@ -134,11 +153,14 @@ def train_dreambooth(
     import torch
     from diffusers import DDPMScheduler
 
-    # 1. Trainable copies.
+    # 1. Trainable copies (float32 trainable weights; the precision's autocast and loss scaling around them).
     device, base_dtype = pipe.unet.device, pipe.unet.dtype
+    precision = choose_precision(device, cfg.precision)
     unet, text_encoder = _trainable_copies(pipe, cfg)
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2 if cfg.full_finetune else 0.0)
+    scaler = precision.scaler()
+    skipped = []
 
     # 2. Data: latents once; prompts once unless the text encoder trains.
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -151,7 +173,7 @@ def train_dreambooth(
 
     # 3. Steps: random instance images (and mirrors), plus as many prior images when preserving the prior.
     def step(i: int) -> float:
-        with autocast(device, base_dtype):
+        with precision.autocast():
             inst_h, cls_h = prompt_states()
             idx = torch.randint(0, len(latents), (bs,), generator=generator).to(device)
             loss = denoising_loss(unet, noise_scheduler, latents[idx], inst_h, generator).mean()
@@ -159,15 +181,16 @@ def train_dreambooth(
                 pidx = torch.randint(0, len(prior), (bs,), generator=generator).to(device)
                 prior_loss = denoising_loss(unet, noise_scheduler, prior[pidx], cls_h, generator).mean()
                 loss = loss + cfg.prior_loss_weight * prior_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        if not optimizer_step(loss, optimizer, params, scaler, max_grad_norm=1.0):
+            skipped.append(i)
         return float(loss.detach())
 
-    losses = run_steps(step, cfg.num_train_steps, label=label, progress=progress, should_cancel=should_cancel)
+    checkpointed = (unet, text_encoder) if cfg.train_text_encoder else (unet,)
+    with training_mode(cfg, *checkpointed):
+        losses = run_steps(step, cfg.num_train_steps, label=label, progress=progress, should_cancel=should_cancel)
 
     # 4. Save only what trained.
     return {"num_train_steps": cfg.num_train_steps, "loss_first": losses[0], "loss_last": losses[-1],
-            "losses": losses, "instance_prompt": cfg.instance_prompt,
+            "losses": losses, "instance_prompt": cfg.instance_prompt, "precision": precision.name,
+            "skipped_steps": skipped,
             **_save(unet, text_encoder, cfg, out_dir, base_dtype=base_dtype)}

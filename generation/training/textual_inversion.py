@@ -9,7 +9,6 @@ tokenizer and text encoder are never modified: training works on copies.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,15 @@ from retrogen.progress import CancelFn, ProgressFn
 from retrogen.prompts import TEXTUAL_INVERSION_TEMPLATES
 
 from ..errors import GenerationError
-from .common import TrainerConfig, autocast, denoising_loss, encode_latents, run_steps
+from .common import (
+    TrainerConfig,
+    choose_precision,
+    denoising_loss,
+    encode_latents,
+    optimizer_step,
+    run_steps,
+    training_mode,
+)
 
 WEIGHT_NAME = "learned_embeds.safetensors"
 
@@ -34,7 +41,7 @@ class TextualInversionConfig(TrainerConfig):
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the artefact key covers (the token name is not: it only labels the result)."""
-        d = dataclasses.asdict(self)
+        d = self.key_fields()
         d.pop("placeholder_token")
         return d | {"templates": list(TEXTUAL_INVERSION_TEMPLATES), "trainer_version": 1}
 
@@ -96,6 +103,9 @@ def train_textual_inversion(
     pipe.unet.requires_grad_(False)
     pipe.vae.requires_grad_(False)
     optimizer = torch.optim.AdamW([table], lr=cfg.learning_rate, weight_decay=0.0)
+    precision = choose_precision(device, cfg.precision)
+    scaler = precision.scaler()
+    skipped = []
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(cfg.seed)
     latents = encode_latents(pipe.vae, images, cfg.resolution, generator)
@@ -108,20 +118,21 @@ def train_textual_inversion(
         prompts = [TEXTUAL_INVERSION_TEMPLATES[int(j)].format(subject) for j in picks]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
-        with autocast(device, pipe.unet.dtype):
+        with precision.autocast():
             hidden = text_encoder(ids)[0]
             loss = denoising_loss(pipe.unet, noise_scheduler, latents[idx.to(device)], hidden, generator).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if not optimizer_step(loss, optimizer, [table], scaler):
+            skipped.append(i)
         with torch.no_grad():  # only the new rows learn
             table[keep] = original[keep]
         return float(loss.detach())
 
-    losses = run_steps(step, cfg.num_train_steps, label=label, progress=progress, should_cancel=should_cancel)
+    with training_mode(cfg, pipe.unet):  # the shared UNet is put back as it was
+        losses = run_steps(step, cfg.num_train_steps, label=label, progress=progress, should_cancel=should_cancel)
 
     # 4. Save only the learned rows, in the layout load_textual_inversion reads.
     learned = table.detach()[new_ids].to("cpu", torch.float32).contiguous()
     save_file({cfg.placeholder_token: learned}, str(out_dir / WEIGHT_NAME))
     return {"weight_name": WEIGHT_NAME, "token": cfg.placeholder_token, "num_vectors": cfg.num_vectors,
-            "num_train_steps": cfg.num_train_steps, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses}
+            "num_train_steps": cfg.num_train_steps, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+            "precision": precision.name, "skipped_steps": skipped}

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     enable_worker: bool = True  # `retrogen serve` runs an in-process worker
     num_retrieval_threads: int = Field(1, ge=1)
     num_generation_threads: int = Field(1, ge=0)  # per device: one GPU-bound generation at a time
+    # loaded diffusers pipelines a worker keeps across jobs (LRU, by weights + buffers); None: the last model only
+    pipeline_cache_gb: float | None = Field(None, gt=0)
     job_lease_s: float = Field(30.0, gt=0)  # a running job whose worker misses heartbeats this long is re-claimed
     job_max_attempts: int = Field(3, ge=1)  # claims before a job that keeps killing its worker is failed
     poll_interval_s: float = Field(0.5, gt=0)

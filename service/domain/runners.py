@@ -208,13 +208,17 @@ def generation_runner(method: str) -> Runner:
 
     def run(ctx: RunContext) -> Any:
         from retrogen.generation import GenerationConfig, augment_by_generation
+        from retrogen.generation.pipelines import cached_pipelines
 
         models = ctx.settings.models
         if ctx.model_name not in models:
             raise NotFoundError(f"unknown model {ctx.model_name!r}; configured: {', '.join(models) or '(none)'}")
+        # the worker keeps loaded pipelines across jobs: an LRU within pipeline_cache_gb, else the last model only
+        budget_gb = ctx.settings.pipeline_cache_gb
+        pipelines = cached_pipelines(int(budget_gb * (1 << 30)) if budget_gb is not None else None)
         return augment_by_generation(ctx.dataset_dir, ctx.out_dir, model=models[ctx.model_name], method=method,
                                      per_class=ctx.per_class, config=GenerationConfig.from_dict(ctx.params),
                                      artifacts_dir=ctx.artifacts_dir, progress=ctx.progress,
-                                     should_cancel=ctx.should_cancel)
+                                     should_cancel=ctx.should_cancel, pipelines=pipelines)
 
     return run
