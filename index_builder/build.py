@@ -38,6 +38,7 @@ from .faiss_build import (
     build_faiss,
     has_hnsw,
     plan_index,
+    record_train_device,
     sample_ids,
     tune_search,
 )
@@ -267,10 +268,11 @@ def build_tuned_index(directory: IndexDirectory, shards: list[ShardInfo], manife
     probe_vectors = directory.gather_vectors(shards, probe_ids) if probe_ids is not None else None
     chunks = lambda: directory.iter_vectors(shards)  # noqa: E731
     ef, tried = config.ef_construction or EF_CONSTRUCTION, []
+    device = record_train_device(manifest, config, trains=train is not None)
     while True:
         log.info("building FAISS %s over %d vectors", plan.factory, count)
         faiss_index = build_faiss(plan, dim, count, chunks, train_vectors=train, progress=progress,
-                                  ef_construction=ef, held_out=probe_ids)
+                                  ef_construction=ef, held_out=probe_ids, device=device)
         if probe_ids is None:
             return faiss_index
         tune_operating_point(directory, manifest, faiss_index, chunks, config=config,

@@ -39,7 +39,7 @@ class IndexBuildConfig(LibraryConfig):
     #: settings that only matter while embedding images (``index import`` has none of them)
     EMBEDDING_FIELDS: ClassVar[tuple[str, ...]] = ("shard_size", "batch_size", "num_workers", "max_pixels")
     #: settings that change the speed of a build, not its output (a resumed build may change them)
-    SPEED_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "num_workers")
+    SPEED_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "num_workers", "faiss_device")
 
     index_type: str = Field(
         "auto",
@@ -64,6 +64,9 @@ class IndexBuildConfig(LibraryConfig):
         None, ge=1, le=1000, description="Exact re-rank depth (x k) of lossy indexes; default: tuned to "
         "target_recall.")
     seed: int = Field(0, description="Seed of the training sample and the recall queries.")
+    faiss_device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where an IVF index's k-means runs: the GPU when faiss-gpu sees one (auto), or as "
+        "told; recorded in the manifest (faiss.train_device).")
     faiss_storage: Literal["memory", "ondisk"] = Field(
         "memory", description="memory: one FAISS index built in RAM. ondisk (large corpora): an IVF index trained "
         "on a sample, filled one part per shard in parallel (Ray tasks with --engine ray) and merged into "

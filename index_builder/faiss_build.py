@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from retrogen.progress import ProgressEvent, ProgressFn, emit
+from retrogen.retrieval.faiss_device import faiss_build, resolve_device, train
 from retrogen.retrieval.index import searching_index
 
 from .config import parse_memory
@@ -160,10 +161,20 @@ def sample_ids(count: int, size: int, seed: int, exclude: np.ndarray | None = No
     return np.sort(rng.choice(pool, size=min(size, len(pool)), replace=False))
 
 
+def record_train_device(manifest, config, *, trains: bool) -> str:
+    """Where the index trains (``config.faiss_device`` resolved: the GPU when faiss-gpu sees one), written into
+    the manifest beside the FAISS build that ran it; an untrained kind (flat, HNSW) says ``cpu``."""
+    device = resolve_device(config.faiss_device) if trains else "cpu"
+    manifest.faiss["train_device"] = device
+    manifest.build["faiss_build"] = faiss_build()
+    return device
+
+
 def build_faiss(plan: IndexPlan, dim: int, count: int, chunks: Callable[[], Iterable[np.ndarray]], *,
                 train_vectors: np.ndarray | None = None, progress: ProgressFn | None = None,
-                ef_construction: int | None = None, held_out: np.ndarray | None = None):
-    """Create the index from ``plan``, train it on ``train_vectors`` if needed, add all ``chunks`` in row order.
+                ef_construction: int | None = None, held_out: np.ndarray | None = None, device: str = "cpu"):
+    """Create the index from ``plan``, train it on ``train_vectors`` if needed (an IVF k-means on the GPU when
+    ``device`` is ``gpu``, see ``retrieval.faiss_device.train``), add all ``chunks`` in row order.
 
     ``ef_construction``: the HNSW graph's build depth, for indexes with an HNSW graph (faiss's default is 40).
     ``held_out``: sorted row ids left out for now (the recall probe's queries, see ``RecallProbe``); the index
@@ -180,7 +191,7 @@ def build_faiss(plan: IndexPlan, dim: int, count: int, chunks: Callable[[], Iter
         if train_vectors is None or len(train_vectors) == 0:
             raise IndexBuildError(f"index {plan.factory!r} needs training vectors")
         emit(progress, ProgressEvent("faiss_train", 0, 1, message=plan.factory))
-        index.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
+        train(index, np.ascontiguousarray(train_vectors, dtype=np.float32), device)
         emit(progress, ProgressEvent("faiss_train", 1, 1, message=plan.factory))
     if held_out is not None:
         index = faiss.IndexIDMap(index)  # owns the inner index from here (faiss's Python wrapper keeps it alive)

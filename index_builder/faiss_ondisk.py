@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from retrogen.progress import ProgressEvent, ProgressFn, emit
+from retrogen.retrieval.faiss_device import train
 from retrogen.retrieval.index_directory import IndexDirectory, Manifest, ShardInfo
 
 from .config import IndexBuildConfig
 from .errors import IndexBuildError
-from .faiss_build import IndexPlan, RecallProbe, plan_index, sample_ids
+from .faiss_build import IndexPlan, RecallProbe, plan_index, record_train_device, sample_ids
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def build_ondisk_index(directory: IndexDirectory, shards: list[ShardInfo], manif
     train_ids = sample_ids(count, plan.train_size or min(count, 10_000), config.seed)
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     emit(progress, ProgressEvent("faiss_train", 0, 1, message=plan.factory))
-    index.train(directory.gather_vectors(shards, train_ids))
+    train(index, directory.gather_vectors(shards, train_ids), record_train_device(manifest, config, trains=True))
     emit(progress, ProgressEvent("faiss_train", 1, 1, message=plan.factory))
     trained = str(directory.faiss_work_path("trained.index"))
     faiss.write_index(index, trained)

@@ -19,6 +19,7 @@ from retrogen.errors import InvalidInputError
 from retrogen.fileio import read_source_bytes
 
 from .errors import EmbedderMismatchError, IndexFormatError
+from .faiss_device import for_search, resolve_device
 from .index_directory import INDEX_FILE, IndexDirectory, Manifest, take_rows
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,10 @@ class CorpusIndex:
     """A read-only view of an index directory. Thread-safe for concurrent searches and reads."""
 
     def __init__(self, directory: IndexDirectory | str | os.PathLike, manifest: Manifest, faiss_index: Any, *,
-                 held_out: int = 0):
-        """``held_out``: rows of the manifest not yet in ``faiss_index`` (the build's recall probe, while tuning)."""
+                 held_out: int = 0, device: str = "cpu"):
+        """``held_out``: rows of the manifest not yet in ``faiss_index`` (the build's recall probe, while tuning).
+        ``device``: where to search, ``cpu`` | ``gpu`` | ``auto`` (``retrieval.faiss_device``); ``self.device``
+        says where it does."""
         import faiss
 
         self.directory = directory if isinstance(directory, IndexDirectory) else IndexDirectory(directory)
@@ -113,18 +116,22 @@ class CorpusIndex:
         self._graph = isinstance(faiss.downcast_index(base.index) if isinstance(base, faiss.IndexPreTransform)
                                  else base, faiss.IndexHNSW)
         self._params: dict[tuple, Any] = {}  # (nprobe, efSearch, factor) -> SearchParameters, read-only once made
+        # parameters are made from the CPU structure (a GPU copy's classes are not IndexIVF...) and fit both
+        self._structure = self._searcher
+        self._searcher, self.device = for_search(self._searcher, resolve_device(device))
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, *, mmap: bool | None = None) -> CorpusIndex:
+    def open(cls, directory: str | os.PathLike, *, mmap: bool | None = None, device: str = "cpu") -> CorpusIndex:
         """Open a complete index directory; ``mmap``: memory-map the FAISS index (True), read it into RAM
-        (False), or decide by its size (None, see ``IndexDirectory.read_faiss_index``).
+        (False), or decide by its size (None, see ``IndexDirectory.read_faiss_index``); ``device``: search on
+        the ``cpu``, the ``gpu`` (a copy in GPU memory), or ``auto`` (the GPU when faiss-gpu sees one).
 
         Raises:
             IndexNotFoundError / IndexFormatError: missing, incomplete or corrupt index.
         """
         folder = IndexDirectory(directory)
         manifest = folder.read_manifest()
-        return cls(folder, manifest, folder.read_faiss_index(mmap=mmap))
+        return cls(folder, manifest, folder.read_faiss_index(mmap=mmap), device=device)
 
     @property
     def ntotal(self) -> int:
@@ -170,7 +177,7 @@ class CorpusIndex:
                           ef_search if ef_search is not None else self.search_defaults.get("efSearch"), factor, k)
         params = self._params.get(key)
         if params is None:  # cached (a few keys in practice): making one costs ~10 us of a 0.1 ms query
-            params = search_parameters(self._searcher, nprobe=key[0], ef_search=key[1], k_factor=factor)
+            params = search_parameters(self._structure, nprobe=key[0], ef_search=key[1], k_factor=factor)
             if len(self._params) < PARAMS_CACHED:
                 self._params[key] = params
         if self.refined or factor == 1:

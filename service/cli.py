@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,11 +68,33 @@ db_app = typer.Typer(no_args_is_help=True, help="The job database's schema (Alem
 
 def _database_engine(database_url: str | None, settings_file: Path | None):
     from sqlalchemy import create_engine
+    from sqlalchemy.exc import ArgumentError
+
+    from retrogen.errors import InvalidInputError
 
     url = database_url or _settings(settings_file).resolved_database_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return create_engine(url)
+    try:
+        return create_engine(url)
+    except (ArgumentError, ImportError) as e:  # a malformed URL, or a driver that is not installed
+        raise InvalidInputError(f"--database-url: {e}") from None
+
+
+@contextlib.contextmanager
+def _reaching(engine):
+    """One readable line (the URL without its password) instead of a driver traceback when the database does
+    not answer; the engine is disposed either way."""
+    from sqlalchemy.exc import OperationalError
+
+    from .core.db import unreachable
+
+    try:
+        yield
+    except OperationalError as e:
+        raise unreachable(engine, e) from None
+    finally:
+        engine.dispose()
 
 
 _URL_HELP = "SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: the settings' database_url)."
@@ -89,10 +112,8 @@ def db_upgrade(
     from .core import migrations
 
     engine = _database_engine(database_url, settings_file)
-    try:
+    with _reaching(engine):
         before, after = migrations.upgrade(engine, revision)
-    finally:
-        engine.dispose()
     where = engine.url.render_as_string(hide_password=True)
     typer.echo(f"{where}: schema {before or 'empty'} -> {after}" if before != after else f"{where}: already at {after}")
 
@@ -107,9 +128,7 @@ def db_current(
     from .core import migrations
 
     engine = _database_engine(database_url, settings_file)
-    try:
+    with _reaching(engine):
         at = migrations.current(engine)
-    finally:
-        engine.dispose()
     head = migrations.head()
     typer.echo(f"{at or 'empty'} (head {head}{', up to date' if at == head else ', run `retrogen db upgrade`'})")

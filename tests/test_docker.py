@@ -258,3 +258,42 @@ def test_the_load_balancer_spreads_over_the_serve_replicas_and_leaves_limits_to_
     assert "./nginx.conf:/etc/nginx/conf.d/default.conf:ro" in services["lb"]["volumes"]
     # uploads stream through to retrogen, which enforces its own size limits (a 413 with a message)
     assert "client_max_body_size 0;" in conf and "proxy_request_buffering off;" in conf
+
+
+def image_requirements() -> list[str]:
+    """What the image's builder stage installs: its own ``python -c`` over pyproject.toml, run here."""
+    run = next(rest for word, rest in dockerfile_instructions("builder") if word == "RUN" and "tomllib" in rest)
+    code = re.search(r'python -c "(.*?)" +>', run).group(1)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    return r.stdout.split()
+
+
+def test_the_image_takes_faiss_gpu_and_never_faiss_cpu_too():
+    """Both wheels install the `faiss` module: the image gets the gpu extra only, the core list neither."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("faiss")]
+    extras = project["optional-dependencies"]
+    assert extras["cpu"] == ["faiss-cpu"] and extras["gpu"] == ["faiss-gpu"]
+    assert not [d for d in extras["dev"] if "faiss" in d or d.endswith(("[cpu]", "[gpu]"))]
+    reqs = image_requirements()
+    assert "faiss-gpu" in reqs and "faiss-cpu" not in reqs and "psycopg[binary]" in reqs
+
+
+def test_the_image_requirements_resolve_with_the_pinned_stack(tmp_path):
+    """pip's resolver (metadata only, nothing installed) accepts the image's requirements under constraints.txt:
+    faiss-gpu's CUDA 12 runtime wheels beside torch's CUDA 13 ones. Needs the package index (CI has it)."""
+    req = tmp_path / "requirements.txt"
+    req.write_text("\n".join(image_requirements()) + "\n")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                        "--report", str(tmp_path / "report.json"), "-c", str(ROOT / "constraints.txt"), "-r", str(req)],
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != 0 and os.environ.get("CI") != "true" and "No matching distribution" in r.stderr \
+            and "Could not fetch" in r.stderr:
+        pytest.skip("the package index is unreachable")
+    assert r.returncode == 0, r.stderr[-3000:]
+    chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+              for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert chosen["faiss-gpu"] == "1.15.1" and "faiss-cpu" not in chosen
+    assert chosen["torch"] == "2.14.1" and "nvidia-cuda-runtime-cu12" in chosen and "nvidia-cuda-runtime" in chosen

@@ -126,3 +126,14 @@ def test_shared_postgres_is_migrated_by_the_operator_not_by_replicas(pg_server):
         Database(url).dispose()  # now a replica starts
     finally:
         pg_server.drop_database(name)
+
+
+def test_db_commands_report_an_unreachable_or_malformed_database_in_one_line():
+    r = retrogen("db", "current", "--database-url", "postgresql+psycopg://ops:s3cret-pw@127.0.0.1:1/jobs")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "postgresql+psycopg://ops:***@127.0.0.1:1/jobs" in r.stderr and "s3cret-pw" not in r.stderr
+    r = retrogen("worker", RETROGEN_DATABASE_URL="postgresql+psycopg://ops:s3cret-pw@127.0.0.1:1/jobs")
+    assert r.returncode == 1 and r.stderr.startswith("error: database postgresql+psycopg://ops:***@") \
+        and "s3cret-pw" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = retrogen("db", "upgrade", "--database-url", "nosuchdb://x")
+    assert r.returncode == 2 and r.stderr.startswith("error: --database-url:") and "Traceback" not in r.stderr

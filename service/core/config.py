@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -34,6 +35,8 @@ class IndexConfig(BaseModel):
     safety_classifier: str | None = None
     # hold the FAISS index memory-mapped (True) or in RAM (False); None: by size (mapped above 2 GiB)
     mmap: bool | None = None
+    # search a flat / IVF index on the GPU (a copy in GPU memory) with faiss-gpu: auto when it sees one
+    faiss_device: Literal["auto", "cpu", "gpu"] = "auto"
 
 
 class Settings(BaseSettings):

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from retrogen.errors import NotFoundError
+from retrogen.errors import NotFoundError, RetrogenError
 
 from . import migrations
 from .tables import Base
@@ -42,6 +43,9 @@ class Database:
                 migrations.upgrade(self.engine)
             else:
                 migrations.require_head(self.engine, self.display_url)
+        except OperationalError as e:
+            self.engine.dispose()
+            raise unreachable(self.engine, e) from None
         except BaseException:
             self.engine.dispose()
             raise
@@ -79,6 +83,13 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def unreachable(engine: Engine, error: OperationalError) -> RetrogenError:
+    """A database that does not answer as one readable line: its URL without the password, and the driver's
+    first line of why (``serve``, ``worker`` and ``db`` print it instead of a traceback)."""
+    reason = str(error.orig if error.orig is not None else error).strip().splitlines()[0]
+    return RetrogenError(f"database {engine.url.render_as_string(hide_password=True)}: {reason}")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

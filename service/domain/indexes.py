@@ -204,7 +204,8 @@ class LoadedIndex:
             "name": self.name, "loaded": True, "index_id": m.index_id, "index_version": m.version,
             "count": self.ntotal, "dim": self.dim, "embedder": self.embedder.name,
             "supports_text": bool(self.embedder.supports_text), "faiss_kind": m.faiss.get("kind"),
-            "recall": m.recall,
+            "recall": m.recall, "faiss_device": self.corpus.device,
+            "faiss_train_device": m.faiss.get("train_device"), "faiss_build": m.build.get("faiss_build"),
         }
 
 
@@ -295,7 +296,7 @@ class IndexRegistry:
 
         cfg = self.configs[name]
         try:
-            index = CorpusIndex.open(cfg.path, mmap=cfg.mmap)
+            index = CorpusIndex.open(cfg.path, mmap=cfg.mmap, device=cfg.faiss_device)
         except IndexNotFoundError as e:  # a configured name whose folder holds no complete index
             raise NotFoundError(f"index {name!r}: {_without_path(e, name, cfg.path)}") from None
         except IndexFormatError as e:
