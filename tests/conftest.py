@@ -53,6 +53,16 @@ def tiny_sd_dir(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
 
 
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_dir):
+    """The tiny SD pipeline loaded once per test module (tests load adapters into it: not shared wider)."""
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     """A tiny random SDXL model directory (+ image encoder and IP-Adapter), see tests/tiny_sd.py."""

@@ -10,15 +10,6 @@ import torch
 from tests.test_generation_training import _red_images
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd_dir):
-    from diffusers import StableDiffusionPipeline
-
-    p = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None, requires_safety_checker=False)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 @pytest.mark.parametrize("bf16,requested,expected", [
     (True, "auto", "bf16"),  # Ampere and newer
     (False, "auto", "fp16"),  # Volta / Turing: fp16 + loss scaling

@@ -12,15 +12,6 @@ from PIL import Image
 from tests.test_generation import make_dataset, run
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd_dir):
-    from diffusers import StableDiffusionPipeline
-
-    p = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None, requires_safety_checker=False)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 def _red_images():
     rng = np.random.default_rng(0)
     return [Image.fromarray(np.clip(rng.normal([220, 30, 30], 10, (64, 64, 3)), 0, 255).astype(np.uint8)) for _ in range(2)]

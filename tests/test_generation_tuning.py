@@ -12,15 +12,6 @@ from tests.test_generation import run
 GIB = 1 << 30
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd_dir):
-    from diffusers import StableDiffusionPipeline
-
-    p = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None, requires_safety_checker=False)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 @pytest.mark.parametrize("free_gib,size,family,dtype_bytes,expected", [
     (80, 512, "sd", 2, 16),  # plenty: capped
     (10, 512, "sd", 2, 5),  # (10 - 2 reserve) / 1.5
