@@ -88,7 +88,8 @@ def train(index: Any, vectors: Any, device: str) -> None:
 def for_search(index: Any, device: str) -> tuple[Any, str]:
     """(the index to search, where it runs): on ``gpu``, a GPU copy of a flat or IVF index (float16 lookup tables
     for PQ, which wide codes need in shared memory); an ``IndexRefine`` keeps its float16 store on the CPU and
-    re-ranks the GPU's candidates from it. Anything else (HNSW), or device ``cpu``: ``index`` as it is."""
+    re-ranks the GPU's candidates from it. Anything else (HNSW, an on-disk IVF index), or device ``cpu``:
+    ``index`` as it is."""
     import faiss
 
     if device != "gpu":
@@ -101,8 +102,12 @@ def for_search(index: Any, device: str) -> tuple[Any, str]:
         refined.k_factor = index.k_factor
         refined.referenced_objects = [base, index]  # faiss holds raw pointers to both
         return refined, "gpu"
+    from .index_directory import ondisk_lists
+
     inner = faiss.downcast_index(index)
     if not (isinstance(inner, faiss.IndexFlat) or faiss.try_extract_index_ivf(inner) is not None):
+        return index, "cpu"
+    if ondisk_lists(inner) is not None:  # lists larger than RAM by design: a GPU copy would not fit either
         return index, "cpu"
     options = faiss.GpuMultipleClonerOptions()
     options.useFloat16LookupTables = True

@@ -92,6 +92,24 @@ def test_auto_trains_and_searches_on_the_gpu_where_faiss_can(tmp_path, monkeypat
                                       cpu.search(queries, 10, **overrides)[1])
 
 
+def test_an_ondisk_index_stays_on_the_cpu(tmp_path, monkeypatch):
+    """Its lists are larger than RAM by design: a GPU copy would not fit either."""
+    from retrogen.index_builder.build import finish_index
+    from retrogen.index_builder.config import IndexBuildConfig
+    from retrogen.retrieval.index_directory import IndexDirectory
+    from tests.test_index_search import write_shards
+
+    directory = IndexDirectory(tmp_path / "idx")
+    shards = write_shards(directory, clustered(1000, dim=32))
+    gpus = FakeGpus(monkeypatch)
+    finish_index(directory, shards, embedder_entry={"name": "vec", "dim": 32, "normalized": True}, sources=[],
+                 params={}, config=IndexBuildConfig(index_type="IVF8,Flat", faiss_storage="ondisk",
+                                                    num_recall_queries=50))
+    assert "IndexFlatL2" in gpus.cloned  # trained on the GPU all the same
+    gpus.cloned.clear()
+    assert CorpusIndex.open(tmp_path / "idx", device="auto").device == "cpu" and gpus.cloned == []
+
+
 def test_the_service_searches_where_each_index_is_configured_and_says_so(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
