@@ -25,6 +25,7 @@ from retrogen.progress import CancelFn, ProgressEvent, ProgressFn, check_cancel,
 from retrogen.provenance import now_iso
 from retrogen.retrieval.embedders import Embedder, create_embedder, l2_normalize
 from retrogen.retrieval.errors import IndexFormatError
+from retrogen.retrieval.faiss_device import resolve_device
 from retrogen.retrieval.index_directory import IndexDirectory, Manifest, ShardInfo
 
 from .config import IndexBuildConfig
@@ -146,7 +147,9 @@ class LocalEngine:
 
 
 def plan_for(count: int, dim: int, config: IndexBuildConfig):
-    """The FAISS index ``config`` asks for over ``count`` vectors (checked before any work)."""
+    """The FAISS index ``config`` asks for over ``count`` vectors (checked before any work, as is a FAISS device
+    the machine lacks)."""
+    resolve_device(config.faiss_device)
     if config.faiss_storage == "ondisk":
         return plan_ondisk(count, dim, config.index_type)
     return plan_index(count, dim, index_type=config.index_type, memory_budget=config.memory_budget)

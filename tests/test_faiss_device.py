@@ -126,3 +126,28 @@ def test_the_service_searches_where_each_index_is_configured_and_says_so(tmp_pat
     auto, pinned = registry.get("auto").describe(), registry.get("pinned").describe()
     assert auto["faiss_device"] == "gpu" and pinned["faiss_device"] == "cpu"
     assert auto["faiss_train_device"] == "cpu" and auto["faiss_build"] == faiss_build()  # a flat index
+
+
+def test_asking_for_a_gpu_the_machine_lacks_fails_before_any_embedding(tmp_path, image_folder_for_gpu_check):
+    from typer.testing import CliRunner
+
+    from retrogen import cli
+
+    r = CliRunner().invoke(cli.app, ["index", "build", "--source", str(image_folder_for_gpu_check), "--out",
+                                     str(tmp_path / "idx"), "--embedder", "efficientnet-lite0", "--faiss-device",
+                                     "gpu"])
+    # the app raises; `retrogen`'s main turns it into one line and exit code 2
+    assert isinstance(r.exception, InvalidInputError) and r.exception.exit_code == 2
+    assert "sees no GPU" in str(r.exception) and "--faiss-device cpu" in str(r.exception)
+    assert not (tmp_path / "idx" / "img_emb").exists(), "nothing embedded"
+
+
+@pytest.fixture
+def image_folder_for_gpu_check(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 80, 10, 10)).save(folder / f"{i}.png")
+    return folder
