@@ -10,8 +10,9 @@ of bench_index.py: unit-sphere Gaussian clusters, within-cluster cosine ~0.67), 
   asking each query for M (the pool size) neighbours;
 - retrogen search: the same M per query from retrogen's own index of the corpus (``--product-index``, default
   auto: HNSW at 200k, built and tuned to recall 0.95 as ``retrogen index build`` does; HNSW searches at least
-  M deep), what a user of the product pays for the candidates (timed only: both policies select from the
-  exact candidates);
+  M deep), then the candidates' embeddings read from its shards, as retrieval's candidate step does
+  (``augment._candidates``, timed there as ``search_s``): what a user of the product pays for the candidates
+  (timed only: both policies select from the exact candidates);
 - knn: retrogen's round-robin + ``select`` (its filters on) over those candidates;
 - diverse: ``diverse_order`` (its pool of the first M distinct candidates and the greedy, timed alone: the
   policy's own cost), then the same ``select``.
@@ -52,9 +53,10 @@ def one_round(index, corpus: np.ndarray, queries: np.ndarray, *, pool: int, per_
     scores, ids = index.search(queries, pool)
     t_search = time.perf_counter() - t0
     t_product = float("nan")
-    if product is not None:  # what the user's own index costs for the same M per query
-        t0 = time.perf_counter()
-        product.search(queries, pool)
+    if product is not None:  # what the user's own index costs for the same M per query, as retrieval's
+        t0 = time.perf_counter()  # candidate step does it: the search, then the candidates' embeddings
+        _, found = product.search(queries, pool)
+        product.embeddings(np.unique(found[found >= 0]).tolist()).astype(np.float32)
         t_product = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus {a.corpus} x {a.dim} (flat), {a.queries} queries per class, N = {a.per_class}, "
           f"{a.rounds} rounds, faiss threads {faiss.omp_get_max_threads()}, load {os.getloadavg()[0]:.2f}")
     kind = product.manifest.faiss["factory"] if product is not None else "-"
-    print("| pool M | path | search ms (bare faiss, exact) | search ms (retrogen, " + kind + ") | knn: select ms "
+    print("| pool M | path | search ms (bare faiss, exact) | search + embeddings ms (retrogen, " + kind + ") | knn: select ms "
           "| diverse: greedy ms | diverse: greedy + select ms | greedy / search: exact, retrogen | greedy peak MB "
           "| mean cosine among the N picks, knn → diverse |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

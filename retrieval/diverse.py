@@ -35,15 +35,15 @@ still a facility location, so monotone submodular. What it drops: how well the p
 S (each sampled row stands for m / s of them, hence the scaling). Its similarities are taken in the sample's
 top ``dims`` principal directions (``project``): s(i, c) becomes the inner product of c with ground row i's
 projection onto them; the caps r stay exact. The matrix is s x pool, built in s * pool * dims
-(plus pool * d * dims for the projection), not pool^2 * d. On it the greedy keeps every candidate's gain
-exact up to float32 rounding (``_SampledCover``): a plain greedy, not a lazy one. Given ``neighbours``, the
-similarity is instead a sparse kNN graph over every row (each row keeps itself and its ``neighbours``
-highest capped similarities: submodlib's sparse mode); it bounds memory, not the O(pool^2 d) time.
+(plus pool * d * dims for the projection), not pool^2 * d.
 
-On the exact and sparse paths the greedy is lazy (gains of a submodular function only shrink, so a stale gain
-is an upper bound) and refreshes a batch of the best bounds at once, vectorised over the ground. The greedy
-yields an order, not a set, so the usual filters walk it exactly as they walk the kNN order; the items after
-the pool follow in kNN order.
+On both the greedy keeps every candidate's gain exact up to float32 rounding (``_GroundCover``: each pick
+updates all gains through the ground rows it raises): a plain greedy, not a lazy one. Given ``neighbours``,
+the similarity is instead a sparse kNN graph over every row (each row keeps itself and its ``neighbours``
+highest capped similarities: submodlib's sparse mode); it bounds memory, not the O(pool^2 d) time, and its
+greedy is lazy (gains of a submodular function only shrink, so a stale gain is an upper bound), refreshing a
+batch of the best bounds at once. The greedy yields an order, not a set, so the usual filters walk it exactly
+as they walk the kNN order; the items after the pool follow in kNN order.
 """
 
 from __future__ import annotations
@@ -85,33 +85,6 @@ def ground_rows(m: int, size: int) -> np.ndarray:
     return np.rint(np.arange(size) * m / size).astype(np.intp)  # rint rounds half to even, as round() does
 
 
-class _DenseCover:
-    """The exact path: the capped similarity of every candidate c (row) to every pool row i (column), a dense
-    (m, m) float32 matrix. Candidates are rows so that refreshing a batch's gains gathers contiguous rows."""
-
-    def __init__(self, pool: np.ndarray, cap: np.ndarray):
-        # pool @ pool.T: numpy's symmetric product
-        self.cover = _capped(pool @ pool.T, cap, cap)
-        self.covered = np.zeros(self.cover.shape[1], np.float32)
-        self.work = np.empty((0, self.cover.shape[1]), np.float32)  # the refreshed rows, reused across refreshes
-
-    def first_gains(self) -> np.ndarray:
-        return self.cover.sum(axis=1, dtype=np.float64)
-
-    def gains(self, top: np.ndarray) -> np.ndarray:
-        if len(top) > len(self.work):
-            self.work = np.empty((len(top), self.cover.shape[1]), np.float32)
-        # mode="clip" (top is in range): with "raise" numpy gathers into a temporary, then copies it into out
-        got = np.take(self.cover, top, axis=0, out=self.work[: len(top)], mode="clip")
-        # max(x, covered) - covered: the same values as max(x - covered, 0), but both passes have a fast loop
-        np.maximum(got, self.covered, out=got)
-        np.subtract(got, self.covered, out=got)
-        return got.sum(axis=1, dtype=np.float64)
-
-    def take(self, c: int) -> None:
-        np.maximum(self.covered, self.cover[c], out=self.covered)
-
-
 def _capped(sims: np.ndarray, row_cap: np.ndarray, col_cap: np.ndarray) -> np.ndarray:
     """min(max(sims, 0), row_cap[:, None], col_cap[None, :]), in place: three passes with fast loops (numpy's
     clip(.., 0, caps) and maximum(.., 0.0) have none)."""
@@ -150,22 +123,28 @@ def project(pool: np.ndarray, queries: np.ndarray, rows: np.ndarray,
     return np.ascontiguousarray(both[:, :dims]), both[:, dims:]
 
 
-class _SampledCover:
-    """The sampled path: f_S's capped similarity, ground rows x candidates (s, m) float32, and each pick's drop
-    in every candidate's gain, so that the greedy sees exact gains (up to float32 rounding; no stale bounds).
+class _GroundCover:
+    """The capped similarity, ground rows x candidates (s, m) float32 (every row on the exact path, a sample
+    on the sampled one), and each pick's drop in every candidate's gain, so that the greedy sees exact gains
+    (up to float32 rounding; no stale bounds).
 
-    On this objective a lazy greedy re-evaluates ~7 % of the pool per pick (many candidates cover about as
-    well as each other), gathering rows scattered over the matrix. A pick raises the coverage of only the
-    ground rows it covers better than before (~3.3 s rows over the first 100 picks on the bench data), and
-    the gains change only through those rows: contiguous here.
+    A lazy greedy re-evaluates ~7 % of the pool per pick on this objective (many candidates cover about as
+    well as each other; ~2 refreshes of 32 rows per pick at M = 1,000), one numpy round per refresh. A pick
+    raises the coverage of only the ground rows it covers better than before (~3.4 s rows over the first 100
+    picks on the bench data, a third of them in the first pick), and the gains change only through those
+    rows: contiguous here. Half the lazy greedy's time at M = 100 to 1,000.
     """
 
-    def __init__(self, coords: np.ndarray, cap: np.ndarray, rows: np.ndarray):
-        self.cover = _capped(coords[rows] @ coords.T, cap[rows], cap)
-        self.scale = len(coords) / len(rows)  # each ground row stands for m / s pool rows
-        self.covered = np.zeros(len(rows), np.float32)
-        self.chunk = max(1, _CHUNK_ENTRIES // len(coords))
-        self.work = np.empty((min(self.chunk, len(rows)), len(coords)), np.float32)
+    def __init__(self, coords: np.ndarray, cap: np.ndarray, rows: np.ndarray | None):
+        if rows is None:  # the exact objective, every row ground: coords @ coords.T is numpy's symmetric product
+            self.cover = _capped(coords @ coords.T, cap, cap)
+        else:
+            self.cover = _capped(coords[rows] @ coords.T, cap[rows], cap)
+        ground, m = self.cover.shape
+        self.scale = m / ground  # each ground row stands for m / s pool rows
+        self.covered = np.zeros(ground, np.float32)
+        self.chunk = max(1, _CHUNK_ENTRIES // m)
+        self.work = np.empty((min(self.chunk, ground), m), np.float32)
 
     def first_gains(self) -> np.ndarray:
         return self.scale * self.cover.sum(axis=0, dtype=np.float64)
@@ -179,7 +158,8 @@ class _SampledCover:
             part = raised[lo: lo + self.chunk]
             old = self.covered[part]
             got = np.take(self.cover, part, axis=0, out=self.work[: len(part)], mode="clip")
-            np.maximum(got, old[:, None], out=got)
+            if old.any():  # nothing covered yet (the first pick, a third of all updates): x >= 0 = old already
+                np.maximum(got, old[:, None], out=got)
             np.minimum(got, new[part, None], out=got)
             drop += np.ones(len(part), np.float32) @ got  # a BLAS sum over the rows
             drop -= old.sum(dtype=np.float64)
@@ -280,7 +260,7 @@ def quality_bonus(quality: np.ndarray | None, weight: float, cap: np.ndarray) ->
     return weight * ((q - q.min()) / span) * float(cap.mean(dtype=np.float64))
 
 
-def _lazy_greedy(cover: _DenseCover | _SparseCover, bonus: np.ndarray | None, *, m: int, steps: int,
+def _lazy_greedy(cover: _SparseCover, bonus: np.ndarray | None, *, m: int, steps: int,
                  batch: int = _BATCH) -> tuple[list[int], list[float]]:
     """Lazy greedy on coverage + bonus, a batch at a time: refresh the best bounds; the best refreshed gain
     wins once no stale bound beats it (a stale bound can only overstate a gain). Stops when nothing gains."""
@@ -311,24 +291,26 @@ def _lazy_greedy(cover: _DenseCover | _SparseCover, bonus: np.ndarray | None, *,
     return order, gains
 
 
-def _plain_greedy(cover: _SampledCover, bonus: np.ndarray | None, *, steps: int) -> tuple[list[int], list[float]]:
+def _plain_greedy(cover: _GroundCover, bonus: np.ndarray | None, *, steps: int) -> tuple[list[int], list[float]]:
     """Greedy on exact gains (``cover.take`` updates them): the best each step, ties to the earlier row.
 
-    The updates sum in float32 and drift by ~1e-7 of the first pick's gain, so the greedy stops once nothing
-    gains more than 1e-6 of that (the lazy paths stop at an absolute 1e-6)."""
+    The updates sum in float32 and drift by ~1e-7 of the first pick's gain, so gains within ``tie`` = 1e-6 of
+    it count as equal (exact ties are common: capped similarities often equal a cap; the earlier row is the
+    nearer in kNN order), and the greedy stops once nothing gains more than ``tie`` (the lazy sparse path
+    stops at an absolute 1e-6)."""
     total = cover.first_gains()
     if bonus is not None:
         total += bonus
-    stop = 1e-6 * max(1.0, float(total.max(initial=0.0)))
+    tie = 1e-6 * max(1.0, float(total.max(initial=0.0)))
     order: list[int] = []
     gains: list[float] = []
     while len(order) < steps:
-        c = int(np.argmax(total))
-        best = float(total[c])
-        if best <= stop:
+        best = float(total.max())
+        if best <= tie:
             break
+        c = int(np.argmax(total >= best - tie))  # the first row within tie of the best
         order.append(c)
-        gains.append(best)
+        gains.append(float(total[c]))
         total -= cover.take(c)
         total[c] = -np.inf
     return order, gains
@@ -366,16 +348,16 @@ def flmi_order(pool: np.ndarray, queries: np.ndarray, *, steps: int, eta: float 
         return [], []
     pool = pool.astype(np.float32, copy=False)
     queries = queries.astype(np.float32)
-    if neighbours is None and size < m:  # the sampled path: the caps come out of the projection's product
-        rows = ground_rows(m, size)
-        coords, sims = project(pool, queries, rows, dims)
-        cap = eta * np.clip(sims, 0.0, None).max(axis=1)
-        order, gains = _plain_greedy(_SampledCover(coords, cap, rows), quality_bonus(quality, quality_weight, cap),
+    if neighbours is None:
+        rows = ground_rows(m, size) if size < m else None  # None: the exact objective, full cosines
+        coords, sims = project(pool, queries, rows, dims) if rows is not None else (pool, pool @ queries.T)
+        cap = eta * np.clip(sims, 0.0, None).max(axis=1)  # relevance of each i
+        order, gains = _plain_greedy(_GroundCover(coords, cap, rows), quality_bonus(quality, quality_weight, cap),
                                      steps=steps)
     else:
-        cap = eta * np.clip(pool @ queries.T, 0.0, None).max(axis=1)  # relevance of each i
-        cover = _DenseCover(pool, cap) if neighbours is None else _SparseCover(pool, cap, neighbours)
-        order, gains = _lazy_greedy(cover, quality_bonus(quality, quality_weight, cap), m=m, steps=steps)
+        cap = eta * np.clip(pool @ queries.T, 0.0, None).max(axis=1)
+        order, gains = _lazy_greedy(_SparseCover(pool, cap, neighbours), quality_bonus(quality, quality_weight, cap),
+                                    m=m, steps=steps)
     picked = set(order)
     rest = [i for i in range(m) if i not in picked][: steps - len(order)]
     return order + rest, gains + [0.0] * len(rest)
