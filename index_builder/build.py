@@ -27,6 +27,7 @@ from retrogen.retrieval.embedders import Embedder, create_embedder, l2_normalize
 from retrogen.retrieval.errors import IndexFormatError
 from retrogen.retrieval.faiss_device import resolve_device
 from retrogen.retrieval.index_directory import IndexDirectory, Manifest, ShardInfo
+from retrogen.retrieval.index_store import RemoteIndex, StagingDirectory, default_work_dir, display, is_remote
 
 from .config import IndexBuildConfig
 from .embed import ShardEmbedder
@@ -61,18 +62,22 @@ def build_index(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     engine: Engine | None = None,
+    work_dir: str | os.PathLike | None = None,
 ) -> Manifest:
     """Build (or resume building) an index directory from image sources.
 
     Args:
         sources: folders of images, webdataset ``.tar`` shards, ``.parquet``/``.csv`` listings (globs and
             ``{a..b}`` braces expand).
-        out_dir: the index directory to write.
+        out_dir: the index directory to write, or an fsspec URL (``s3://bucket/prefix``): then the build is
+            staged in ``work_dir`` and published there as it goes (see :func:`open_output`).
         embedder: an ``Embedder`` or an embedder name for ``create_embedder``.
         config: index type, memory budget, shard size, dtype... (default: ``IndexBuildConfig()``).
         overwrite: replace a build made with other arguments (or an unrelated folder's build files).
         engine: where the shards are embedded and an on-disk index's parts filled: ``LocalEngine()`` (default,
             this process) or ``ray_build.RayEngine`` (a Ray cluster); either writes the same directory.
+        work_dir: with a URL ``out_dir``, the local staging folder (default: under the user's cache,
+            ``index_store.default_work_dir``).
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
@@ -87,7 +92,6 @@ def build_index(
     specs = resolve_sources([str(s) for s in sources])
     if isinstance(embedder, str):
         embedder = create_embedder(embedder)
-    directory = IndexDirectory(out_dir)
 
     # 2. Scan the sources (metadata only) and choose the index: the memory budget is checked before embedding.
     emit(progress, ProgressEvent("scan", 0, len(specs)))
@@ -101,9 +105,10 @@ def build_index(
     params = _jsonable({"sources": [s.path for s in specs], "num_records": len(records),
                         "corpus_digest": records_digest(records), "embedder": embedder.name,
                         **config.output_parameters()})
-    existing = start_or_resume(directory, params, overwrite=overwrite)
+    directory, existing = open_output(out_dir, params, overwrite=overwrite, work_dir=work_dir, progress=progress,
+                                      shards=-(-len(records) // config.shard_size))
     if existing is not None:
-        log.info("%s is already a complete index built with these arguments", out_dir)
+        log.info("%s is already a complete index built with these arguments", display(out_dir))
         return existing
 
     # 4. Embed the shards not yet on disk.
@@ -232,7 +237,7 @@ def finish_index(directory: IndexDirectory, shards: list[ShardInfo], *, embedder
     digest = hashlib.sha256(f"{params.get('corpus_digest')}|{embedder_entry.get('name')}|{plan.factory}|{count}"
                             .encode()).hexdigest()[:12]
     manifest = Manifest(
-        index_id=f"{directory.path.name}-{digest}", embedder=embedder_entry, dtype=config.dtype, count=count,
+        index_id=f"{directory.name}-{digest}", embedder=embedder_entry, dtype=config.dtype, count=count,
         dim=dim, faiss={**plan.manifest_entry(), "ntotal": count}, recall=None,
         shards=[s.manifest_entry() for s in shards], sources=sources,
         skipped={"count": len(skipped), "by_reason": dict(Counter(f["reason"] for f in skipped)),
@@ -363,6 +368,51 @@ def with_new_defaults(previous: dict | None) -> dict | None:
     if not isinstance(previous, dict):
         return previous
     return {k: v for k, v in ADDED_OPTIONS.items() if k not in previous} | previous
+
+
+def open_output(out_dir: str | os.PathLike, params: dict, *, overwrite: bool, work_dir: str | os.PathLike | None = None,
+                progress: ProgressFn | None = None, shards: int = 0) -> tuple[IndexDirectory, Manifest | None]:
+    """The index directory a build writes, and the manifest when the same build is already complete there.
+
+    A URL ``out_dir`` (``index_store``): the remote decides, by :func:`start_or_resume`'s rules (its
+    ``build_state.json`` is uploaded now); ``--overwrite`` never deletes a prefix that holds objects but no
+    build. The staging folder ``work_dir`` follows the remote build: emptied when it holds another one, then
+    given the remote's complete shards it lacks (another machine, or a lost folder). A staged build complete
+    but not fully uploaded (the last run died publishing) is published now. ``shards``: how many the build
+    writes (for the upload progress bar).
+    """
+    if not is_remote(out_dir):
+        directory = IndexDirectory(out_dir)
+        return directory, start_or_resume(directory, params, overwrite=overwrite)
+    remote = RemoteIndex(str(out_dir))
+    if overwrite and not (remote.has_manifest() or remote.has_build_state() or remote.is_empty()):
+        raise BuildMismatchError(f"{remote.path!r} holds objects but no index build; --overwrite replaces only a "
+                                 "build: choose another --out")
+    existing = start_or_resume(remote, params, overwrite=overwrite)
+    staging = StagingDirectory(work_dir or default_work_dir(str(out_dir)), remote, progress=progress)
+    staging.planned = 2 * shards + 2  # the shards' two files, the FAISS index, the manifest
+    if existing is not None:
+        return staging, existing
+    if overwrite or recorded_parameters(staging) not in (None, params):
+        log.info("staging folder %s held another build: cleared", staging.path)
+        staging.clear()
+    staging.pull()
+    existing = start_or_resume(staging, params, overwrite=overwrite)
+    if existing is not None:
+        staging.publish(existing)
+    return staging, existing
+
+
+def recorded_parameters(directory: IndexDirectory) -> dict | None:
+    """The parameters of the build (finished or not) in ``directory``; None when it holds none."""
+    try:
+        if directory.has_manifest():
+            return with_new_defaults(directory.read_manifest().build.get("parameters"))
+        if directory.has_build_state():
+            return with_new_defaults(directory.read_build_parameters())
+    except IndexFormatError:
+        return {"unreadable": True}
+    return None
 
 
 def start_or_resume(directory: IndexDirectory, params: dict, *, overwrite: bool) -> Manifest | None:

@@ -25,7 +25,11 @@ def build(
     *,
     source: list[str] = typer.Option(..., "--source", help="Image folder, .tar shard(s), or .parquet/.csv listing; "
                                      "repeatable; globs and {00000..00009} braces expand."),
-    out: Path = typer.Option(..., "--out", help="Index directory to write (an interrupted build resumes here)."),
+    out: str = typer.Option(..., "--out", help="Index directory to write (an interrupted build resumes here), or an "
+                            "fsspec URL such as s3://bucket/prefix (staged in --work-dir, uploaded shard by shard, "
+                            "manifest last)."),
+    work_dir: Path | None = typer.Option(None, "--work-dir", help="With a URL --out: the local staging folder "
+                                         "(default: ~/.cache/retrogen/index-builds/<hash of the URL>)."),
     embedder: str = typer.Option(..., "--embedder", help="e.g. open_clip:ViT-B-32:laion2b_s34b_b79k, efficientnet-lite0."),
     device: str = typer.Option("cpu", "--device", help="Embedder device (cpu, cuda)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a build made with other arguments."),
@@ -47,12 +51,23 @@ def build(
     from .build import build_index
 
     _quiet_faiss_logs()
+    _check_work_dir(out, work_dir)
     runner = _engine(engine, ray_address, ray_actors, ray_gpus_per_actor)
     emb = create_embedder(embedder, device=device)
     with TqdmProgress(disable=True if quiet else None) as bars:
         manifest = build_index(source, out, embedder=emb, config=config, overwrite=overwrite, progress=bars,
-                               engine=runner)
+                               engine=runner, work_dir=work_dir)
     typer.echo(_summary_line(out, manifest))
+
+
+def _check_work_dir(out: str, work_dir: Path | None) -> None:
+    """``--work-dir`` stages a build to a URL; with a folder ``--out`` the build is written in place."""
+    from retrogen.retrieval.index_store import is_remote
+
+    from .errors import IndexBuildError
+
+    if work_dir is not None and not is_remote(out):
+        raise IndexBuildError("--work-dir needs a URL --out (s3://bucket/prefix); a folder --out is built in place")
 
 
 def _engine(name: str, address: str | None, actors: int, gpus: float | None):
@@ -79,7 +94,8 @@ def _engine(name: str, address: str | None, actors: int, gpus: float | None):
 def import_(
     *,
     from_dir: Path = typer.Option(..., "--from", help="clip-retrieval output: img_emb/*.npy + metadata/*.parquet."),
-    out: Path = typer.Option(..., "--out", help="Index directory to write."),
+    out: str = typer.Option(..., "--out", help="Index directory to write, or an fsspec URL (s3://bucket/prefix)."),
+    work_dir: Path | None = typer.Option(None, "--work-dir", help="With a URL --out: the local staging folder."),
     embedder: str | None = typer.Option(None, "--embedder", help="Name of the model that made the embeddings "
                                         "(recorded; queries must match it), e.g. open_clip:ViT-B-32:openai."),
     dtype: str | None = typer.Option(None, "--dtype", help="Stored dtype: float16 or float32 (default: the input's)."),
@@ -93,9 +109,10 @@ def import_(
     from .importer import import_clip_retrieval
 
     _quiet_faiss_logs()
+    _check_work_dir(out, work_dir)
     with TqdmProgress(disable=True if quiet else None) as bars:
         manifest = import_clip_retrieval(from_dir, out, embedder=embedder, config=config, dtype=dtype,
-                                         overwrite=overwrite, progress=bars)
+                                         overwrite=overwrite, progress=bars, work_dir=work_dir)
     typer.echo(_summary_line(out, manifest))
 
 
@@ -112,13 +129,14 @@ def captions(*, directory: Path = typer.Argument(..., help="Index directory.")) 
 @app.command("info")
 def info(
     *,
-    directory: Path = typer.Argument(..., help="Index directory."),
+    directory: str = typer.Argument(..., help="Index directory, or its URL (s3://bucket/prefix)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
     """Print what an index's manifest holds."""
     from retrogen.retrieval.index_directory import IndexDirectory
+    from retrogen.retrieval.index_store import RemoteIndex, display, is_remote
 
-    m = IndexDirectory(directory).read_manifest()
+    m = RemoteIndex(directory).read_manifest() if is_remote(directory) else IndexDirectory(directory).read_manifest()
     if as_json:
         typer.echo(json.dumps(m.model_dump(mode="json"), indent=2))
         return
@@ -126,7 +144,7 @@ def info(
     build = m.build or {}
     reasons = ", ".join(f"{r} {n}" for r, n in (m.skipped.get("by_reason") or {}).items())
     lines = [
-        f"index       {directory} ({m.index_id}, format {m.format_version})",
+        f"index       {display(directory)} ({m.index_id}, format {m.format_version})",
         f"embedder    {m.embedder.get('name')} (dim {m.dim}, {', '.join(m.embedder.get('modalities', []))})",
         f"vectors     {m.count} in {len(m.shards)} shard(s), {m.dtype}",
         f"faiss       {m.faiss.get('factory')} ({m.faiss.get('kind')}), defaults {m.faiss.get('search_defaults') or {}}"
@@ -151,9 +169,11 @@ def _quiet_faiss_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _summary_line(out: Path, m) -> str:
+def _summary_line(out: str, m) -> str:
+    from retrogen.retrieval.index_store import display
+
     recall = f", recall@10 {m.recall['recall_at_10']:.3f}" if m.recall else ", exact"
     rate = f", {m.build['images_per_s']} images/s" if m.build.get("images_per_s") else ""
     captions = f", {m.captions['rows']} captions full-text indexed" if m.captions else ""
-    return (f"index {out}: {m.count} vectors (dim {m.dim}), {m.faiss['factory']}{recall}, "
+    return (f"index {display(out)}: {m.count} vectors (dim {m.dim}), {m.faiss['factory']}{recall}, "
             f"{m.skipped.get('count', 0)} skipped{rate}{captions}")

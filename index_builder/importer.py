@@ -19,7 +19,7 @@ from retrogen.progress import ProgressEvent, ProgressFn, emit
 from retrogen.retrieval.embedders import l2_normalize
 from retrogen.retrieval.index_directory import DTYPES, Dtype, IndexDirectory, Manifest, ShardInfo
 
-from .build import finish_index, start_or_resume
+from .build import finish_index, open_output
 from .config import IndexBuildConfig
 from .errors import SourceError
 from .sources import (
@@ -40,8 +40,12 @@ NORM_TOLERANCE = 1e-2  # float16 vectors are normalised to about 1e-3; beyond th
 
 def import_clip_retrieval(from_dir: str | os.PathLike, out_dir: str | os.PathLike, *, embedder: str | None = None,
                           config: IndexBuildConfig | None = None, dtype: Dtype | None = None,
-                          overwrite: bool = False, progress: ProgressFn | None = None) -> Manifest:
+                          overwrite: bool = False, progress: ProgressFn | None = None,
+                          work_dir: str | os.PathLike | None = None) -> Manifest:
     """Build an index directory from clip-retrieval embeddings and metadata without re-embedding.
+
+    ``out_dir`` may be an fsspec URL, staged in ``work_dir`` and published as ``build_index`` does (an
+    import is not resumed per shard: a rerun copies and uploads every shard again).
 
     Args:
         embedder: the name of the embedder that made the vectors (e.g. ``open_clip:ViT-B-32:openai``),
@@ -65,8 +69,8 @@ def import_clip_retrieval(from_dir: str | os.PathLike, out_dir: str | os.PathLik
     config = (config or IndexBuildConfig()).replace(dtype=dtype)
     params = {"from": str(src.resolve()), "embedder": embedder, **config.output_parameters(embedding=False),
               "shards": {str(n): os.path.getsize(emb) for n, emb, _ in pairs}}
-    directory = IndexDirectory(out_dir)
-    existing = start_or_resume(directory, params, overwrite=overwrite)
+    directory, existing = open_output(out_dir, params, overwrite=overwrite, work_dir=work_dir, progress=progress,
+                                      shards=len(pairs))
     if existing is not None:
         return existing
 

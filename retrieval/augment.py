@@ -171,7 +171,7 @@ def _open_run(corpus: CorpusIndex | str | os.PathLike, *, sources: frozenset[str
               progress: ProgressFn | None, should_cancel: CancelFn | None) -> _Run:
     """Open the index and embedder and check that they can serve the request, before any embedding work."""
     config = config or RetrievalConfig()
-    corpus = CorpusIndex.open(corpus) if isinstance(corpus, (str, os.PathLike)) else corpus
+    corpus = CorpusIndex.open(corpus, progress=progress) if isinstance(corpus, (str, os.PathLike)) else corpus
     if embedder is None:
         embedder = embedder_for_index(corpus.manifest.embedder)
     corpus.check_embedder(embedder.name)

@@ -18,7 +18,8 @@ from .config import RetrievalConfig
 @config_options(RetrievalConfig)
 def retrieve(
     *,
-    index_dir: Path = typer.Option(..., "--index-dir", help="Index directory (built by `retrogen index build`)."),
+    index_dir: str = typer.Option(..., "--index-dir", help="Index directory (built by `retrogen index build`), or its "
+                                  "URL (s3://bucket/prefix: copied into ~/.cache/retrogen/indexes first)."),
     dataset: Path | None = typer.Option(None, "--dataset", help="Labelled dataset: class_name/*.jpg"),
     classes: list[str] | None = typer.Option(
         None, "--classes", help="Instead of --dataset: class names (repeat, or comma-separated); modes text, "

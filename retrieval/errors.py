@@ -26,3 +26,11 @@ class IndexNotFoundError(IndexFormatError):
 
 class EmbedderMismatchError(RetrievalError, InvalidInputError):
     """The query embedder is not the one the index was built with; the message names both."""
+
+
+class IndexStoreError(RetrievalError):
+    """An index's URL cannot be used: unknown protocol or missing package, missing bucket, no credentials, an
+    unreachable store. The message names the URL (credentials removed); the operator fixes the URL or access."""
+
+    exit_code = 2
+    http_status = 503

@@ -17,10 +17,12 @@ import numpy as np
 
 from retrogen.errors import InvalidInputError
 from retrogen.fileio import read_source_bytes
+from retrogen.progress import ProgressFn
 
 from .errors import EmbedderMismatchError, IndexFormatError
 from .faiss_device import for_search, resolve_device
 from .index_directory import INDEX_FILE, IndexDirectory, Manifest, take_rows
+from .index_store import is_remote, sync_index
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +123,24 @@ class CorpusIndex:
         self._searcher, self.device = for_search(self._searcher, resolve_device(device))
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, *, mmap: bool | None = None, device: str = "cpu") -> CorpusIndex:
+    def open(cls, directory: str | os.PathLike, *, mmap: bool | None = None, device: str = "cpu",
+             cache_dir: str | os.PathLike | None = None, progress: ProgressFn | None = None) -> CorpusIndex:
         """Open a complete index directory; ``mmap``: memory-map the FAISS index (True), read it into RAM
         (False), or decide by its size (None, see ``IndexDirectory.read_faiss_index``); ``device``: search on
         the ``cpu``, the ``gpu`` (a copy in GPU memory), or ``auto`` (the GPU when faiss-gpu sees one).
 
+        ``directory`` may be an fsspec URL (``s3://bucket/prefix``): FAISS needs local files, so the index is
+        first brought up to date in ``cache_dir`` (default: ``~/.cache/retrogen/indexes/<hash of the URL>``;
+        only missing or changed files are downloaded, ``progress`` reports them) and opened from there.
+
         Raises:
             IndexNotFoundError / IndexFormatError: missing, incomplete or corrupt index.
+            IndexStoreError: the URL's store cannot be reached or read.
         """
-        folder = IndexDirectory(directory)
+        if is_remote(directory):
+            folder = sync_index(str(directory), cache_dir, progress=progress)
+        else:
+            folder = IndexDirectory(directory)
         manifest = folder.read_manifest()
         return cls(folder, manifest, folder.read_faiss_index(mmap=mmap), device=device)
 

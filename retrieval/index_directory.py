@@ -18,8 +18,9 @@ in its schema metadata, the input-record range it covers and the files it skippe
 exactly the shards whose two files agree.
 
 The builder (``index_builder``) writes only through this class, and :class:`~retrogen.retrieval.index.CorpusIndex`
-reads only through it. numpy, pyarrow and faiss load on first use: the CLI imports this module for its
-names, and reading a manifest needs none of them.
+reads only through it. A copy of the layout under a URL (an object store) is published and fetched by
+``index_store``, which copies only the names :func:`is_layout_name` accepts. numpy, pyarrow and faiss load on
+first use: the CLI imports this module for its names, and reading a manifest needs none of them.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from retrogen.fileio import atomic_path, atomic_write_json, remove_temp_files
+from retrogen.fileio import atomic_path, atomic_write_bytes, atomic_write_json, remove_temp_files
 from retrogen.provenance import now_iso
 
 from .errors import IndexFormatError, IndexNotFoundError
@@ -66,6 +67,8 @@ DTYPES: tuple[str, ...] = get_args(Dtype)
 
 _EMB_RE = re.compile(r"^img_emb_(\d+)\.npy$")
 _META_RE = re.compile(r"^metadata_(\d+)\.parquet$")
+#: the files of the layout outside the shard folders (``faiss_parts/`` never leaves the machine that builds)
+TOP_FILES = (MANIFEST_FILE, INDEX_FILE, INDEX_DATA_FILE, CAPTIONS_FILE, STATE_FILE)
 # Schema-metadata keys of a shard's parquet file (its commit record).
 _KV_RANGE = b"retrogen.records"
 _KV_SKIPPED = b"retrogen.skipped"
@@ -123,6 +126,27 @@ class Manifest(BaseModel):
         return bool(self.metadata.get("non_null", {}).get(name))
 
 
+def is_layout_name(name: str) -> bool:
+    """Whether ``name`` (relative, ``/``-separated) is a file of the layout. Anything else (``..``, an absolute
+    path, a stray object) is never read or written by a copy to or from another store (``index_store``)."""
+    folder, _, base = name.rpartition("/")
+    if not folder:
+        return name in TOP_FILES
+    return (folder == EMB_DIR and bool(_EMB_RE.match(base))) or (folder == META_DIR and bool(_META_RE.match(base)))
+
+
+def pair_shard_names(names: Iterable[str]) -> list[tuple[int, str | None, str | None]]:
+    """``[(N, embedding name or None, metadata name or None)]`` of the shard files among ``names``, sorted by N."""
+    found: dict[int, list[str | None]] = {}
+    for name in names:
+        folder, _, base = name.rpartition("/")
+        for sub, rx, slot in ((EMB_DIR, _EMB_RE, 0), (META_DIR, _META_RE, 1)):
+            m = rx.match(base) if folder == sub else None
+            if m:
+                found.setdefault(int(m.group(1)), [None, None])[slot] = name
+    return [(n, e, m) for n, (e, m) in sorted(found.items())]
+
+
 def _emb_name(n: int) -> str:
     return f"{EMB_DIR}/img_emb_{n:04d}.npy"
 
@@ -167,8 +191,10 @@ def take_rows(arrays: list[np.ndarray], shard_of: np.ndarray, local: np.ndarray)
 class IndexDirectory:
     """An index directory: reads and writes every file of it (see the module docstring for the layout)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, name: str | None = None):
+        """``name``: what the index is called (its ``index_id`` starts with it); default: the folder's name."""
         self.path = Path(path)
+        self.name = name or self.path.name
 
     def __repr__(self) -> str:
         return f"IndexDirectory({str(self.path)!r})"
@@ -207,22 +233,7 @@ class IndexDirectory:
                 f"{str(self.path)!r} has no {MANIFEST_FILE}: not an index, or its build did not finish "
                 "(re-run `retrogen index build` with the same arguments to resume)"
             )
-        raw = _read_json_object(path)
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise IndexFormatError(
-                f"{path} has format_version {version!r}; this retrogen reads version {FORMAT_VERSION} "
-                "(rebuild the index, or use the retrogen version that wrote it)"
-            )
-        try:
-            manifest = Manifest.model_validate(raw)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise IndexFormatError(f"{path}: invalid field {where!r}: {first['msg']}") from None
-        if sum(int(s.get("rows", 0)) for s in manifest.shards) != manifest.count:
-            raise IndexFormatError(f"{path}: shard rows do not add up to count {manifest.count}")
-        return manifest
+        return parse_manifest(_read_json_object(path), str(path))
 
     # -- shards: writing and the resume scan -------------------------------------------------------------------
 
@@ -255,14 +266,9 @@ class IndexDirectory:
 
     def list_shard_files(self) -> list[tuple[int, Path | None, Path | None]]:
         """``[(N, embedding file or None, metadata file or None)]`` sorted by N, whatever the zero padding."""
-        found: dict[int, list[Path | None]] = {}
-        for sub, rx, slot in ((EMB_DIR, _EMB_RE, 0), (META_DIR, _META_RE, 1)):
-            if (self.path / sub).is_dir():
-                for p in (self.path / sub).iterdir():
-                    m = rx.match(p.name)
-                    if m:
-                        found.setdefault(int(m.group(1)), [None, None])[slot] = p
-        return [(n, e, m) for n, (e, m) in sorted(found.items())]
+        names = [f"{sub}/{p.name}" for sub in (EMB_DIR, META_DIR) if (self.path / sub).is_dir()
+                 for p in (self.path / sub).iterdir()]
+        return [(n, e and self.path / e, m and self.path / m) for n, e, m in pair_shard_names(names)]
 
     def complete_shards(self, *, dim: int, dtype: Dtype) -> list[ShardInfo]:
         """The shards ``0..N`` already complete and consecutive; files of any later or broken shard are deleted."""
@@ -451,7 +457,7 @@ class IndexDirectory:
         return state["parameters"]
 
     def write_build_state(self, parameters: dict[str, Any]) -> None:
-        atomic_write_json(self.path / STATE_FILE, {"parameters": parameters, "started": now_iso()})
+        atomic_write_bytes(self.path / STATE_FILE, build_state_bytes(parameters))
 
     def remove_build_state(self) -> None:
         (self.path / STATE_FILE).unlink(missing_ok=True)
@@ -508,14 +514,51 @@ def with_optional_columns(table):
     return table
 
 
+def parse_manifest(raw: dict[str, Any], where: str) -> Manifest:
+    """A manifest from its JSON object, checked (``where`` names it in errors: a file or a URL).
+
+    Raises:
+        IndexFormatError: another format version, or missing/invalid fields.
+    """
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{where} has format_version {version!r}; this retrogen reads version {FORMAT_VERSION} "
+            "(rebuild the index, or use the retrogen version that wrote it)"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise IndexFormatError(f"{where}: invalid field {loc!r}: {first['msg']}") from None
+    if sum(int(s.get("rows", 0)) for s in manifest.shards) != manifest.count:
+        raise IndexFormatError(f"{where}: shard rows do not add up to count {manifest.count}")
+    return manifest
+
+
+def build_state_bytes(parameters: dict[str, Any]) -> bytes:
+    """The content of ``build_state.json`` for a build started now with ``parameters``."""
+    return (json.dumps({"parameters": parameters, "started": now_iso()}, indent=2, default=str) + "\n").encode()
+
+
+def parse_json_object(data: bytes, where: str) -> dict[str, Any]:
+    """``data`` as a JSON object (a manifest or build state read from elsewhere). Raises IndexFormatError."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFormatError(f"{where} is not readable JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise IndexFormatError(f"{where} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def _read_json_object(path: Path) -> dict[str, Any]:
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise IndexFormatError(f"{path} is not readable JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise IndexFormatError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    return raw
+    return parse_json_object(data, str(path))
 
 
 def _read_shard_info(n: int, emb: Path | None, meta: Path | None, *, dim: int, dtype: str) -> ShardInfo | None:

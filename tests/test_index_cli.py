@@ -74,6 +74,8 @@ def test_import_command(tmp_path):
       "--memory-budget", "10"], "over the budget"),
     (["index", "build", "--source", "{src}", "--out", "{out}", "--embedder", "meancolour", "--dtype", "int8"],
      "dtype='int8'"),
+    (["index", "build", "--source", "{src}", "--out", "{out}", "--embedder", "meancolour", "--work-dir", "{missing}"],
+     "--work-dir needs a URL --out"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(built, tmp_path, monkeypatch, capsys, args, message):
     root, _, _ = built

@@ -19,6 +19,7 @@ from retrogen.index_builder.errors import IndexBuildError
 from retrogen.retrieval.embedders import create_embedder
 from retrogen.retrieval.index import CorpusIndex
 from retrogen.retrieval.index_directory import STATE_FILE, IndexDirectory, ondisk_lists
+from tests.s3_server import s3_endpoint  # noqa: F401 - the fixture
 from tests.test_index_build import encode, noise_image, png_bomb_header
 
 try:
@@ -113,6 +114,15 @@ def test_ray_build_equals_local_build(ray_cluster, corpus, clip_name, local_buil
     ray_index = CorpusIndex.open(tmp_path / "idx")
     assert_same_index(local_build, ray_index)
     assert ray_index.metadata([23])[0]["caption"] == "cap 7"
+
+
+def test_ray_build_to_an_object_store(ray_cluster, corpus, clip_name, local_build, s3_endpoint, tmp_path):  # noqa: F811
+    """The driver commits each shard in its staging folder and uploads it (docs/index-ray.md "Output")."""
+    url = s3_endpoint.new_bucket() + "/idx"
+    m = build_index(corpus, url, embedder=create_embedder(clip_name), config=CONFIG, engine=ray_engine(),
+                    work_dir=tmp_path / "staging")
+    assert m.build["engine"] == "ray" and m.count == 24
+    assert_same_index(local_build, CorpusIndex.open(url, cache_dir=tmp_path / "cache"))
 
 
 class Crash(Exception):

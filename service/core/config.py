@@ -28,7 +28,8 @@ class IndexConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Path
+    # a folder, or an fsspec URL (s3://bucket/prefix) copied into {data_dir}/cache/indexes before it is opened
+    path: Path | str
     embedder: str | None = None
     # what /knn-service's use_safety_model runs when the corpus has no punsafe scores (a safety_classifiers
     # entry or a built-in, e.g. zero-shot:nsfw); None: the flag is reported unavailable for this index
@@ -37,6 +38,14 @@ class IndexConfig(BaseModel):
     mmap: bool | None = None
     # search a flat / IVF index on the GPU (a copy in GPU memory) with faiss-gpu: auto when it sees one
     faiss_device: Literal["auto", "cpu", "gpu"] = "auto"
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _folder_or_url(cls, value: object) -> object:
+        """A URL stays a string (``Path`` would fold its ``//``); anything else is a folder."""
+        from retrogen.retrieval.index_store import is_remote
+
+        return value if is_remote(value) else Path(value) if isinstance(value, str) else value
 
 
 class Settings(BaseSettings):

@@ -77,9 +77,16 @@ def _public_path(source: str, source_roots: list[str], index_dir: str) -> str:
     return path.name
 
 
-def _without_path(error: Exception, name: str, path: Path) -> Exception:
-    """``error`` with the index's server folder replaced by its configured name (messages reach callers)."""
-    error.args = (str(error).replace(str(path), f"<index {name}>"),)
+def _without_path(error: Exception, name: str, *paths: str | Path) -> Exception:
+    """``error`` with the index's server folder (its URL, its local copy) replaced by its configured name
+    (messages reach callers)."""
+    from retrogen.retrieval.index_store import display
+
+    message = str(error)
+    for path in paths:
+        for form in {str(path), display(path)}:
+            message = message.replace(form, f"<index {name}>")
+    error.args = (message,)
     return error
 
 
@@ -216,6 +223,8 @@ class IndexRegistry:
     configs: Mapping[str, IndexConfig | Mapping[str, Any] | str | Path]
     device: str = "cpu"
     max_concurrent_embeds: int = 2  # model calls at once per embedder and input kind (see LoadedIndex.batchers)
+    # where indexes configured by URL are copied (a folder per URL); None: the user's cache (~/.cache/retrogen)
+    cache_dir: Path | None = None
     _loaded: dict[str, LoadedIndex] = field(default_factory=dict, repr=False)
     _embedders: dict[str, tuple[Embedder, EmbedBatchers]] = field(default_factory=dict, repr=False)
     _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
@@ -278,29 +287,35 @@ class IndexRegistry:
         name = self.resolve(name)
         if name in self._loaded:
             return self._loaded[name].corpus.manifest
-        from retrogen.retrieval.errors import IndexFormatError, IndexNotFoundError
+        from retrogen.retrieval.errors import IndexFormatError, IndexNotFoundError, IndexStoreError
         from retrogen.retrieval.index_directory import IndexDirectory
+        from retrogen.retrieval.index_store import RemoteIndex, is_remote
 
         cfg = self.configs[name]
         try:
+            if is_remote(cfg.path):  # one small read of the store, no copy
+                return RemoteIndex(cfg.path).read_manifest()
             return IndexDirectory(cfg.path).read_manifest()
         except IndexNotFoundError as e:  # a configured name whose folder holds no complete index
             raise NotFoundError(f"index {name!r}: {_without_path(e, name, cfg.path)}") from None
-        except IndexFormatError as e:
+        except (IndexFormatError, IndexStoreError) as e:
             raise _without_path(e, name, cfg.path) from None
 
     def _load(self, name: str) -> LoadedIndex:
         from retrogen.retrieval.embedders import create_embedder
-        from retrogen.retrieval.errors import IndexFormatError, IndexNotFoundError
+        from retrogen.retrieval.errors import IndexFormatError, IndexNotFoundError, IndexStoreError
         from retrogen.retrieval.index import CorpusIndex
+        from retrogen.retrieval.index_store import default_cache_dir, display, is_remote
 
         cfg = self.configs[name]
+        cache = default_cache_dir(cfg.path, self.cache_dir) if is_remote(cfg.path) else None
+        hidden = (cfg.path, cache) if cache else (cfg.path,)  # neither the URL nor the local copy reaches callers
         try:
-            index = CorpusIndex.open(cfg.path, mmap=cfg.mmap, device=cfg.faiss_device)
+            index = CorpusIndex.open(cfg.path, mmap=cfg.mmap, device=cfg.faiss_device, cache_dir=cache)
         except IndexNotFoundError as e:  # a configured name whose folder holds no complete index
-            raise NotFoundError(f"index {name!r}: {_without_path(e, name, cfg.path)}") from None
-        except IndexFormatError as e:
-            raise _without_path(e, name, cfg.path) from None
+            raise NotFoundError(f"index {name!r}: {_without_path(e, name, *hidden)}") from None
+        except (IndexFormatError, IndexStoreError) as e:
+            raise _without_path(e, name, *hidden) from None
         # the override, else the manifest's embedder with the runtime it was built with (ONNX stays ONNX)
         embedder_name = cfg.embedder or str(index.manifest.embedder.get("load_name") or index.manifest.embedder["name"])
         with self._guard:
@@ -316,8 +331,9 @@ class IndexRegistry:
         elif embedder.dim != index.manifest.dim:  # an override may rename the model, never change its space
             raise InvalidInputError(f"index {name!r}: embedder override {embedder.name!r} has dim {embedder.dim}, "
                                     f"the index has dim {index.manifest.dim}")
-        log.info("loaded index %r from %s (%d items, embedder %s)", name, cfg.path, index.ntotal, embedder.name)
-        return LoadedIndex(name, Path(cfg.path), index, embedder, batchers)
+        log.info("loaded index %r from %s (%d items, embedder %s)", name, display(cfg.path), index.ntotal,
+                 embedder.name)
+        return LoadedIndex(name, index.directory.path, index, embedder, batchers)
 
     def describe(self) -> list[dict[str, Any]]:
         """Every configured index; loaded ones with their manifest facts. Never loads anything."""
@@ -330,7 +346,8 @@ class IndexRegistry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IndexRegistry:
-        return cls(settings.indexes, device=settings.device, max_concurrent_embeds=settings.max_concurrent_embeds)
+        return cls(settings.indexes, device=settings.device, max_concurrent_embeds=settings.max_concurrent_embeds,
+                   cache_dir=Path(settings.data_dir) / "cache" / "indexes")
 
 
 def _as_config(cfg: IndexConfig | Mapping[str, Any] | str | Path) -> IndexConfig:
@@ -339,4 +356,4 @@ def _as_config(cfg: IndexConfig | Mapping[str, Any] | str | Path) -> IndexConfig
         return cfg
     if isinstance(cfg, Mapping):
         return IndexConfig(**cfg)
-    return IndexConfig(path=Path(cfg))
+    return IndexConfig(path=cfg)
