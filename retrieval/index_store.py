@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from retrogen.errors import RetrogenError
-from retrogen.fileio import atomic_path, atomic_write_bytes, atomic_write_json
+from retrogen.fileio import atomic_path, atomic_write_bytes, atomic_write_json, folder_lock
 from retrogen.progress import ProgressEvent, ProgressFn, emit
 
 from .errors import IndexFormatError, IndexNotFoundError, IndexStoreError
@@ -374,7 +374,7 @@ def sync_index(url: str, cache_dir: str | os.PathLike | None = None, *,
     names = needed_files(remote.read_manifest(data), remote)
     local = IndexDirectory(Path(cache_dir) if cache_dir else default_cache_dir(remote.url))
     local.path.mkdir(parents=True, exist_ok=True)
-    with _locked(local.path):  # processes of this host syncing the same copy take turns
+    with folder_lock(local.path):  # processes of this host syncing the same copy take turns
         here = local.path / MANIFEST_FILE
         if here.is_file() and here.read_bytes() != data:
             here.unlink()  # the copy is incomplete until every file of the new manifest is in place
@@ -441,19 +441,3 @@ def _read_record(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on ``folder`` (flock: processes of this host); no lock where there is no flock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

@@ -1,5 +1,5 @@
-"""The file mechanics every package shares: atomic writes, sha256 of bytes, files and trees, image-type
-sniffing, and reading an item's stored bytes (a local file, a tar member at its offset, or an fsspec URL).
+"""The file mechanics every package shares: atomic writes, a folder lock, sha256 of bytes, files and trees,
+image-type sniffing, and reading an item's stored bytes (a local file, a tar member at its offset, or an fsspec URL).
 
 One implementation of each, so that two packages can never disagree on what a hash or a file type is.
 """
@@ -67,6 +67,25 @@ def remove_temp_files(*folders: str | os.PathLike) -> int:
                     n += 1
     return n
 
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock held on ``folder`` itself (made if missing): flock, so processes of this host (and
+    threads, each with its own call) take turns; no lock where there is no flock, so callers must stay correct
+    without it (atomic renames, markers)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 # -- hashes -----------------------------------------------------------------------------------------------------
 

@@ -19,8 +19,9 @@ from retrogen.index_builder.errors import IndexBuildError
 from retrogen.retrieval.embedders import create_embedder
 from retrogen.retrieval.index import CorpusIndex
 from retrogen.retrieval.index_directory import STATE_FILE, IndexDirectory, ondisk_lists
-from tests.s3_server import s3_endpoint  # noqa: F401 - the fixture
 from tests.test_index_build import encode, noise_image, png_bomb_header
+
+pytest_plugins = ("tests.s3_server",)  # one moto server per session, whichever module starts it
 
 try:
     import ray
@@ -116,7 +117,7 @@ def test_ray_build_equals_local_build(ray_cluster, corpus, clip_name, local_buil
     assert ray_index.metadata([23])[0]["caption"] == "cap 7"
 
 
-def test_ray_build_to_an_object_store(ray_cluster, corpus, clip_name, local_build, s3_endpoint, tmp_path):  # noqa: F811
+def test_ray_build_to_an_object_store(ray_cluster, corpus, clip_name, local_build, s3_endpoint, tmp_path):
     """The driver commits each shard in its staging folder and uploads it (docs/index-ray.md "Output")."""
     url = s3_endpoint.new_bucket() + "/idx"
     m = build_index(corpus, url, embedder=create_embedder(clip_name), config=CONFIG, engine=ray_engine(),

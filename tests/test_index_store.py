@@ -28,8 +28,9 @@ from retrogen.retrieval.index import CorpusIndex
 from retrogen.retrieval.index_directory import is_layout_name
 from retrogen.retrieval.index_store import RemoteIndex
 from retrogen.service.domain.indexes import IndexRegistry
-from tests.s3_server import s3_endpoint  # noqa: F401 - the fixture
 from tests.test_index_build import encode, noise_image
+
+pytest_plugins = ("tests.s3_server",)  # one moto server per session, whichever module starts it
 
 CONFIG = IndexBuildConfig(shard_size=4, batch_size=4, num_workers=1, index_type="flat")
 
@@ -135,7 +136,7 @@ def assert_same_index(a: CorpusIndex, b: CorpusIndex) -> None:
     assert a.manifest.build["parameters"] == b.manifest.build["parameters"]
 
 
-def test_build_to_s3_equals_the_local_build_and_publishes_the_manifest_last(s3_endpoint, corpus, local_index,  # noqa: F811
+def test_build_to_s3_equals_the_local_build_and_publishes_the_manifest_last(s3_endpoint, corpus, local_index,
                                                                             uploads, tmp_path):
     url = s3_endpoint.new_bucket() + "/idx"
     events = []
@@ -166,7 +167,7 @@ def test_build_to_s3_equals_the_local_build_and_publishes_the_manifest_last(s3_e
     assert again.model_dump(mode="json") == m.model_dump(mode="json") and not calls and not uploads
 
 
-def test_a_killed_driver_resumes_from_the_store_on_a_fresh_work_dir(s3_endpoint, corpus, local_index,  # noqa: F811
+def test_a_killed_driver_resumes_from_the_store_on_a_fresh_work_dir(s3_endpoint, corpus, local_index,
                                                                     uploads, downloads, tmp_path):
     url = s3_endpoint.new_bucket() + "/idx"
 
@@ -198,7 +199,7 @@ def test_a_killed_driver_resumes_from_the_store_on_a_fresh_work_dir(s3_endpoint,
     assert_same_index(local_index, CorpusIndex.open(url, cache_dir=tmp_path / "cache"))
 
 
-def test_a_resume_uploads_what_the_store_lacks_without_embedding_it(s3_endpoint, corpus, local_index,  # noqa: F811
+def test_a_resume_uploads_what_the_store_lacks_without_embedding_it(s3_endpoint, corpus, local_index,
                                                                      uploads, downloads, tmp_path):
     url = s3_endpoint.new_bucket() + "/idx"
     work = tmp_path / "work"
@@ -220,7 +221,7 @@ def test_a_resume_uploads_what_the_store_lacks_without_embedding_it(s3_endpoint,
     assert_same_index(local_index, CorpusIndex.open(url, cache_dir=tmp_path / "cache"))
 
 
-def test_a_reader_copies_once_and_again_only_what_a_changed_manifest_changed(s3_endpoint, corpus, local_index,  # noqa: F811
+def test_a_reader_copies_once_and_again_only_what_a_changed_manifest_changed(s3_endpoint, corpus, local_index,
                                                                              downloads, tmp_path):
     url = s3_endpoint.new_bucket() + "/idx"
     build_index(corpus, url, embedder=create_embedder("meancolour"), config=CONFIG)
@@ -248,7 +249,7 @@ def test_a_reader_copies_once_and_again_only_what_a_changed_manifest_changed(s3_
                                atol=2e-3)
 
 
-def test_object_names_outside_the_layout_never_leave_the_cache(s3_endpoint, corpus, tmp_path):  # noqa: F811
+def test_object_names_outside_the_layout_never_leave_the_cache(s3_endpoint, corpus, tmp_path):
     import boto3
 
     url = s3_endpoint.new_bucket() + "/deep/idx"
@@ -271,7 +272,7 @@ def test_object_names_outside_the_layout_never_leave_the_cache(s3_endpoint, corp
         RemoteIndex(url).key("../../evil")
 
 
-def test_overwrite_replaces_a_build_and_never_other_objects(s3_endpoint, corpus, tmp_path):  # noqa: F811
+def test_overwrite_replaces_a_build_and_never_other_objects(s3_endpoint, corpus, tmp_path):
     bucket = s3_endpoint.new_bucket()
     fs, _ = url_to_fs(bucket, use_listings_cache=False)
     fs.pipe_file(f"{bucket[5:]}/mine/notes.txt", b"someone's")
@@ -309,7 +310,7 @@ def test_a_store_without_atomic_uploads_gets_temporary_names_then_moves(corpus, 
     assert_same_index(local_index, CorpusIndex.open(url, cache_dir=tmp_path / "c"))
 
 
-def test_the_service_serves_an_index_from_its_url(s3_endpoint, corpus, local_index, tmp_path):  # noqa: F811
+def test_the_service_serves_an_index_from_its_url(s3_endpoint, corpus, local_index, tmp_path):
     bucket = s3_endpoint.new_bucket()
     build_index(corpus, f"{bucket}/idx", embedder=create_embedder("meancolour"), config=CONFIG)
     registry = IndexRegistry({"corpus": {"path": f"{bucket}/idx"}, "missing": {"path": f"{bucket}/nothing"}},
@@ -323,7 +324,7 @@ def test_the_service_serves_an_index_from_its_url(s3_endpoint, corpus, local_ind
     assert "<index missing>" in str(e.value) and bucket not in str(e.value)
 
 
-def test_cli_builds_to_s3_and_reports_a_store_it_cannot_use_in_one_line(s3_endpoint, corpus, tmp_path,  # noqa: F811
+def test_cli_builds_to_s3_and_reports_a_store_it_cannot_use_in_one_line(s3_endpoint, corpus, tmp_path,
                                                                         monkeypatch, capsys, mean_colour_embedder):
     url = s3_endpoint.new_bucket() + "/idx"
     args = ["index", "build", "--source", corpus[0], "--source", corpus[1], "--embedder", "meancolour",
@@ -351,7 +352,7 @@ def test_cli_builds_to_s3_and_reports_a_store_it_cannot_use_in_one_line(s3_endpo
         assert "hunter2" not in err and "S3cr3t" not in err and "Traceback" not in err
 
 
-def test_an_ondisk_index_and_an_import_go_through_the_store(s3_endpoint, corpus, local_index, tmp_path):  # noqa: F811
+def test_an_ondisk_index_and_an_import_go_through_the_store(s3_endpoint, corpus, local_index, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -11,8 +11,9 @@ from fastapi.testclient import TestClient
 
 from retrogen.errors import NotFoundError
 from retrogen.service.domain.storage import Store, tree_hash
-from tests.s3_server import s3_endpoint  # noqa: F401 - the fixture
 from tests.service_fakes import dataset_files, fake_registry, make_settings, zip_bytes
+
+pytest_plugins = ("tests.s3_server",)  # one moto server per session, whichever module starts it
 
 STORES = ["local", "memory", "s3"]
 

@@ -26,14 +26,13 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from retrogen.errors import NotFoundError
-from retrogen.fileio import sha256_tree, tree_files
+from retrogen.fileio import folder_lock, sha256_tree, tree_files
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +241,7 @@ def _remove_unfinished(final: Path, scratch: Path) -> None:
     can only appear at ``final`` once it is gone or empty, and one that did is put back rather than deleted.
     """
     aside = scratch / f"{uuid.uuid4().hex}.unfinished"
-    with _locked(scratch):
+    with folder_lock(scratch):
         if not final.exists() or (final / MARKER).is_file():
             return
         os.rename(final, aside)
@@ -254,20 +253,3 @@ def _remove_unfinished(final: Path, scratch: Path) -> None:
                 pass  # another complete copy is at ``final`` already: this one is redundant
     log.warning("removed %s, left without its marker by an interrupted write", final)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock held on ``folder`` itself (flock: threads and processes of this host)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the marker checks around the rename still keep complete trees
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
