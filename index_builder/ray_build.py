@@ -131,19 +131,21 @@ class RayEngine:
         blocks = [table.slice(lo, self.block_records) for lo in range(0, table.num_rows, self.block_records)]
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards complete in order: the driver buffers about one
-        decode = functools.partial(decode_batch, preprocess=preprocess_only(embedder).preprocess,
-                                   shape=preprocessed_shape(embedder), max_pixels=config.max_pixels)
+        shape = preprocessed_shape(embedder)
+        decode = functools.partial(decode_batch, preprocess=preprocess_only(embedder).preprocess, shape=shape,
+                                   max_pixels=config.max_pixels)
         gpus = self.resolved_gpus()
         factory = self.embedder_factory or functools.partial(create_by_name, embedder.load_name)
         return (ray.data.from_arrow(blocks)
-                # decode tasks SPREAD over the nodes, actors placed by DEFAULT: besides, different remote arguments
-                # keep Ray Data from fusing the decode tasks into the actors (it fuses stages whose arguments match)
+                # A decode task declares the memory of its batch (preprocessed float32 arrays, held twice while
+                # they become Arrow); besides, remote arguments that differ from the actors' keep Ray Data from
+                # fusing the decode tasks into the actors (it fuses stages whose arguments match).
                 .map_batches(decode, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=1,
-                             scheduling_strategy="SPREAD")
+                             memory=decode_memory(config.batch_size, shape))
                 .map_batches(EmbedActor, fn_constructor_kwargs={"factory": factory,
                                                                 "device": "cuda" if gpus > 0 else "cpu"},
                              batch_format="numpy", batch_size=config.batch_size, num_gpus=gpus,
-                             num_cpus=self.cpus_per_actor, scheduling_strategy="DEFAULT",
+                             num_cpus=self.cpus_per_actor,
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, self.max_actors))))
 
     def map_parts(self, fn: Callable[..., Any], jobs: Sequence[tuple]) -> list:
@@ -153,6 +155,11 @@ class RayEngine:
         self.connect()
         remote = ray.remote(num_cpus=1)(fn)
         return ray.get([remote.remote(*job) for job in jobs])
+
+
+def decode_memory(batch_size: int, shape: tuple[int, ...]) -> int:
+    """Bytes a decode task reserves: its batch of preprocessed float32 inputs, twice (numpy, then Arrow)."""
+    return int(2 * batch_size * int(np.prod(shape)) * 4)
 
 
 def create_by_name(name: str, device: str) -> Embedder:

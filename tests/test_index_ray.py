@@ -117,6 +117,24 @@ def test_ray_build_equals_local_build(ray_cluster, corpus, clip_name, local_buil
     assert ray_index.metadata([23])[0]["caption"] == "cap 7"
 
 
+def test_decode_tasks_stay_apart_from_the_embedding_actors(ray_cluster, corpus, clip_name, capsys):
+    """Ray Data fuses a task stage into the next actor stage when their remote arguments match: the actors would
+    then decode too, one batch at a time per model. The decode tasks' declared memory keeps them apart, with no
+    argument Ray has deprecated (``ray_remote_args``)."""
+    import warnings
+
+    from retrogen.index_builder.sources import resolve_sources, scan_sources
+
+    records, _ = scan_sources(resolve_sources(corpus))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RayDeprecationWarning (or any other) fails the test
+        ds = ray_engine().dataset(records, 0, create_embedder(clip_name), CONFIG)
+    ds.explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(EmbedActor)]" in optimized, optimized
+    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in optimized, optimized
+
+
 def test_ray_build_to_an_object_store(ray_cluster, corpus, clip_name, local_build, s3_endpoint, tmp_path):
     """The driver commits each shard in its staging folder and uploads it (docs/index-ray.md "Output")."""
     url = s3_endpoint.new_bucket() + "/idx"
