@@ -217,6 +217,54 @@ def test_the_service_app_serves_retrieval_with_its_settings(service_index_dir, t
         assert c.get("/gallery/some-job").status_code == 404  # keys off: an unknown job has no page
 
 
+def test_preload_loads_every_index_at_start_and_readyz_waits_for_it(service_index_dir, tmp_path):
+    """With preload_indexes the app loads its indexes while it starts; /readyz says which are still loading or
+    failed (by name, never by server folder) and is ready only once all are in."""
+    import time
+
+    from retrogen.service.api.main import create_app
+    from retrogen.service.core.config import Settings
+
+    empty = tmp_path / "srv" / "empty-index"
+    empty.mkdir(parents=True)
+    indexes = {"corpus": IndexConfig(path=service_index_dir), "broken": IndexConfig(path=empty)}
+    for preload in (True, False):
+        settings = Settings(data_dir=tmp_path / f"data-{preload}", indexes=indexes, enable_worker=False,
+                            preload_indexes=preload)
+        app = create_app(settings, start_worker=False)
+        with TestClient(app) as c:
+            deadline = time.monotonic() + 60
+            while (ready := c.get("/readyz").json())["checks"].get("indexes", "").startswith("loading") \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            loaded = {d["name"]: d["loaded"] for d in c.get("/v1/indexes").json()["data"]}
+            if not preload:
+                assert "indexes" not in ready["checks"] and loaded == {"corpus": False, "broken": False}
+                continue
+            assert loaded == {"corpus": True, "broken": False}, "no query was made: preloaded"
+            r = c.get("/readyz")
+            assert r.status_code == 503 and r.json()["checks"]["database"] == "ok"
+            assert r.json()["checks"]["indexes"].startswith("error: broken: index 'broken'"), r.json()
+            assert str(tmp_path) not in r.text
+
+
+def test_preload_status_names_the_indexes_still_loading(service_index_dir, monkeypatch):
+    registry = IndexRegistry({"a": IndexConfig(path=service_index_dir), "b": IndexConfig(path=service_index_dir)})
+    go = threading.Event()
+    load = IndexRegistry._load
+
+    def slow_load(self, name):
+        go.wait(30)
+        return load(self, name)
+
+    monkeypatch.setattr(IndexRegistry, "_load", slow_load)
+    thread = registry.start_preload()
+    assert registry.preload_status() == "loading: a, b"
+    go.set()
+    thread.join(60)
+    assert registry.preload_status() == "ok" and registry.is_loaded("a") and registry.is_loaded("b")
+
+
 def test_model_calls_are_bounded_and_concurrent_requests_share_them():
     """At most ``workers`` model calls at once; requests that arrive while the model is busy go in one call."""
     import time

@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None, *, methods: MethodRegistry | No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if services.settings.preload_indexes:
+            services.index_registry.start_preload()
         if run_worker:
             services.worker.start()
         try:

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     safety_classifiers: list[str] = Field(default_factory=list)
     device: str = "cpu"  # embedders of the index registry; generation jobs use GenerationConfig.device
     max_concurrent_embeds: int = Field(2, ge=1)  # model calls at once per query embedder; more requests queue
+    # load every configured index (an s3:// one copied first) when the app starts, in the background; /readyz
+    # answers 503 until all are in, so a load balancer sends no query to a replica still copying gigabytes
+    preload_indexes: bool = False
     # Limits
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)  # the multipart dataset upload's body
     max_json_bytes: int = Field(32 * 1024 * 1024, ge=1)  # the body of every other request (JSON manifests included)

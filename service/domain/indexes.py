@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrogen.errors import InvalidInputError, NotFoundError
+from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
 
 from ..core.config import IndexConfig, Settings
 from .batching import EmbedBatchers
@@ -226,6 +226,7 @@ class IndexRegistry:
     # where indexes configured by URL are copied (a folder per URL); None: the user's cache (~/.cache/retrogen)
     cache_dir: Path | None = None
     _loaded: dict[str, LoadedIndex] = field(default_factory=dict, repr=False)
+    _preload: dict[str, str] = field(default_factory=dict, repr=False)  # name -> loading | ok | error: why
     _embedders: dict[str, tuple[Embedder, EmbedBatchers]] = field(default_factory=dict, repr=False)
     _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -264,6 +265,37 @@ class IndexRegistry:
             if name not in self._loaded:
                 self._loaded[name] = self._load(name)
             return self._loaded[name]
+
+    def start_preload(self) -> threading.Thread:
+        """Load every configured index in a background thread (``Settings.preload_indexes``); until it is done
+        :meth:`preload_status` says which are still loading."""
+        self._preload.update((name, "loading") for name in self.configs)
+        thread = threading.Thread(target=self.preload, name="index-preload", daemon=True)
+        thread.start()
+        return thread
+
+    def preload(self) -> None:
+        """Load every configured index, in order. A failure is recorded for :meth:`preload_status` and logged;
+        the others still load. Our errors' messages name no server path; any other error shows its type only."""
+        self._preload.update((name, "loading") for name in self.configs)
+        for name in self.configs:
+            try:
+                self.get(name)
+                self._preload[name] = "ok"
+            except RetrogenError as e:
+                self._preload[name] = f"error: {e}"
+                log.warning("index %r did not load at start: %s", name, e)
+            except Exception as e:  # noqa: BLE001 - a query would meet it again; the log has the detail
+                self._preload[name] = f"error: {type(e).__name__} (see the server log)"
+                log.exception("index %r did not load at start", name)
+
+    def preload_status(self) -> str:
+        """``ok`` once every index is loaded; else which are loading or failed (messages name no server path)."""
+        waiting = [n for n, v in self._preload.items() if v == "loading"]
+        failed = [f"{n}: {v[len('error: '):]}" for n, v in self._preload.items() if v.startswith("error: ")]
+        if failed:
+            return "error: " + "; ".join(failed)
+        return f"loading: {', '.join(waiting)}" if waiting else "ok"
 
     def embedder_of(self, name: str | None = None) -> EmbedderInfo:
         """The embedder of index ``name`` and whether it embeds text: from the loaded model if the index is
