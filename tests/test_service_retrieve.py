@@ -265,6 +265,27 @@ def test_preload_status_names_the_indexes_still_loading(service_index_dir, monke
     assert registry.preload_status() == "ok" and registry.is_loaded("a") and registry.is_loaded("b")
 
 
+def test_preload_retries_an_index_whose_store_was_down(service_index_dir, monkeypatch):
+    """A replica that started while its index could not be read becomes ready once it can, with no query."""
+    from retrogen.retrieval.errors import IndexStoreError
+
+    registry = IndexRegistry({"a": IndexConfig(path=service_index_dir)})
+    load, failures = IndexRegistry._load, [2]
+
+    def flaky_load(self, name):
+        if failures[0]:
+            failures[0] -= 1
+            raise IndexStoreError("cannot list s3://bucket/idx: connection refused")
+        return load(self, name)
+
+    monkeypatch.setattr(IndexRegistry, "_load", flaky_load)
+    thread = registry.start_preload(retry_s=0.05)
+    thread.join(60)
+    assert not thread.is_alive() and failures == [0] and registry.preload_status() == "ok"
+    registry.preload()  # without retry_s: one pass
+    assert registry.preload_status() == "ok"
+
+
 def test_model_calls_are_bounded_and_concurrent_requests_share_them():
     """At most ``workers`` model calls at once; requests that arrive while the model is busy go in one call."""
     import time

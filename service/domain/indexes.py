@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -266,33 +267,49 @@ class IndexRegistry:
                 self._loaded[name] = self._load(name)
             return self._loaded[name]
 
-    def start_preload(self) -> threading.Thread:
+    def start_preload(self, *, retry_s: float = 30.0) -> threading.Thread:
         """Load every configured index in a background thread (``Settings.preload_indexes``); until it is done
-        :meth:`preload_status` says which are still loading."""
+        :meth:`preload_status` says which are still loading or failed."""
         self._preload.update((name, "loading") for name in self.configs)
-        thread = threading.Thread(target=self.preload, name="index-preload", daemon=True)
+        thread = threading.Thread(target=self.preload, kwargs={"retry_s": retry_s}, name="index-preload",
+                                  daemon=True)
         thread.start()
         return thread
 
-    def preload(self) -> None:
-        """Load every configured index, in order. A failure is recorded for :meth:`preload_status` and logged;
-        the others still load. Our errors' messages name no server path; any other error shows its type only."""
-        self._preload.update((name, "loading") for name in self.configs)
-        for name in self.configs:
-            try:
-                self.get(name)
-                self._preload[name] = "ok"
-            except RetrogenError as e:
-                self._preload[name] = f"error: {e}"
-                log.warning("index %r did not load at start: %s", name, e)
-            except Exception as e:  # noqa: BLE001 - a query would meet it again; the log has the detail
-                self._preload[name] = f"error: {type(e).__name__} (see the server log)"
-                log.exception("index %r did not load at start", name)
+    def preload(self, *, retry_s: float | None = None) -> None:
+        """Load every configured index, in order. A failure is recorded for :meth:`preload_status` and logged, and
+        the others still load; with ``retry_s`` the failed ones are retried (the interval doubling up to 10x), so a
+        replica whose store was down at start becomes ready once it is back. Our errors' messages name no server
+        path; any other error shows its type only."""
+        todo, wait = list(self.configs), retry_s
+        self._preload.update((name, "loading") for name in todo)
+        while True:
+            todo = [name for name in todo if not self._preload_one(name)]
+            if not todo or wait is None:
+                return
+            time.sleep(wait)
+            wait = min(2 * wait, 10 * retry_s)
+
+    def _preload_one(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except RetrogenError as e:
+            self._preload[name] = f"error: {e}"
+            log.warning("index %r did not load at start: %s", name, e)
+            return False
+        except Exception as e:  # noqa: BLE001 - a query would meet it again; the log has the detail
+            self._preload[name] = f"error: {type(e).__name__} (see the server log)"
+            log.exception("index %r did not load at start", name)
+            return False
+        self._preload[name] = "ok"
+        return True
 
     def preload_status(self) -> str:
-        """``ok`` once every index is loaded; else which are loading or failed (messages name no server path)."""
-        waiting = [n for n, v in self._preload.items() if v == "loading"]
-        failed = [f"{n}: {v[len('error: '):]}" for n, v in self._preload.items() if v.startswith("error: ")]
+        """``ok`` once every index is loaded (by the preload or since by a query); else which are loading or
+        failed (messages name no server path)."""
+        state = {n: "ok" if n in self._loaded else v for n, v in self._preload.items()}
+        waiting = [n for n, v in state.items() if v == "loading"]
+        failed = [f"{n}: {v[len('error: '):]}" for n, v in state.items() if v.startswith("error: ")]
         if failed:
             return "error: " + "; ".join(failed)
         return f"loading: {', '.join(waiting)}" if waiting else "ok"
