@@ -56,6 +56,9 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
                  projection_class_embeddings_input_dim=2816)
 SDXL_TEXT2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+SDXL_VAE = SD15_VAE | {"sample_size": 1024, "scaling_factor": 0.13025}
+SDXL_SCHEDULER = {k: v for k, v in SD15_SCHEDULER.items()  # EulerDiscreteScheduler's share of SD 1.5's
+                  if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "steps_offset")}
 
 
 def _clip_tokenizer(tmp: Path):
@@ -105,11 +108,10 @@ def build_full_size(kind: str, path: Path) -> Path:
     else:
         unet = UNet2DConditionModel(**SDXL_UNET)
         pipe = StableDiffusionXLPipeline(
-            vae=AutoencoderKL(**(SD15_VAE | {"sample_size": 1024, "scaling_factor": 0.13025})),
+            vae=AutoencoderKL(**SDXL_VAE),
             text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=tok,
             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT2)), tokenizer_2=tok,
-            unet=unet, scheduler=EulerDiscreteScheduler(**{k: v for k, v in SD15_SCHEDULER.items() if k in
-                                                             ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "steps_offset")}))
+            unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER))
         ip = None
     pipe.to(torch.float16).save_pretrained(path, safe_serialization=True)
     if ip is not None:

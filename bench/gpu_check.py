@@ -147,7 +147,16 @@ def full_size_pipeline(kind: str, device: str = "cpu") -> Any:
     """The published architecture with random weights; the networks are created on ``device`` (the schedulers and
     tokenizers on the CPU)."""
     import torch
-    from bench_generation import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_TEXT2, SDXL_UNET
+    from bench_generation import (
+        SD15_SCHEDULER,
+        SD15_TEXT,
+        SD15_UNET,
+        SD15_VAE,
+        SDXL_SCHEDULER,
+        SDXL_TEXT2,
+        SDXL_UNET,
+        SDXL_VAE,
+    )
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -166,16 +175,14 @@ def full_size_pipeline(kind: str, device: str = "cpu") -> Any:
         if kind == "sd15":
             nets.update(vae=AutoencoderKL(**SD15_VAE), unet=UNet2DConditionModel(**SD15_UNET))
         else:
-            nets.update(vae=AutoencoderKL(**(SD15_VAE | {"sample_size": 1024, "scaling_factor": 0.13025})),
+            nets.update(vae=AutoencoderKL(**SDXL_VAE),
                         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT2)),
                         unet=UNet2DConditionModel(**SDXL_UNET))
     if kind == "sd15":
         return StableDiffusionPipeline(**nets, tokenizer=build_tiny_tokenizer(), scheduler=PNDMScheduler(**SD15_SCHEDULER),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    euler = {k: v for k, v in SD15_SCHEDULER.items()
-             if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "steps_offset")}
     return StableDiffusionXLPipeline(**nets, tokenizer=build_tiny_tokenizer(), tokenizer_2=build_tiny_tokenizer(),
-                                     scheduler=EulerDiscreteScheduler(**euler))
+                                     scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER))
 
 
 def make_dataset(root: Path, classes: int, images: int, size: int = 96) -> Path:
