@@ -37,12 +37,12 @@ top ``dims`` principal directions (``project``): s(i, c) becomes the inner produ
 projection onto them; the caps r stay exact. The matrix is s x pool, built in s * pool * dims
 (plus pool * d * dims for the projection), not pool^2 * d.
 
-On both the greedy keeps every candidate's gain exact up to float32 rounding (``_GroundCover``: each pick
-updates all gains through the ground rows it raises): a plain greedy, not a lazy one. Given ``neighbours``,
-the similarity is instead a sparse kNN graph over every row (each row keeps itself and its ``neighbours``
-highest capped similarities: submodlib's sparse mode); it bounds memory, not the O(pool^2 d) time, and its
-greedy is lazy (gains of a submodular function only shrink, so a stale gain is an upper bound), refreshing a
-batch of the best bounds at once. The greedy yields an order, not a set, so the usual filters walk it exactly
+On both the greedy keeps every candidate's gain exact up to float32 rounding (``dense_greedy``: each pick
+updates all gains through the ground rows it raises; compiled loops in ``flmi_kernels``): a plain greedy,
+not a lazy one. Given ``neighbours``, the similarity is instead a sparse kNN graph over every row (each row
+keeps itself and its ``neighbours`` highest capped similarities: submodlib's sparse mode); it bounds memory,
+not the O(pool^2 d) time, and its greedy is lazy (gains of a submodular function only shrink, so a stale
+gain is an upper bound), refreshing a batch of the best bounds at once. The greedy yields an order, not a set, so the usual filters walk it exactly
 as they walk the kNN order; the items after the pool follow in kNN order.
 """
 
@@ -59,7 +59,6 @@ COVER_ENTRIES = 5000 * GROUND_MAX  # above a pool of 5,000 the sample shrinks: s
 GROUND_MIN = 256  # ... down to this many rows (the 20,000 pool cap)
 DIMS = 64  # the sampled path's similarities: in the sample's top-DIMS principal directions (None: all)
 _POWER_STEPS = 2  # subspace-iteration steps for those directions
-_CHUNK_ENTRIES = 1 << 18  # ground rows x pool entries per step of a pick's gain update (1 MB: stays in cache)
 _BATCH = 32  # candidates whose gains are refreshed together: one vectorised (batch x ground) step
 _BLOCK_ENTRIES = 1 << 22  # rows x pool entries per block while building the sparse similarity (~48 MB of work)
 
@@ -83,15 +82,6 @@ def ground_rows(m: int, size: int) -> np.ndarray:
     while size <= m, and every row when size == m. Row 0, the nearest candidate, is always in.
     """
     return np.rint(np.arange(size) * m / size).astype(np.intp)  # rint rounds half to even, as round() does
-
-
-def _capped(sims: np.ndarray, row_cap: np.ndarray, col_cap: np.ndarray) -> np.ndarray:
-    """min(max(sims, 0), row_cap[:, None], col_cap[None, :]), in place: three passes with fast loops (numpy's
-    clip(.., 0, caps) and maximum(.., 0.0) have none)."""
-    np.maximum(sims, np.zeros(sims.shape[1], np.float32)[None, :], out=sims)
-    np.minimum(sims, row_cap[:, None], out=sims)
-    np.minimum(sims, col_cap[None, :], out=sims)
-    return sims
 
 
 def principal_basis(sample: np.ndarray, dims: int) -> np.ndarray:
@@ -121,51 +111,6 @@ def project(pool: np.ndarray, queries: np.ndarray, rows: np.ndarray,
         return pool, pool @ queries.T
     both = pool @ np.concatenate([principal_basis(pool[rows], dims), queries.T], axis=1)
     return np.ascontiguousarray(both[:, :dims]), both[:, dims:]
-
-
-class _GroundCover:
-    """The capped similarity, ground rows x candidates (s, m) float32 (every row on the exact path, a sample
-    on the sampled one), and each pick's drop in every candidate's gain, so that the greedy sees exact gains
-    (up to float32 rounding; no stale bounds).
-
-    A lazy greedy re-evaluates ~7 % of the pool per pick on this objective (many candidates cover about as
-    well as each other; ~2 refreshes of 32 rows per pick at M = 1,000), one numpy round per refresh. A pick
-    raises the coverage of only the ground rows it covers better than before (~3.4 s rows over the first 100
-    picks on the bench data, a third of them in the first pick), and the gains change only through those
-    rows: contiguous here. Half the lazy greedy's time at M = 100 to 1,000.
-    """
-
-    def __init__(self, coords: np.ndarray, cap: np.ndarray, rows: np.ndarray | None):
-        if rows is None:  # the exact objective, every row ground: coords @ coords.T is numpy's symmetric product
-            self.cover = _capped(coords @ coords.T, cap, cap)
-        else:
-            self.cover = _capped(coords[rows] @ coords.T, cap[rows], cap)
-        ground, m = self.cover.shape
-        self.scale = m / ground  # each ground row stands for m / s pool rows
-        self.covered = np.zeros(ground, np.float32)
-        self.chunk = max(1, _CHUNK_ENTRIES // m)
-        self.work = np.empty((min(self.chunk, ground), m), np.float32)
-
-    def first_gains(self) -> np.ndarray:
-        return self.scale * self.cover.sum(axis=0, dtype=np.float64)
-
-    def take(self, c: int) -> np.ndarray:
-        """Cover with c; every candidate's gain drop: sum over the raised rows of clip(x, old, new) - old."""
-        new = self.cover[:, c]
-        raised = np.flatnonzero(new > self.covered)
-        drop = np.zeros(self.cover.shape[1])
-        for lo in range(0, len(raised), self.chunk):
-            part = raised[lo: lo + self.chunk]
-            old = self.covered[part]
-            got = np.take(self.cover, part, axis=0, out=self.work[: len(part)], mode="clip")
-            if old.any():  # nothing covered yet (the first pick, a third of all updates): x >= 0 = old already
-                np.maximum(got, old[:, None], out=got)
-            np.minimum(got, new[part, None], out=got)
-            drop += np.ones(len(part), np.float32) @ got  # a BLAS sum over the rows
-            drop -= old.sum(dtype=np.float64)
-        self.covered[raised] = new[raised]
-        drop *= self.scale
-        return drop
 
 
 def knn_cover(pool: np.ndarray, cap: np.ndarray, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
@@ -291,29 +236,32 @@ def _lazy_greedy(cover: _SparseCover, bonus: np.ndarray | None, *, m: int, steps
     return order, gains
 
 
-def _plain_greedy(cover: _GroundCover, bonus: np.ndarray | None, *, steps: int) -> tuple[list[int], list[float]]:
-    """Greedy on exact gains (``cover.take`` updates them): the best each step, ties to the earlier row.
+def dense_greedy(coords: np.ndarray, cap: np.ndarray, rows: np.ndarray | None, bonus: np.ndarray | None, *,
+                 steps: int) -> tuple[list[int], list[float]]:
+    """Greedy on the capped similarity of the ground rows (every row when ``rows`` is None: the exact
+    objective, whose ``coords @ coords.T`` is numpy's symmetric product) to every candidate, keeping every
+    gain exact: a pick raises the coverage of only the ground rows it covers better than before, and each pick
+    updates all gains through those rows alone (``flmi_kernels.greedy``). Ties: the earlier row.
 
-    The updates sum in float32 and drift by ~1e-7 of the first pick's gain, so gains within ``tie`` = 1e-6 of
-    it count as equal (exact ties are common: capped similarities often equal a cap; the earlier row is the
-    nearer in kNN order), and the greedy stops once nothing gains more than ``tie`` (the lazy sparse path
-    stops at an absolute 1e-6)."""
-    total = cover.first_gains()
+    Gains are float64 sums of float32 entries, summed in a different order once updated, so candidates that
+    tie exactly can differ by ~1e-7 of the first pick's gain: gains within ``tie`` = 1e-6 of it count as
+    equal (exact ties are common: capped similarities often equal a cap; the earlier row is the nearer in kNN
+    order), and the greedy stops once nothing gains more than ``tie`` (the lazy sparse path stops at an
+    absolute 1e-6)."""
+    from . import flmi_kernels  # numba: imported (and compiled, once per machine) on first use
+
+    if rows is None:
+        cover, row_cap = coords @ coords.T, cap
+    else:
+        cover, row_cap = coords[rows] @ coords.T, cap[rows]
+    scale = len(cap) / len(cover)  # each ground row stands for m / s pool rows
+    total = flmi_kernels.cap_in_place(cover, row_cap.astype(np.float32, copy=False),
+                                       cap.astype(np.float32, copy=False), scale)
     if bonus is not None:
         total += bonus
     tie = 1e-6 * max(1.0, float(total.max(initial=0.0)))
-    order: list[int] = []
-    gains: list[float] = []
-    while len(order) < steps:
-        best = float(total.max())
-        if best <= tie:
-            break
-        c = int(np.argmax(total >= best - tie))  # the first row within tie of the best
-        order.append(c)
-        gains.append(float(total[c]))
-        total -= cover.take(c)
-        total[c] = -np.inf
-    return order, gains
+    order, gains = flmi_kernels.greedy(cover, total, scale, steps, tie)
+    return order.tolist(), gains.tolist()
 
 
 def flmi_order(pool: np.ndarray, queries: np.ndarray, *, steps: int, eta: float = 1.0,
@@ -352,8 +300,7 @@ def flmi_order(pool: np.ndarray, queries: np.ndarray, *, steps: int, eta: float 
         rows = ground_rows(m, size) if size < m else None  # None: the exact objective, full cosines
         coords, sims = project(pool, queries, rows, dims) if rows is not None else (pool, pool @ queries.T)
         cap = eta * np.clip(sims, 0.0, None).max(axis=1)  # relevance of each i
-        order, gains = _plain_greedy(_GroundCover(coords, cap, rows), quality_bonus(quality, quality_weight, cap),
-                                     steps=steps)
+        order, gains = dense_greedy(coords, cap, rows, quality_bonus(quality, quality_weight, cap), steps=steps)
     else:
         cap = eta * np.clip(pool @ queries.T, 0.0, None).max(axis=1)
         order, gains = _lazy_greedy(_SparseCover(pool, cap, neighbours), quality_bonus(quality, quality_weight, cap),

@@ -87,6 +87,30 @@ def test_same_input_same_order_and_small_inputs():
     assert flmi_order(pool[:0], q, steps=5) == ([], [])
 
 
+def test_without_a_writable_cache_folder_the_greedy_compiles_per_process_and_picks_the_same(tmp_path):
+    """numba raises at decoration when no cache folder is writable (a read-only root file system); the kernels
+    then compile uncached in each process. Emulated by leaving numba no cache locator at all."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(4)
+    pool, q = _unit(rng.standard_normal((80, 8))), _unit(rng.standard_normal((2, 8)))
+    np.save(tmp_path / "pool.npy", pool)
+    np.save(tmp_path / "q.npy", q)
+    code = ("import json, sys, numpy as np, numba.core.caching as c\n"
+            "c.CacheImpl._locator_classes = []\n"
+            "from retrogen.retrieval import flmi_kernels\n"
+            "from retrogen.retrieval.diverse import flmi_order\n"
+            f"d = {str(tmp_path)!r}\n"
+            "order, gains = flmi_order(np.load(d + '/pool.npy'), np.load(d + '/q.npy'), steps=12)\n"
+            "print(json.dumps([type(flmi_kernels.greedy._cache).__name__, order, gains]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    cache, order, gains = json.loads(out.stdout.splitlines()[-1])
+    assert cache == "NullCache", "the fallback compiled without a cache"
+    assert [order, gains] == list(flmi_order(pool, q, steps=12))
+
+
 # --- COBRA's quality term ---------------------------------------------------------------------------------------
 
 def _capped(pool, queries, eta=1.0):
