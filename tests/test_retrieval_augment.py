@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def corpus_tar(tmp_path_factory):
         for fam, rgb in FAMILIES.items():
             for i in range(PER_FAMILY):
                 key = f"{fam}-{i:03d}"
-                files = {f"{key}.png": _png(colour_image(_shade(rgb, i), noise_seed=hash(key) % 1000)),
+                files = {f"{key}.png": _png(colour_image(_shade(rgb, i), noise_seed=zlib.crc32(key.encode()) % 1000)),
                          f"{key}.txt": f"a {fam} thing".encode(),
                          f"{key}.json": json.dumps({"url": f"http://example.com/{key}.png", "license": "cc0"}).encode()}
                 for name, data in files.items():
@@ -202,8 +203,10 @@ def test_leakage_filter_removes_user_images_planted_in_the_corpus(tmp_path, corp
     keys = {r["sample_key"] for r in result.records}
     assert not keys & {f"{fam}-000" for fam in FAMILIES}
     assert result.summary["removed"]["leakage"] >= 3
+    # with the leakage filter off each planted image comes back, its own nearest neighbour; the near-duplicate
+    # filter is off too: it could drop the planted copy behind a near-identical shade that ranks first in float16
     off = augment_by_retrieval(root, tmp_path / "out2", corpus=index, per_class=3,
-                               config=RetrievalConfig(leakage_threshold=None, dedup_threshold=0.9999))
+                               config=RetrievalConfig(leakage_threshold=None, dedup_threshold=None))
     got = {(r["label"], r["sample_key"], r["similarity"]) for r in off.records}
     assert {f"{fam}-000" for fam in FAMILIES} <= {k for _, k, _ in got}, (got, off.summary["removed"])
 
