@@ -98,7 +98,7 @@ def test_without_a_writable_cache_folder_the_greedy_compiles_per_process_and_pic
     pool, q = _unit(rng.standard_normal((80, 8))), _unit(rng.standard_normal((2, 8)))
     np.save(tmp_path / "pool.npy", pool)
     np.save(tmp_path / "q.npy", q)
-    code = ("import json, sys, numpy as np, numba.core.caching as c\n"
+    code = ("import json, numpy as np, numba.core.caching as c\n"
             "c.CacheImpl._locator_classes = []\n"
             "from retrogen.retrieval import flmi_kernels\n"
             "from retrogen.retrieval.diverse import flmi_order\n"
