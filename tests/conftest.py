@@ -221,3 +221,16 @@ def mean_colour_embedder():
 
     register_embedder("meancolour")(MeanColourEmbedder)
     return create_embedder("meancolour")
+
+
+def write_clip_retrieval_output(root, n: int, dim: int = 8) -> None:
+    """A clip-retrieval output folder (``img_emb/img_emb_0.npy``, ``metadata/metadata_0.parquet``) of ``n``
+    random unit vectors, for ``retrogen index import``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    x = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    np.save(root / "img_emb" / "img_emb_0.npy", x / np.linalg.norm(x, axis=1, keepdims=True))
+    pq.write_table(pa.table({"image_path": [f"/d/{i}.jpg" for i in range(n)]}), root / "metadata" / "metadata_0.parquet")

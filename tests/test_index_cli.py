@@ -3,14 +3,11 @@
 import json
 import sys
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from retrogen import cli
-from tests.conftest import colour_image
+from tests.conftest import colour_image, write_clip_retrieval_output
 
 runner = CliRunner()
 
@@ -54,11 +51,7 @@ def test_info_text_and_json(built):
 
 def test_import_command(tmp_path):
     src = tmp_path / "clip"
-    (src / "img_emb").mkdir(parents=True)
-    (src / "metadata").mkdir()
-    x = np.random.default_rng(0).standard_normal((80, 8)).astype(np.float32)
-    np.save(src / "img_emb" / "img_emb_0.npy", x / np.linalg.norm(x, axis=1, keepdims=True))
-    pq.write_table(pa.table({"image_path": [f"/d/{i}.jpg" for i in range(80)]}), src / "metadata" / "metadata_0.parquet")
+    write_clip_retrieval_output(src, 80)
     res = runner.invoke(cli.app, ["index", "import", "--from", str(src), "--out", str(tmp_path / "idx"),
                                   "--embedder", "hf:openai/clip-vit-base-patch32", "--index-type", "hnsw", "--quiet"])
     assert res.exit_code == 0, res.output

@@ -28,6 +28,7 @@ from retrogen.retrieval.index import CorpusIndex
 from retrogen.retrieval.index_directory import is_layout_name
 from retrogen.retrieval.index_store import RemoteIndex
 from retrogen.service.domain.indexes import IndexRegistry
+from tests.conftest import write_clip_retrieval_output
 from tests.test_index_build import encode, noise_image
 
 pytest_plugins = ("tests.s3_server",)  # one moto server per session, whichever module starts it
@@ -353,9 +354,6 @@ def test_cli_builds_to_s3_and_reports_a_store_it_cannot_use_in_one_line(s3_endpo
 
 
 def test_an_ondisk_index_and_an_import_go_through_the_store(s3_endpoint, corpus, local_index, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from retrogen.retrieval.index_directory import ondisk_lists
 
     bucket = s3_endpoint.new_bucket()
@@ -368,11 +366,7 @@ def test_an_ondisk_index_and_an_import_go_through_the_store(s3_endpoint, corpus,
     assert found[:, 0].tolist() == list(range(14))
 
     src = tmp_path / "clip"
-    (src / "img_emb").mkdir(parents=True)
-    (src / "metadata").mkdir()
-    x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
-    np.save(src / "img_emb" / "img_emb_0.npy", x / np.linalg.norm(x, axis=1, keepdims=True))
-    pq.write_table(pa.table({"image_path": [f"/d/{i}.jpg" for i in range(40)]}), src / "metadata" / "metadata_0.parquet")
+    write_clip_retrieval_output(src, 40)
     res = CliRunner().invoke(cli.app, ["index", "import", "--from", str(src), "--out", f"{bucket}/imported",
                                        "--index-type", "flat", "--quiet"])
     assert res.exit_code == 0, res.output
