@@ -11,14 +11,15 @@ Fashion-MNIST test images as PNG. ``--embedder tiny`` uses the tests' tiny rando
 the figures measure the service's overhead rather than a model; random-colour images if Fashion-MNIST is
 missing). The server is the service's own app (``create_app``: middleware, metrics, key check, no job
 worker) under uvicorn (with uvloop and httptools, retrogen dependencies) in a subprocess. The load generator
-is a minimal keep-alive HTTP/1.1 client that sends pre-encoded requests and reads responses by length, as
-``wrk`` does (``--client httpx`` for httpx, whose own ~1-2 ms of CPU per request then counts against the
+is a minimal keep-alive HTTP/1.1 client on uvloop that sends pre-encoded requests and reads responses by length,
+as ``wrk`` does (``--client httpx`` for httpx, whose own ~1-2 ms of CPU per request then counts against the
 server on a 2-core machine). The in-process side calls the route's own handler's work
-(``routes.retrieve.answer_retrieve``, or ``routes.knn._knn``: decode, hash, embed through the same
-micro-batcher, search, metadata, provenance, response model) on a thread pool of the same size and
-serialises its response to JSON, so the ratio is what HTTP, ASGI and FastAPI cost. Each round runs both
-sides, alternating which goes first; prints per level the median requests/s of each side, p50/p99 latency,
-and the min / median of the per-round HTTP/in-process ratios.
+(``routes.retrieve.answer_retrieve``, or ``routes.knn.answer_knn``: the same checks, then decode, hash, embed,
+search, metadata, provenance and the JSON answer in the embedder's batch worker, as the route does) on a thread
+pool of the same size, so the ratio is what HTTP, ASGI and FastAPI cost. Each level starts with
+an unmeasured warm-up of both sides at its concurrency; each round then runs both sides, alternating which
+goes first; prints per level the median requests/s of each side, p50/p99 latency, and the min / median of the
+per-round HTTP/in-process ratios.
 """
 
 from __future__ import annotations
@@ -106,6 +107,14 @@ def percentiles(lat: list[float]) -> tuple[float, float]:
 ROUTES = {"retrieve": "/v1/retrieve", "knn": "/knn-service"}
 
 
+def drive(coro):
+    """The load generator's event loop: uvloop (a retrogen dependency), whose lower cost per request leaves more
+    of the two shared cores to the server, as a C load generator would."""
+    import uvloop
+
+    return uvloop.run(coro)
+
+
 async def http_level(url: str, bodies: list[dict], concurrency: int, total: int, client: str = "raw",
                      route: str = "retrieve") -> tuple[float, list[float]]:
     """``total`` requests over ``concurrency`` keep-alive connections: (wall seconds, per-request latencies)."""
@@ -169,10 +178,13 @@ async def raw_level(url: str, bodies: list[dict], concurrency: int, total: int,
 
 
 class _Request:
-    """What the handler uses of a request: ``url_for`` (the item image URL), as the server would build it."""
+    """What the handler uses of a request: its scope (``item_image_urls`` keys its cache on it) and ``url_for``
+    (the item image URL), as the server would build them."""
 
     def __init__(self, base: str):
         self.base = base
+        host = base.removeprefix("http://")
+        self.scope = {"type": "http", "scheme": "http", "root_path": "", "headers": [(b"host", host.encode())]}
 
     def url_for(self, route: str, /, **params) -> str:
         return f"{self.base}/v1/indexes/{params['name']}/items/{params['item_id']}/image"
@@ -181,19 +193,17 @@ class _Request:
 def inprocess_level(registry, bodies: list[dict], concurrency: int, total: int, base: str,
                     route: str = "retrieve") -> tuple[float, list[float]]:
     """The route's handler itself, then its response as JSON: everything but HTTP, ASGI and FastAPI."""
-    from fastapi import Response
-
-    from retrogen.service.api.routes.knn import ROWS, KnnQuery, _knn
+    from retrogen.service.api.routes.knn import KnnQuery, answer_knn
     from retrogen.service.api.routes.retrieve import RetrieveRequest, answer_retrieve
     from retrogen.service.domain.queries import QueryLimits
 
     limits, request = QueryLimits(), _Request(base)
 
     def retrieve(body: dict) -> bytes:
-        return answer_retrieve(RetrieveRequest(**body), request, registry, limits).model_dump_json()
+        return answer_retrieve(RetrieveRequest(**body), request, registry, limits)
 
     def knn(body: dict) -> bytes:
-        return ROWS.dump_json(_knn(KnnQuery(**body), request, Response(), registry, limits))
+        return answer_knn(KnnQuery(**body), request, registry, limits).body
 
     work = retrieve if route == "retrieve" else knn
 
@@ -262,13 +272,17 @@ def start_server(index_dir: Path, body: dict, max_embeds: int, route: str = "ret
 def run_level(url: str, registry, bodies: list[dict], clients: int, args) -> dict:
     """``args.rounds`` rounds of both sides, alternating which goes first; per-round ratios."""
     total = max(args.requests, 2 * clients)
+    # Warm-up at this level, unmeasured: the model meets batch sizes it has not run before (ONNX Runtime
+    # plans each new shape once, up to ~1 s), which would otherwise land in the first round's p99.
+    drive(http_level(url, bodies, clients, 4 * clients, args.client, args.route))
+    inprocess_level(registry, bodies, clients, 4 * clients, url, args.route)
     http, inproc, ratios = [], [], []
     for r in range(args.rounds):
         sides = ("http", "inproc") if r % 2 == 0 else ("inproc", "http")
         got = {}
         for side in sides:
             if side == "http":
-                got[side] = asyncio.run(http_level(url, bodies, clients, total, args.client, args.route))
+                got[side] = drive(http_level(url, bodies, clients, total, args.client, args.route))
             else:
                 got[side] = inprocess_level(registry, bodies, clients, total, url, args.route)
         http.append(got["http"])
@@ -312,7 +326,7 @@ def main() -> None:
         registry = IndexRegistry({"bench": IndexConfig(path=work / "index")},
                                  max_concurrent_embeds=args.max_concurrent_embeds)
         inprocess_level(registry, bodies, 1, 8, url, args.route)  # warm-up (loads the index in this process)
-        asyncio.run(http_level(url, bodies, 1, 8, args.client, args.route))
+        drive(http_level(url, bodies, 1, 8, args.client, args.route))
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
               f"route {ROUTES[args.route]}, query: {args.query}, k={args.k}, {args.rounds} rounds per level, "
               f"max_concurrent_embeds={args.max_concurrent_embeds}, client {args.client}, server uvicorn "

@@ -157,8 +157,18 @@ def test_models_health_metrics(app, client):
 
 def test_openapi_docs(client):
     assert client.get("/docs").status_code == 200
-    paths = client.get("/openapi.json").json()["paths"]
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
     assert {"/v1/datasets", "/v1/jobs", "/v1/jobs/{job_id}/results", "/v1/retrieve"} <= set(paths)
+    # The query routes read the key in their one dependency and declare its schemes themselves: the same
+    # security as every other keyed route, naming schemes the document defines, and 401 documented.
+    schemes = set(doc["components"]["securitySchemes"])
+    keyed = paths["/v1/jobs"]["get"]["security"]
+    assert schemes == {"APIKeyHeader", "HTTPBearer"} and keyed == [{"APIKeyHeader": []}, {"HTTPBearer": []}]
+    for path, method in [("/v1/retrieve", "post"), ("/knn-service", "post"), ("/indices-list", "get"),
+                         ("/metadata", "post")]:
+        op = paths[path][method]
+        assert op["security"] == keyed and "401" in op["responses"], path
 
 
 def test_api_keys_isolate_owners(tmp_path):

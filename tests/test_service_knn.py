@@ -52,9 +52,10 @@ def client(app):
     return TestClient(app)
 
 
-def post_raw(client, path, body: str | bytes):
+def post_raw(client, path, body: str | bytes, headers=None):
     # like requests with data=<str>: no Content-Type header at all
-    return client.post(path, content=body if isinstance(body, bytes) else body.encode(), headers={"content-type": ""})
+    return client.post(path, content=body if isinstance(body, bytes) else body.encode(),
+                       headers={"content-type": ""} | (headers or {}))
 
 
 def image_b64(fam: str) -> str:
@@ -237,6 +238,15 @@ def test_api_keys_guard_retrieval_and_clip_client_can_pass_one_in_the_url(regist
     assert c.post("/v1/retrieve", json={"texts": ["x"]}).status_code == 401
     assert c.post("/v1/retrieve", json={"texts": ["x"]}, headers={"X-API-Key": "wrong-key-000"}).status_code == 401
     assert c.post("/v1/retrieve", json={"texts": ["x"]}, headers={"X-API-Key": "k-0123456789"}).status_code == 200
+    # the query routes read the key themselves (deps.given_key): as the header schemes do, and no further
+    for headers, status in [({"Authorization": "Bearer k-0123456789"}, 200),
+                            ({"authorization": "bearer k-0123456789"}, 200),
+                            ({"Authorization": "Bearer wrong-key-000"}, 401),
+                            ({"Authorization": "Basic k-0123456789"}, 401), ({"X-API-Key": ""}, 401),
+                            ({"X-API-Key": "", "Authorization": "Bearer k-0123456789"}, 200)]:
+        assert c.post("/v1/retrieve", json={"texts": ["x"]}, headers=headers).status_code == status, headers
+        assert post_raw(c, "/knn-service", body, headers=headers).status_code == status, headers
+    assert c.post("/v1/retrieve?api_key=k-0123456789", json={"texts": ["x"]}).status_code == 401  # headers only
     assert c.get("/v1/indexes/corpus/items/0/image",
                  headers={"Authorization": "Bearer k-0123456789"}).status_code == 200
     # the image_url of a ClipClient result is fetched bare too: the key may come in its URL

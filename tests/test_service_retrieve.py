@@ -343,6 +343,134 @@ def test_a_failing_input_fails_only_its_own_request():
     assert all(out[i][0, 0] == i for i in out)
 
 
+class _Work:
+    """A BatchWork that records where its steps ran: inputs [i, i + 100], answer = rows + 1."""
+
+    def __init__(self, i, fail_prepare=False):
+        self.i, self.size, self.fail, self.threads = i, 2, fail_prepare, []
+
+    def prepare(self):
+        self.threads.append(threading.current_thread().name)
+        if self.fail:
+            raise ValueError(f"bad input {self.i}")
+        return np.array([self.i, self.i + 100])
+
+    def finish(self, rows):
+        self.threads.append(threading.current_thread().name)
+        return rows[:, 0] + 1
+
+
+def test_awaited_work_runs_in_the_worker_and_shares_model_calls():
+    """``do_async``: prepare and finish run in the batcher's worker, not on the event loop's thread; concurrent
+    requests share model calls; a failing prepare fails its own request only, before the model sees it."""
+    import asyncio
+    import time
+
+    from retrogen.service.domain.batching import MicroBatcher
+
+    seen = []
+
+    def model(batch):
+        seen.extend(batch.tolist())
+        time.sleep(0.05)  # the other requests pile up meanwhile
+        return np.asarray(batch, np.float32)[:, None] * 2
+
+    batcher = MicroBatcher(model, join=np.concatenate, workers=1, name="q")
+    works = [_Work(i, fail_prepare=(i == 3)) for i in range(8)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.do_async(w) for w in works), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert isinstance(out[3], ValueError) and str(out[3]) == "bad input 3" and 3 not in seen
+    for i in set(range(8)) - {3}:
+        np.testing.assert_array_equal(out[i], [2 * i + 1, 2 * (i + 100) + 1])
+    assert batcher.calls < 7 and sorted(seen) == sorted(x for i in range(8) if i != 3 for x in (i, i + 100))
+    assert {t for w in works for t in w.threads} == {"q-0"}
+    assert threading.main_thread().name not in {t for w in works for t in w.threads}
+
+
+def test_a_cancelled_caller_leaves_the_worker_serving():
+    """A request whose caller went away (a client disconnect cancels its task) still runs; the worker lives on."""
+    import asyncio
+
+    from retrogen.service.domain.batching import MicroBatcher
+
+    gate = threading.Event()
+    batcher = MicroBatcher(lambda b: (gate.wait(10), np.asarray(b, np.float32)[:, None])[1], join=np.concatenate,
+                           workers=1)
+
+    async def cancelled():
+        task = asyncio.ensure_future(batcher.do_async(_Work(1)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())  # the loop is closed when the worker finishes that request
+    gate.set()
+    np.testing.assert_array_equal(batcher.do(_Work(5)), [6, 106])
+
+
+def test_a_query_leaves_the_event_loop_free(registry, monkeypatch):
+    """While one request's model call runs, the same event loop still answers another request: decoding,
+    the model, search and the answer run in the embedder's worker."""
+    loaded = registry.get("corpus")
+    entered, release, waited = threading.Event(), threading.Event(), []
+    real = loaded.batchers.images.run
+
+    def held(batch):
+        entered.set()
+        waited.append(release.wait(20))  # False: nobody released it, the loop was blocked
+        return real(batch)
+
+    monkeypatch.setattr(loaded.batchers.images, "run", held)
+    out = []
+    with TestClient(make_router_app(retrieve_router, index_registry=registry)) as c:
+        t = threading.Thread(target=lambda: out.append(c.post("/v1/retrieve", json={"images": [family_query("red")],
+                                                                                  "k": 3})))
+        t.start()
+        assert entered.wait(20)
+        assert c.get("/v1/indexes").status_code == 200  # answered while the model call is held
+        release.set()
+        t.join(30)
+    assert waited == [True] and out[0].status_code == 200 and len(out[0].json()["results"][0]["neighbours"]) == 3
+
+
+def test_image_urls_follow_each_requests_origin(registry):
+    """The image URL template is cached per origin: another Host or root path gets its own URLs, as url_for's."""
+    body = {"images": [family_query("red")], "k": 2}
+    plain = TestClient(make_router_app(retrieve_router, index_registry=registry))
+    prefixed = TestClient(make_router_app(retrieve_router, index_registry=registry), root_path="/api")
+    seen = {}
+    for c, root, host in [(plain, "", "a.example"), (plain, "", "b.example:8080"), (plain, "", "a.example"),
+                          (prefixed, "/api", "a.example")]:
+        hits = c.post("/v1/retrieve", json=body, headers={"host": host}).json()["results"][0]["neighbours"]
+        urls = [h["image_url"] for h in hits]
+        assert urls == [f"http://{host}{root}/v1/indexes/corpus/items/{h['sample_id']}/image" for h in hits]
+        assert seen.setdefault((root, host), urls) == urls
+        assert c.get(urls[0].removeprefix(f"http://{host}{root}"), headers={"host": host}).status_code == 200
+
+
+def test_the_benchmarks_in_process_answer_is_the_routes(client, registry):
+    """``answer_retrieve`` (what bench_service.py times in-process) returns the route's own JSON."""
+    from retrogen.service.api.routes.retrieve import RetrieveRequest, answer_retrieve
+    from retrogen.service.domain.queries import QueryLimits
+
+    body = {"images": [family_query("red")], "texts": ["a blue square"], "k": 4, "max_punsafe": 0.5}
+
+    class FakeRequest:
+        scope = {"type": "http", "scheme": "http", "headers": [(b"host", b"in-process")]}
+
+        def url_for(self, route, /, **params):
+            return f"http://testserver/v1/indexes/{params['name']}/items/{params['item_id']}/image"
+
+    direct = json.loads(answer_retrieve(RetrieveRequest(**body), FakeRequest(), registry, QueryLimits()))
+    served = client.post("/v1/retrieve", json=body).json()
+    assert direct.pop("duration_ms") >= 0 and served.pop("duration_ms") >= 0
+    assert direct == served and [q["query"]["type"] for q in direct["results"]] == ["image", "text"]
+
+
 def test_batched_embeddings_equal_unbatched_ones(service_index_dir):
     """Images and texts embedded through the batcher, from many threads, match one-at-a-time embeddings."""
     from concurrent.futures import ThreadPoolExecutor

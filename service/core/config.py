@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     # ones: importing code is the operator's decision, never a request's
     safety_classifiers: list[str] = Field(default_factory=list)
     device: str = "cpu"  # embedders of the index registry; generation jobs use GenerationConfig.device
-    max_concurrent_embeds: int = Field(2, ge=1)  # model calls at once per query embedder; more requests queue
+    # model calls at once per query embedder (more requests queue and join the next batch); these workers also
+    # decode and search for the synchronous query routes: raise it on a many-core host with large query images
+    max_concurrent_embeds: int = Field(2, ge=1)
     # load every configured index (an s3:// one copied first) when the app starts, in the background; /readyz
     # answers 503 until all are in, so a load balancer sends no query to a replica still copying gigabytes
     preload_indexes: bool = False

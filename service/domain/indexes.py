@@ -8,6 +8,7 @@ a name. HTTP-free, so the benchmark times the same work in-process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -16,14 +17,14 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
 from retrogen.errors import InvalidInputError, NotFoundError, RetrogenError
 
 from ..core.config import IndexConfig, Settings
-from .batching import EmbedBatchers
+from .batching import BatchWork, EmbedBatchers, MicroBatcher
 
 if TYPE_CHECKING:
     from retrogen.retrieval.embedders import Embedder
@@ -38,6 +39,13 @@ TEXT_FAMILIES = ("open_clip", "hf")
 #: how deep a screened search may go: k x this many neighbours per query, at most
 MAX_SCREEN_DEPTH = 64
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class QueryWork(BatchWork, Protocol):
+    """A query's work (:meth:`LoadedIndex.answer`): ``model`` says which batcher embeds its inputs, or None when
+    it needs no model (a query by vector)."""
+
+    model: Literal["images", "texts"] | None
 
 
 @dataclass(frozen=True)
@@ -142,15 +150,33 @@ class LoadedIndex:
         """Preprocessed here, in the request's thread (in parallel); embedded with other requests' images."""
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        return self.batchers.images(np.stack([self.embedder.preprocess(im) for im in images]))
+        return self.batchers.images(self.preprocess(images))
+
+    def preprocess(self, images: list) -> np.ndarray:
+        """The model inputs for ``images``, stacked."""
+        return np.stack([self.embedder.preprocess(im) for im in images])
+
+    def answer(self, work: QueryWork) -> Any:
+        """A query's answer: ``work.prepare()``, its inputs embedded with other queries' (one model call), then
+        ``work.finish(rows)``, all in a worker of the embedder's batcher; with no model, in this thread."""
+        if work.model is None:
+            return work.finish(work.prepare())
+        return self._batcher(work.model).do(work)
+
+    async def answer_async(self, work: QueryWork) -> Any:
+        """:meth:`answer` awaited on an event loop: one trip to the worker and back (with no model, a thread's)."""
+        if work.model is None:
+            return await asyncio.to_thread(lambda: work.finish(work.prepare()))
+        return await self._batcher(work.model).do_async(work)
+
+    def _batcher(self, model: str) -> MicroBatcher:
+        if model == "texts" and not self.embedder.supports_text:
+            raise InvalidInputError(f"index {self.name!r} uses the image-only embedder {self.embedder.name!r}; "
+                                    "text queries need an image-text (CLIP) embedder")
+        return self.batchers.images if model == "images" else self.batchers.texts
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        if not self.embedder.supports_text:
-            raise InvalidInputError(
-                f"index {self.name!r} uses the image-only embedder {self.embedder.name!r}; text queries need an "
-                "image-text (CLIP) embedder"
-            )
-        return self.batchers.texts(list(texts))
+        return self._batcher("texts")(list(texts))
 
     def search(self, vectors: np.ndarray, k: int, **overrides: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Raw FAISS search, ``k`` clipped to the corpus size; ``overrides``: CorpusIndex.search's per-call
@@ -266,6 +292,11 @@ class IndexRegistry:
             if name not in self._loaded:
                 self._loaded[name] = self._load(name)
             return self._loaded[name]
+
+    async def get_async(self, name: str | None = None) -> LoadedIndex:
+        """:meth:`get` from an event loop: a load (seconds of disk reads) runs in a thread, never on the loop."""
+        name = self.resolve(name)
+        return self._loaded.get(name) or await asyncio.to_thread(self.get, name)
 
     def start_preload(self, *, retry_s: float = 30.0) -> threading.Thread:
         """Load every configured index in a background thread (``Settings.preload_indexes``); until it is done

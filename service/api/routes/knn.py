@@ -19,8 +19,10 @@ as JSON whatever the header says (Flask's ``get_json(force=True)``). Differences
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -29,7 +31,7 @@ from retrogen.errors import InvalidInputError, NotFoundError
 from ...core.errors import ForbiddenError
 from ...domain.indexes import IndexRegistry, LoadedIndex
 from ...domain.queries import QueryLimits, clip_client_screen, decode_base64_image
-from ..deps import QueryContextKeyInUrlDep
+from ..deps import KEY_SECURITY, QueryContextKeyInUrlDep
 from ..errors import documented
 from .retrieve import item_image_urls
 
@@ -92,95 +94,127 @@ def _schema(model: type[BaseModel]) -> dict:
                             "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-@router.get("/indices-list", summary="Configured index names (clip-retrieval)", response_model=list[str])
+@router.get("/indices-list", summary="Configured index names (clip-retrieval)", response_model=list[str],
+            openapi_extra=KEY_SECURITY)
 def indices_list(query: QueryContextKeyInUrlDep) -> list[str]:
     return query.registry.names()
 
 
-@router.post("/knn-service", summary="k nearest corpus images (clip-retrieval)", openapi_extra=_schema(KnnQuery),
+@router.post("/knn-service", summary="k nearest corpus images (clip-retrieval)",
+             openapi_extra=_schema(KnnQuery) | KEY_SECURITY,
              response_model=list[dict[str, Any]], responses=documented(403, 404))
 async def knn_service(request: Request, query: QueryContextKeyInUrlDep) -> Response:
-    from starlette.concurrency import run_in_threadpool
-
+    # As /v1/retrieve: checks on the event loop, the rest in the embedder's worker (KnnWork).
     q: KnnQuery = await _json_body(request, KnnQuery)
-    answer = Response(media_type="application/json")  # its headers first: _knn may add one
-    if q.aesthetic_score not in (None, "") and q.aesthetic_weight not in (None, "", 0, 0.0):
-        answer.headers["X-Retrogen-Ignored"] = "aesthetic_score"
-    rows = await run_in_threadpool(_knn, q, request, answer, query.registry, query.limits)
-    return json_rows(rows, answer)
+    check_knn(q, query.limits)
+    loaded = await query.registry.get_async(q.indice_name)
+    work = KnnWork(q, loaded, query.registry, query.limits, item_image_urls(request, loaded.name))
+    return knn_response(q, work, await loaded.answer_async(work))
 
 
-def _knn(q: KnnQuery, request: Request, response: Response, registry: IndexRegistry,
-         limits: QueryLimits) -> list[dict[str, Any]]:
-    import numpy as np
+def answer_knn(q: KnnQuery, request: Request, registry: IndexRegistry, limits: QueryLimits) -> Response:
+    """The route's work and its answer, HTTP aside, from any thread (the benchmark's in-process side)."""
+    check_knn(q, limits)
+    loaded = registry.get(q.indice_name)
+    work = KnnWork(q, loaded, registry, limits, item_image_urls(request, loaded.name))
+    return knn_response(q, work, loaded.answer(work))
 
-    # 1. Check inputs (clip-retrieval's precedence: text, then image / image_url, then embedding_input).
-    num_result_ids = max(q.num_result_ids or q.num_images, q.num_images)
-    if num_result_ids > limits.max_k:
-        raise InvalidInputError(f"num_images and num_result_ids must be <= {limits.max_k}, got {num_result_ids}")
+
+def check_knn(q: KnnQuery, limits: QueryLimits) -> None:
+    """What needs no index or model: refused before either is touched."""
+    if result_ids(q) > limits.max_k:
+        raise InvalidInputError(f"num_images and num_result_ids must be <= {limits.max_k}, got {result_ids(q)}")
     if q.use_mclip:
         raise InvalidInputError("use_mclip is not supported: no multilingual CLIP is loaded on this server")
     if q.modality == "text":
         raise InvalidInputError("modality 'text' searches caption embeddings, which retrogen indexes do not hold; "
                                 "use modality 'image' (text queries are matched against image embeddings)")
-    loaded: LoadedIndex = registry.get(q.indice_name)
-    # 2. Compute the query vector.
-    if q.text:
-        vec = loaded.embed_texts([q.text])
-    elif q.image is not None:
-        vec = loaded.embed_images([decode_base64_image(q.image, what="image", limits=limits)[0]])
-    elif q.image_url is not None:
-        raise ImageUrlRefusedError("image_url is refused: this server does not fetch URLs on a client's behalf "
-                                   "(SSRF risk); send the image itself, base64-encoded, in 'image'")
-    elif q.embedding_input is not None:
-        vec = np.asarray(q.embedding_input, np.float32)[None, :]
-        if vec.shape[1] != loaded.dim:
-            raise InvalidInputError(f"embedding_input has {vec.shape[1]} values; index {loaded.name!r} has "
-                                    f"dimension {loaded.dim}")
-        norm = float(np.linalg.norm(vec))
-        if not np.isfinite(norm) or norm == 0:
-            raise InvalidInputError("embedding_input must be a finite, non-zero vector")
-        vec = vec / norm
-    else:
-        raise InvalidInputError("must fill one of text, image, image_url and embedding_input")
-    # 3. Search (screened as the flags ask, where this index can), then drop near-duplicates as clip-retrieval does.
-    screen, unavailable = clip_client_screen(
-        loaded, use_safety_model=q.use_safety_model, use_violence_detector=q.use_violence_detector,
-        safety_classifier=registry.configs[loaded.name].safety_classifier)
-    if unavailable:
-        response.headers["X-Retrogen-Unavailable"] = ",".join(unavailable)
-    if screen is None:
-        hits = loaded.neighbours(vec, num_result_ids)[0]
-    else:
-        hits = loaded.screened_neighbours(vec, num_result_ids, screen)[0][0]
-    if q.deduplicate and len(hits) > 1:
-        keep = dedup_keep(loaded.corpus.embeddings([h.id for h in hits]))
-        hits = [h for h, k in zip(hits, keep, strict=True) if k]
-    out, image_url = [], item_image_urls(request, loaded.name)
-    for h in hits[: q.num_images]:
-        served = image_url(h.id)
-        row = _public_meta(loaded, h.meta, served)
-        row["id"] = h.id
-        row["similarity"] = h.similarity
-        out.append(row)
-    return out
+
+
+def result_ids(q: KnnQuery) -> int:
+    """How many neighbours to search for (``num_result_ids``, at least ``num_images``), before dedup."""
+    return max(q.num_result_ids or q.num_images, q.num_images)
+
+
+def knn_response(q: KnnQuery, work: KnnWork, body: bytes) -> Response:
+    answer = Response(content=body, media_type="application/json")
+    if q.aesthetic_score not in (None, "") and q.aesthetic_weight not in (None, "", 0, 0.0):
+        answer.headers["X-Retrogen-Ignored"] = "aesthetic_score"
+    if work.unavailable:
+        answer.headers["X-Retrogen-Unavailable"] = ",".join(work.unavailable)
+    return answer
+
+
+class KnnWork:
+    """One query's work (a ``QueryWork``): which input to embed is settled when made, in clip-retrieval's
+    precedence (text, then image / image_url, then embedding_input); decoding (``prepare``), search and the rows
+    (``finish``) run in the embedder's worker."""
+
+    def __init__(self, q: KnnQuery, loaded: LoadedIndex, registry: IndexRegistry, limits: QueryLimits,
+                 image_url: Callable[[int], str]):
+        self.q, self.loaded, self.limits, self.image_url = q, loaded, limits, image_url
+        self.safety_classifier = registry.configs[loaded.name].safety_classifier
+        self.size, self.vector, self.unavailable, self.screen = 1, None, [], None
+        if q.text:
+            self.model = "texts"
+        elif q.image is not None:
+            self.model = "images"
+        elif q.image_url is not None:
+            raise ImageUrlRefusedError("image_url is refused: this server does not fetch URLs on a client's behalf "
+                                       "(SSRF risk); send the image itself, base64-encoded, in 'image'")
+        elif q.embedding_input is not None:
+            self.model, self.vector = None, query_vector(q.embedding_input, loaded)
+        else:
+            raise InvalidInputError("must fill one of text, image, image_url and embedding_input")
+
+    def prepare(self) -> Any:
+        """The screen the flags ask for, as this index can serve them; the model's input (or the query vector)."""
+        q = self.q
+        self.screen, self.unavailable = clip_client_screen(
+            self.loaded, use_safety_model=q.use_safety_model, use_violence_detector=q.use_violence_detector,
+            safety_classifier=self.safety_classifier)
+        if self.model == "texts":
+            return [q.text]
+        if self.model == "images":
+            return self.loaded.preprocess([decode_base64_image(q.image, what="image", limits=self.limits)[0]])
+        return self.vector
+
+    def finish(self, vec: np.ndarray) -> bytes:
+        """Search (screened), drop near-duplicates as clip-retrieval does: the rows as JSON."""
+        q, loaded = self.q, self.loaded
+        if self.screen is None:
+            hits = loaded.neighbours(vec, result_ids(q))[0]
+        else:
+            hits = loaded.screened_neighbours(vec, result_ids(q), self.screen)[0][0]
+        if q.deduplicate and len(hits) > 1:
+            keep = dedup_keep(loaded.corpus.embeddings([h.id for h in hits]))
+            hits = [h for h, k in zip(hits, keep, strict=True) if k]
+        out = []
+        for h in hits[: q.num_images]:
+            row = _public_meta(loaded, h.meta, self.image_url(h.id))
+            row["id"] = h.id
+            row["similarity"] = h.similarity
+            out.append(row)
+        return ROWS.dump_json(out)  # pydantic, once: no response-model validation or jsonable_encoder walk
+
+
+def query_vector(values: list[float], loaded: LoadedIndex) -> np.ndarray:
+    """``embedding_input`` as a unit query row, or InvalidInputError."""
+    vec = np.asarray(values, np.float32)[None, :]
+    if vec.shape[1] != loaded.dim:
+        raise InvalidInputError(f"embedding_input has {vec.shape[1]} values; index {loaded.name!r} has "
+                                f"dimension {loaded.dim}")
+    norm = float(np.linalg.norm(vec))
+    if not np.isfinite(norm) or norm == 0:
+        raise InvalidInputError("embedding_input must be a finite, non-zero vector")
+    return vec / norm
 
 
 ROWS = TypeAdapter(list[dict[str, Any]])
 
 
-def json_rows(rows: list[dict[str, Any]], answer: Response) -> Response:
-    """``rows`` as the JSON body of ``answer``, serialised once by pydantic (as FastAPI would for the route's
-    response model, without its validation pass and ``jsonable_encoder`` walk over every field of every hit)."""
-    answer.body = ROWS.dump_json(rows)
-    answer.headers["content-length"] = str(len(answer.body))
-    return answer
-
-
 def dedup_keep(embeddings) -> list[bool]:
     """clip-retrieval's connected-components dedup: of each group linked by cosine >= 0.94, keep the best ranked."""
-    import numpy as np
-
     from retrogen.retrieval.embedders import l2_normalize
 
     e = l2_normalize(embeddings)
@@ -215,7 +249,8 @@ def _public_meta(loaded: LoadedIndex, meta: dict[str, Any], served_url: str) -> 
     }
 
 
-@router.post("/metadata", summary="Metadata rows by id (clip-retrieval)", openapi_extra=_schema(MetadataQuery),
+@router.post("/metadata", summary="Metadata rows by id (clip-retrieval)",
+             openapi_extra=_schema(MetadataQuery) | KEY_SECURITY,
              response_model=list[dict[str, Any]], responses=documented(404))
 async def metadata(request: Request, query: QueryContextKeyInUrlDep) -> list[dict[str, Any]]:
     from starlette.concurrency import run_in_threadpool

@@ -2,7 +2,8 @@
 
 Queries are base64 images and/or texts; each gets its ``k`` nearest corpus items with the same provenance
 fields an augmentation job records, plus a URL that serves the item's bytes exactly as stored.
-Handlers are plain ``def``: embedding is CPU/GPU work, so FastAPI runs them in its thread pool.
+``/v1/retrieve`` is ``async``: its work runs in the embedder's batch worker (``LoadedIndex.answer_async``), not in
+FastAPI's thread pool, so a request leaves the event loop once; the stored-image route is plain ``def``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,7 +22,7 @@ from retrogen.retrieval.provenance import retrieved_item_fields
 
 from ...domain.indexes import Hit, IndexRegistry, LoadedIndex
 from ...domain.queries import SCREEN_FIELDS, QueryLimits, decode_base64_image, query_screen
-from ..deps import IndexRegistryDep, QueryContextDep, current_key, current_key_or_query
+from ..deps import KEY_SECURITY, IndexRegistryDep, QueryContextDep, current_key, current_key_or_query
 from ..errors import documented
 
 # Every route needs the caller's API key when keys are on (401 otherwise). The item image may take it as
@@ -103,73 +105,109 @@ def list_indexes(registry: IndexRegistryDep) -> IndexesPublic:
 
 
 @router.post("/v1/retrieve", response_model=RetrieveResponse, summary="k nearest corpus images per query",
-             responses=documented(404))
-def retrieve(body: RetrieveRequest, request: Request, query: QueryContextDep) -> Response:
-    return json_response(answer_retrieve(body, request, query.registry, query.limits))
+             responses=documented(404), openapi_extra=KEY_SECURITY)
+async def retrieve(body: RetrieveRequest, request: Request, query: QueryContextDep) -> Response:
+    # The checks run here, on the event loop; the rest in the embedder's worker (RetrieveWork), so that the
+    # request's one trip off the loop is the one to the model and back.
+    loaded = await query.registry.get_async(body.index)
+    work = RetrieveWork(body, loaded, query.limits, item_image_urls(request, loaded.name))
+    return json_bytes(await loaded.answer_async(work))
 
 
-def answer_retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistry,
-                    limits: QueryLimits) -> RetrieveResponse:
-    """The route's work, HTTP aside: check, decode, embed, search, build the answer (the benchmark calls it)."""
-    t0 = time.perf_counter()
-    # 1. Check inputs before any model work.
-    n = len(body.images) + len(body.texts)
-    if n == 0:
-        raise InvalidInputError("give at least one query in 'images' (base64) or 'texts'")
-    if n > limits.max_queries:
-        raise InvalidInputError(f"at most {limits.max_queries} queries per request, got {n}")
-    if body.k > limits.max_k:
-        raise InvalidInputError(f"k must be <= {limits.max_k}, got {body.k}")
+def answer_retrieve(body: RetrieveRequest, request: Request, registry: IndexRegistry, limits: QueryLimits) -> bytes:
+    """The route's work and its JSON answer, HTTP aside, from any thread (the benchmark's in-process side)."""
     loaded = registry.get(body.index)
-    if body.texts and not loaded.embedder.supports_text:
-        raise InvalidInputError(f"index {loaded.name!r} uses the image-only embedder {loaded.embedder.name!r}; "
-                                "it cannot answer text queries")
-    screen = query_screen(loaded, limits, body.model_dump(include=set(SCREEN_FIELDS)))
-    images, queries = [], []
-    for i, b64 in enumerate(body.images):
-        image, raw = decode_base64_image(b64, what=f"images[{i}]", limits=limits)
-        images.append(image)
-        queries.append({"type": "image", "index": i, "sha256": sha256_bytes(raw)})
-    queries += [{"type": "text", "index": i, "text": t} for i, t in enumerate(body.texts)]
-
-    # 2. Embed and search.
-    import numpy as np
-
-    parts = []
-    if images:
-        parts.append(loaded.embed_images(images))
-    if body.texts:
-        parts.append(loaded.embed_texts(body.texts))
-    vectors = np.concatenate(parts)
-    overrides = {"nprobe": body.nprobe, "ef_search": body.ef_search, "rerank_k_factor": body.rerank_k_factor}
-    if screen is None:
-        hits = loaded.neighbours(vectors, body.k, **overrides)
-        removed = [{} for _ in hits]
-    else:
-        hits, removed = loaded.screened_neighbours(vectors, body.k, screen, **overrides)
-
-    # 3. Attach provenance and image URLs.
-    image_url = item_image_urls(request, loaded.name)
-    results = [
-        QueryResult(query=q, neighbours=[_neighbour(image_url, loaded, h, q) for h in row], removed=dict(gone))
-        for q, row, gone in zip(queries, hits, removed, strict=True)
-    ]
-    return RetrieveResponse(index=loaded.name, index_id=loaded.index_id, embedder=loaded.embedder.name,
-                            k=body.k, duration_ms=round((time.perf_counter() - t0) * 1000, 3), results=results,
-                            screening=screen.report() if screen is not None else None)
+    return loaded.answer(RetrieveWork(body, loaded, limits, item_image_urls(request, loaded.name)))
 
 
-def json_response(model: BaseModel) -> Response:
-    """A pydantic model as JSON in one pass; returned as is, FastAPI would validate it again against the
-    response model and walk it with ``jsonable_encoder`` (a third of a 10-neighbour answer's cost)."""
-    return Response(content=model.model_dump_json(), media_type="application/json")
+class RetrieveWork:
+    """One request's work (a ``QueryWork``): inputs checked when made, before any model work; decoding
+    (``prepare``), then search and the answer (``finish``) run in the embedder's worker."""
+
+    def __init__(self, body: RetrieveRequest, loaded: LoadedIndex, limits: QueryLimits,
+                 image_url: Callable[[int], str]):
+        self.t0 = time.perf_counter()
+        n = len(body.images) + len(body.texts)
+        if n == 0:
+            raise InvalidInputError("give at least one query in 'images' (base64) or 'texts'")
+        if n > limits.max_queries:
+            raise InvalidInputError(f"at most {limits.max_queries} queries per request, got {n}")
+        if body.k > limits.max_k:
+            raise InvalidInputError(f"k must be <= {limits.max_k}, got {body.k}")
+        if body.texts and not loaded.embedder.supports_text:
+            raise InvalidInputError(f"index {loaded.name!r} uses the image-only embedder {loaded.embedder.name!r}; "
+                                    "it cannot answer text queries")
+        self.body, self.loaded, self.limits, self.image_url = body, loaded, limits, image_url
+        self.model = "images" if body.images else "texts"
+        self.size = len(body.images) or len(body.texts)
+        self.queries: list[dict[str, Any]] = []
+        self.screen = self.text_vectors = None
+
+    def prepare(self) -> Any:
+        """Decode the images (the screen may load a classifier the first time); the model's inputs."""
+        body, loaded = self.body, self.loaded
+        self.screen = query_screen(loaded, self.limits, body.model_dump(include=set(SCREEN_FIELDS)))
+        images = []
+        for i, b64 in enumerate(body.images):
+            image, raw = decode_base64_image(b64, what=f"images[{i}]", limits=self.limits)
+            images.append(image)
+            self.queries.append({"type": "image", "index": i, "sha256": sha256_bytes(raw)})
+        self.queries += [{"type": "text", "index": i, "text": t} for i, t in enumerate(body.texts)]
+        if not images:
+            return list(body.texts)
+        if body.texts:  # images and texts in one request: the texts go through their own batcher from here
+            self.text_vectors = loaded.embed_texts(body.texts)
+        return loaded.preprocess(images)
+
+    def finish(self, rows: np.ndarray) -> bytes:
+        """Search (screened as asked), attach provenance and image URLs: the answer as JSON."""
+        body, loaded, screen = self.body, self.loaded, self.screen
+        vectors = rows if self.text_vectors is None else np.concatenate([rows, self.text_vectors])
+        overrides = {"nprobe": body.nprobe, "ef_search": body.ef_search, "rerank_k_factor": body.rerank_k_factor}
+        if screen is None:
+            hits = loaded.neighbours(vectors, body.k, **overrides)
+            removed = [{} for _ in hits]
+        else:
+            hits, removed = loaded.screened_neighbours(vectors, body.k, screen, **overrides)
+        results = [
+            QueryResult(query=q, neighbours=[_neighbour(self.image_url, loaded, h, q) for h in row],
+                        removed=dict(gone))
+            for q, row, gone in zip(self.queries, hits, removed, strict=True)
+        ]
+        return RetrieveResponse(index=loaded.name, index_id=loaded.index_id, embedder=loaded.embedder.name,
+                                k=body.k, duration_ms=round((time.perf_counter() - self.t0) * 1000, 3),
+                                results=results, screening=screen.report() if screen is not None else None
+                                ).model_dump_json()
+
+
+def json_bytes(data: bytes) -> Response:
+    """An answer already serialised (pydantic's ``model_dump_json``, in the worker): returning the model
+    instead, FastAPI would validate it again against the response model and walk it with ``jsonable_encoder``
+    (a third of a 10-neighbour answer's cost), on the event loop."""
+    return Response(content=data, media_type="application/json")
+
+
+#: (router, index, origin) -> the image URL around the item id; bounded, since the Host header is the client's
+_IMAGE_URLS: dict[tuple, tuple[Any, str, str]] = {}
 
 
 def item_image_urls(request: Request, index_name: str) -> Callable[[int], str]:
-    """item id -> the URL of its image. One router walk per request: ``url_for`` walks every route and
-    re-parses the base URL, which for 10 neighbours cost more than building their provenance."""
-    sample = str(request.url_for("get_index_item_image", name=index_name, item_id=0))
-    head, tail = sample.rsplit("/0/", 1)
+    """item id -> the URL of its image, as ``request.url_for`` builds it. ``url_for`` walks every route and parses
+    the base URL again (0.1 ms a request on the event loop, more after a model call), so its answer is kept per
+    index and per what the base URL comes from: scheme, server, root path and Host header."""
+    scope = request.scope
+    router = scope.get("router")  # routers are not hashable: keyed by id, checked by identity
+    host = next((v for k, v in scope.get("headers", ()) if k == b"host"), None)
+    server = scope.get("server")
+    key = (id(router), index_name, scope.get("scheme"), tuple(server) if server else None,
+           scope.get("app_root_path", scope.get("root_path")), host)
+    cached = _IMAGE_URLS.get(key)
+    if cached is None or cached[0] is not router:
+        sample = str(request.url_for("get_index_item_image", name=index_name, item_id=0))
+        if len(_IMAGE_URLS) >= 1024:
+            _IMAGE_URLS.clear()
+        cached = _IMAGE_URLS[key] = (router, *sample.rsplit("/0/", 1))
+    _, head, tail = cached
     return lambda item_id: f"{head}/{int(item_id)}/{tail}"
 
 
