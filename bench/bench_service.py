@@ -1,8 +1,8 @@
 """Throughput and latency of ``POST /v1/retrieve`` (or ``/knn-service``) over real HTTP, against exactly the same
 work in-process.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_service.py [--corpus-size 2000] [--requests 120]
-        [--concurrency 1,8] [--rounds 3] [--route retrieve|knn] [--query image|text] [--k 10] [--embedder NAME]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_service.py [--corpus-size 2000] [--requests 60]
+        [--concurrency 1,8] [--rounds 15] [--route retrieve|knn] [--query image|text] [--k 10] [--embedder NAME]
         [--client raw|httpx]
 
 Real data and a real model by default: a corpus of Fashion-MNIST train images (webdataset shard, from Debian's
@@ -19,7 +19,8 @@ search, metadata, provenance and the JSON answer in the embedder's batch worker,
 pool of the same size, so the ratio is what HTTP, ASGI and FastAPI cost. Each level starts with
 an unmeasured warm-up of both sides at its concurrency; each round then runs both sides, alternating which
 goes first; prints per level the median requests/s of each side, p50/p99 latency, and the min / median of the
-per-round HTTP/in-process ratios.
+per-round HTTP/in-process ratios with a 95% bootstrap interval of that median (over rounds: how much the
+machine's drift between rounds moves it).
 """
 
 from __future__ import annotations
@@ -97,6 +98,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def median_interval(values: list[float], *, draws: int = 5000, seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of the median of ``values`` (resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(np.asarray(values), (draws, len(values))), axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
 def percentiles(lat: list[float]) -> tuple[float, float]:
@@ -221,9 +229,10 @@ def inprocess_level(registry, bodies: list[dict], concurrency: int, total: int, 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus-size", type=int, default=2000)
-    p.add_argument("--requests", type=int, default=120, help="requests per level and round (bounded)")
+    p.add_argument("--requests", type=int, default=60, help="requests per side, level and round (at least 2 per "
+                   "client)")
     p.add_argument("--concurrency", default="1,8")
-    p.add_argument("--rounds", type=int, default=3, help="rounds per level, alternating which side goes first")
+    p.add_argument("--rounds", type=int, default=15, help="rounds per level, alternating which side goes first")
     p.add_argument("--query", choices=("image", "text"), default="image")
     p.add_argument("--route", choices=tuple(ROUTES), default="retrieve", help="/v1/retrieve, or clip-retrieval's "
                    "/knn-service (one query per request, as ClipClient sends)")
@@ -295,7 +304,8 @@ def run_level(url: str, registry, bodies: list[dict], clients: int, args) -> dic
             "inproc_rps": float(np.median([total / w for w, _ in inproc])),
             "http_p50_ms": percentiles(lat_h)[0], "http_p99_ms": percentiles(lat_h)[1],
             "inproc_p50_ms": percentiles(lat_i)[0], "inproc_p99_ms": percentiles(lat_i)[1],
-            "ratio_min": float(min(ratios)), "ratio_median": float(np.median(ratios))}
+            "ratio_min": float(min(ratios)), "ratio_median": float(np.median(ratios)),
+            "ratio_median_ci95": median_interval(ratios), "ratios": [round(r, 4) for r in ratios]}
 
 
 def main() -> None:
@@ -332,14 +342,15 @@ def main() -> None:
               f"max_concurrent_embeds={args.max_concurrent_embeds}, client {args.client}, server uvicorn "
               f"(loop {uvicorn_loop()})")
         print(f"{'clients':>7} | {'HTTP req/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'in-proc req/s':>13} "
-              f"{'p50 ms':>7} {'p99 ms':>7} | {'HTTP/in-proc min':>16} {'median':>7}")
+              f"{'p50 ms':>7} {'p99 ms':>7} | {'HTTP/in-proc min':>16} {'median':>7} {'95% CI':>13}")
         rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
             row = run_level(url, registry, bodies, c, args)
             rows.append(row)
             print(f"{c:>7} | {row['http_rps']:>10.1f} {row['http_p50_ms']:>7.1f} {row['http_p99_ms']:>7.1f} | "
                   f"{row['inproc_rps']:>13.1f} {row['inproc_p50_ms']:>7.1f} {row['inproc_p99_ms']:>7.1f} | "
-                  f"{row['ratio_min']:>16.2f} {row['ratio_median']:>7.2f}")
+                  f"{row['ratio_min']:>16.2f} {row['ratio_median']:>7.2f} "
+                  f"{'[{:.2f}, {:.2f}]'.format(*row['ratio_median_ci95']):>13}")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
         print(json.dumps({"corpus_size": args.corpus_size, "route": ROUTES[args.route], "query": args.query,
                           "k": args.k, "embedder": embedder,

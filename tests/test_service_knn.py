@@ -247,6 +247,10 @@ def test_api_keys_guard_retrieval_and_clip_client_can_pass_one_in_the_url(regist
         assert c.post("/v1/retrieve", json={"texts": ["x"]}, headers=headers).status_code == status, headers
         assert post_raw(c, "/knn-service", body, headers=headers).status_code == status, headers
     assert c.post("/v1/retrieve?api_key=k-0123456789", json={"texts": ["x"]}).status_code == 401  # headers only
+    # the key is checked before the body is read: a bad body without a key learns nothing about the schema
+    for content in (b"{not json", b'{"texts": ["x"], "k": 0}'):
+        assert c.post("/v1/retrieve", content=content, headers={"content-type": "application/json"}).status_code == 401
+        assert post_raw(c, "/knn-service", content).status_code == 401
     assert c.get("/v1/indexes/corpus/items/0/image",
                  headers={"Authorization": "Bearer k-0123456789"}).status_code == 200
     # the image_url of a ClipClient result is fetched bare too: the key may come in its URL

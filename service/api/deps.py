@@ -120,10 +120,9 @@ def given_key(request: Request, *, in_url: bool = False) -> str | None:
     return key or None
 
 
-# The query routes (``/v1/retrieve``, ``/knn-service``) answer in a few milliseconds, and FastAPI solves every
-# dependency on every request (~0.05-0.1 ms each here, more after a model call has left the caches cold): their
-# one dependency reads the key itself instead of through the two header schemes, and the routes declare those
-# schemes in OpenAPI with ``KEY_SECURITY``, as the schemes would.
+# The query routes (``/v1/retrieve``, ``/knn-service``) are ``LeanRoute``s (``api.lean_route``): they call their
+# one dependency with the request alone. So it reads the key itself instead of through the two header schemes,
+# and the routes declare those schemes in OpenAPI with ``KEY_SECURITY``, as the schemes would.
 async def query_context(request: Request) -> QueryContext:
     """As :func:`current_key` (the key from ``X-API-Key`` or ``Authorization: Bearer``), with the query's parts."""
     return _query_context(request, given_key(request))
@@ -137,6 +136,7 @@ async def query_context_key_in_url(request: Request) -> QueryContext:
 
 #: ``openapi_extra`` of a route that takes :data:`QueryContextDep` or :data:`QueryContextKeyInUrlDep`
 KEY_SECURITY = {"security": [{api_key_header.scheme_name: []}, {bearer_token.scheme_name: []}]}
+
 QueryContextDep = Annotated[QueryContext, Depends(query_context)]
 QueryContextKeyInUrlDep = Annotated[QueryContext, Depends(query_context_key_in_url)]
 

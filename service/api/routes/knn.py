@@ -18,7 +18,6 @@ as JSON whatever the header says (Flask's ``get_json(force=True)``). Differences
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -33,6 +32,7 @@ from ...domain.indexes import IndexRegistry, LoadedIndex
 from ...domain.queries import QueryLimits, clip_client_screen, decode_base64_image
 from ..deps import KEY_SECURITY, QueryContextKeyInUrlDep
 from ..errors import documented
+from ..lean_route import lean_post
 from .retrieve import item_image_urls
 
 # ClipClient sends no headers: the key may also come as ?api_key= in its URL.
@@ -77,15 +77,15 @@ class MetadataQuery(BaseModel):
 
 
 async def _json_body(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
+    """The body as ``model``, parsed as JSON whatever its content type says (ClipClient sends none), in one
+    pass by pydantic-core."""
     try:
-        data = json.loads(raw or b"{}")
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
-        raise InvalidInputError(f"request body is not JSON: {e}") from None
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(await request.body() or b"{}")
     except ValidationError as e:
-        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()[:5])
+        errors = e.errors(include_url=False, include_input=False)
+        if errors[0]["type"] == "json_invalid":  # not UTF-8, not JSON, absurd nesting
+            raise InvalidInputError(f"request body is not JSON: {errors[0]['ctx']['error']}") from None
+        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in errors[:5])
         raise InvalidInputError(f"invalid request: {errs}") from None
 
 
@@ -100,9 +100,9 @@ def indices_list(query: QueryContextKeyInUrlDep) -> list[str]:
     return query.registry.names()
 
 
-@router.post("/knn-service", summary="k nearest corpus images (clip-retrieval)",
-             openapi_extra=_schema(KnnQuery) | KEY_SECURITY,
-             response_model=list[dict[str, Any]], responses=documented(403, 404))
+@lean_post(router, "/knn-service", summary="k nearest corpus images (clip-retrieval)",
+           openapi_extra=_schema(KnnQuery) | KEY_SECURITY,
+           response_model=list[dict[str, Any]], responses=documented(403, 404))
 async def knn_service(request: Request, query: QueryContextKeyInUrlDep) -> Response:
     # As /v1/retrieve: checks on the event loop, the rest in the embedder's worker (KnnWork).
     q: KnnQuery = await _json_body(request, KnnQuery)

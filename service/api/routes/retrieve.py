@@ -3,7 +3,8 @@
 Queries are base64 images and/or texts; each gets its ``k`` nearest corpus items with the same provenance
 fields an augmentation job records, plus a URL that serves the item's bytes exactly as stored.
 ``/v1/retrieve`` is ``async``: its work runs in the embedder's batch worker (``LoadedIndex.answer_async``), not in
-FastAPI's thread pool, so a request leaves the event loop once; the stored-image route is plain ``def``.
+FastAPI's thread pool, so a request leaves the event loop once; it is a ``LeanRoute`` (key, then body, then the
+endpoint, without FastAPI's general handler). The stored-image route is plain ``def``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ...domain.indexes import Hit, IndexRegistry, LoadedIndex
 from ...domain.queries import SCREEN_FIELDS, QueryLimits, decode_base64_image, query_screen
 from ..deps import KEY_SECURITY, IndexRegistryDep, QueryContextDep, current_key, current_key_or_query
 from ..errors import documented
+from ..lean_route import lean_post
 
 # Every route needs the caller's API key when keys are on (401 otherwise). The item image may take it as
 # ?api_key= too: ClipClient users (and <img src>) fetch the image_url of a result bare.
@@ -104,8 +106,8 @@ def list_indexes(registry: IndexRegistryDep) -> IndexesPublic:
     return IndexesPublic(data=data, count=len(data))
 
 
-@router.post("/v1/retrieve", response_model=RetrieveResponse, summary="k nearest corpus images per query",
-             responses=documented(404), openapi_extra=KEY_SECURITY)
+@lean_post(router, "/v1/retrieve", response_model=RetrieveResponse, summary="k nearest corpus images per query",
+           responses=documented(404), openapi_extra=KEY_SECURITY)
 async def retrieve(body: RetrieveRequest, request: Request, query: QueryContextDep) -> Response:
     # The checks run here, on the event loop; the rest in the embedder's worker (RetrieveWork), so that the
     # request's one trip off the loop is the one to the model and back.
