@@ -130,7 +130,20 @@ async def _two_bodies(a: Body, b: Body) -> Response:
     return Response()
 
 
-@pytest.mark.parametrize("endpoint", [_sync, _query_param, _dep_with_params, _two_bodies])
+async def _unannotated(request: Request, other) -> Response:
+    return Response()
+
+
+async def _needs_an_unannotated(request: Request, other) -> str:
+    return "x"
+
+
+async def _dep_with_unannotated(request: Request, who: Annotated[str, Depends(_needs_an_unannotated)]) -> Response:
+    return Response()
+
+
+@pytest.mark.parametrize("endpoint", [_sync, _query_param, _dep_with_params, _two_bodies, _unannotated,
+                                      _dep_with_unannotated])
 def test_endpoints_it_cannot_serve_are_refused_when_made(endpoint):
     with pytest.raises(TypeError, match="LeanRoute"):
         lean_post(APIRouter(), "/x")(endpoint)

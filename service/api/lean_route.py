@@ -68,9 +68,9 @@ def lean_handler(endpoint: Callable[..., Awaitable[Response]]) -> Callable[[Requ
     if not inspect.iscoroutinefunction(endpoint):
         raise TypeError(f"{endpoint.__qualname__}: a LeanRoute's endpoint is async")
     request_names, deps, body = [], [], None
-    for name, hint in typing.get_type_hints(endpoint, include_extras=True).items():
-        if name == "return":
-            continue
+    hints = typing.get_type_hints(endpoint, include_extras=True)
+    for name in inspect.signature(endpoint).parameters:  # every parameter: an unannotated one is refused too
+        hint = hints.get(name)
         dep = next((m.dependency for m in getattr(hint, "__metadata__", ()) if isinstance(m, Depends)), None)
         if dep is not None and inspect.iscoroutinefunction(dep) and _takes_request_alone(dep):
             deps.append((name, dep))
@@ -96,8 +96,8 @@ def lean_handler(endpoint: Callable[..., Awaitable[Response]]) -> Callable[[Requ
 
 
 def _takes_request_alone(dep: Callable) -> bool:
-    hints = typing.get_type_hints(dep)
-    return [h for n, h in hints.items() if n != "return"] == [Request]
+    params = list(inspect.signature(dep).parameters)
+    return len(params) == 1 and typing.get_type_hints(dep).get(params[0]) is Request
 
 
 async def json_body(request: Request, model: type[BaseModel]) -> BaseModel:
